@@ -1,0 +1,30 @@
+"""Token-level language-model loss and accuracy, shared by the reference step and the engine.
+
+The loss of a batch is ``sum of masked token losses / number of masked tokens`` over the whole
+global batch; micro-batches therefore contribute ``sum / global_count`` so that accumulation is
+exact.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def token_loss_sum(
+    logits: jax.Array, labels: jax.Array, mask: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Sum of cross-entropy over tokens with ``mask`` != 0, and the number of such tokens.
+
+    logits: (B, T, V) any float dtype (upcast to fp32); labels: (B, T) int; mask: (B, T) float.
+    """
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # (B, T, V)
+    nll = -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    mask = mask.astype(jnp.float32)
+    return jnp.sum(nll * mask), jnp.sum(mask)
+
+
+def token_correct_sum(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+    """Number of masked tokens whose argmax prediction equals the label."""
+    hit = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+    return jnp.sum(hit * mask.astype(jnp.float32))

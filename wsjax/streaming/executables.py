@@ -1,0 +1,196 @@
+"""The per-segment compiled functions of a streamed step, compiled once (AOT) and reused.
+
+Distinct executables, whatever the depth: ``embed_fwd``, ``block_fwd``, ``head_train``
+(forward + loss + backward), ``block_bwd`` (recompute + VJP), ``embed_bwd``, ``head_eval``,
+and one ``update/<segment kind>`` per distinct segment shape (embed, block, head). Each is
+lowered from abstract shapes, so everything can be compiled with no weights allocated
+(``--compile_only``); the compile log keeps seconds, FLOPs, bytes and memory analysis of each.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from wsjax.losses import token_correct_sum, token_loss_sum
+from wsjax.models import segment_rng
+
+F32 = jnp.float32
+
+
+def _sqnorm(tree) -> jax.Array:
+    return sum((jnp.sum(jnp.square(g.astype(F32))) for g in jax.tree.leaves(tree)), F32(0))
+
+
+def _accumulate(acc, grads):
+    return jax.tree.map(lambda a, g: a + g.astype(F32), acc, grads)
+
+
+def _key(step_key, idx):
+    """Dropout key of (micro-batch, segment) = idx[0], idx[1] under this step's key."""
+    return segment_rng(jax.random.fold_in(step_key, idx[0]), idx[1])
+
+
+class SegmentFunctions:
+    """The pure functions of one streamed step, built from a model and an optimizer."""
+
+    def __init__(self, model, optimizer: optax.GradientTransformation, compute_dtype):
+        self.model = model
+        self.optimizer = optimizer
+        self.compute_dtype = compute_dtype
+        self.dropout = any(
+            getattr(model.cfg, k) > 0
+            for k in ("embedding_dropout_rate", "attention_dropout_rate", "residual_dropout_rate")
+        )
+
+    def _rng(self, step_key, idx, train: bool):
+        return _key(step_key, idx) if (train and self.dropout) else None
+
+    def embed_fwd(self, w, tokens, step_key, idx, train=True):
+        return self.model.embed_apply(w, tokens, self._rng(step_key, idx, train))
+
+    def block_fwd(self, w, x, step_key, idx, train=True):
+        return self.model.block_apply(w, x, self._rng(step_key, idx, train))
+
+    def head_train(self, w, wte, x, labels, mask, denom, g_acc, g_wte):
+        """Loss of one micro-batch (as a share of the global batch) and its gradients."""
+
+        def loss_fn(w, wte, x):
+            logits = self.model.head_apply(w, x, wte)  # (b, T, V) fp32
+            loss_sum, _ = token_loss_sum(logits, labels, mask)
+            return loss_sum / denom, loss_sum
+
+        (_, loss_sum), (dw, dwte, dx) = jax.value_and_grad(
+            loss_fn, argnums=(0, 1, 2), has_aux=True
+        )(w, wte, x)
+        g_acc = _accumulate(g_acc, dw)
+        if g_wte is not None:
+            g_wte = g_wte + dwte.astype(F32)
+        return loss_sum, dx, g_acc, g_wte, _sqnorm(g_acc)
+
+    def head_eval(self, w, wte, x, labels, mask):
+        logits = self.model.head_apply(w, x, wte)
+        loss_sum, count = token_loss_sum(logits, labels, mask)
+        return loss_sum, count, token_correct_sum(logits, labels, mask)
+
+    def block_bwd(self, w, x, dy, step_key, idx, g_acc):
+        """Recompute the block forward from its kept input (same dropout key), then VJP."""
+        rng = self._rng(step_key, idx, True)
+        _, vjp = jax.vjp(lambda w, x: self.model.block_apply(w, x, rng), w, x)
+        dw, dx = vjp(dy)
+        g_acc = _accumulate(g_acc, dw)
+        return dx, g_acc, _sqnorm(g_acc)
+
+    def embed_bwd(self, w, tokens, dx, step_key, idx, g_acc):
+        rng = self._rng(step_key, idx, True)
+        _, vjp = jax.vjp(lambda w: self.model.embed_apply(w, tokens, rng), w)
+        (dw,) = vjp(dx)
+        g_acc = _accumulate(g_acc, dw)
+        return g_acc, _sqnorm(g_acc)
+
+    def update(self, master, opt_state, grads, scale):
+        """Clip-scale the gradients, apply the optax update; also emit the streaming copy."""
+        grads = jax.tree.map(lambda g: g * scale, grads)
+        updates, opt_state = self.optimizer.update(grads, opt_state, master)
+        master = optax.apply_updates(master, updates)
+        stream = jax.tree.map(lambda a: a.astype(self.compute_dtype), master)
+        return master, opt_state, stream
+
+
+@dataclass
+class CompileRecord:
+    name: str
+    seconds: float
+    flops: float
+    bytes_accessed: float
+    temp_bytes: int
+    argument_bytes: int
+    output_bytes: int
+    generated_code_bytes: int
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _cost(compiled) -> tuple[float, float]:
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # some backends do not implement it
+        return 0.0, 0.0
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else {}
+    cost = cost or {}
+    return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+
+
+def _memory(compiled) -> dict:
+    try:
+        m = compiled.memory_analysis()
+    except Exception:
+        m = None
+    get = lambda k: int(getattr(m, k, 0) or 0) if m is not None else 0
+    return {
+        "temp_bytes": get("temp_size_in_bytes"),
+        "argument_bytes": get("argument_size_in_bytes"),
+        "output_bytes": get("output_size_in_bytes"),
+        "generated_code_bytes": get("generated_code_size_in_bytes"),
+    }
+
+
+class ExecutableCache:
+    """Compiles each (name, abstract signature) once and keeps the compile log."""
+
+    def __init__(self):
+        self._compiled: dict = {}
+        self.records: list[CompileRecord] = []
+
+    def get(self, name: str, fn, abstract_args: tuple, *, out_shardings, donate=()):
+        key = (name, _signature(abstract_args))
+        hit = self._compiled.get(key)
+        if hit is not None:
+            return hit
+        t0 = time.perf_counter()
+        jitted = jax.jit(fn, out_shardings=out_shardings, donate_argnums=donate)
+        compiled = jitted.lower(*abstract_args).compile()
+        seconds = time.perf_counter() - t0
+        flops, nbytes = _cost(compiled)
+        self.records.append(CompileRecord(name, seconds, flops, nbytes, **_memory(compiled)))
+        self._compiled[key] = compiled
+        return compiled
+
+    def record(self, name: str) -> CompileRecord | None:
+        for r in reversed(self.records):
+            if r.name == name:
+                return r
+        return None
+
+    @property
+    def count(self) -> int:
+        return len(self._compiled)
+
+    @property
+    def compile_seconds(self) -> float:
+        return sum(r.seconds for r in self.records)
+
+
+def _signature(args) -> tuple:
+    leaves, treedef = jax.tree.flatten(args)
+    sig = tuple(
+        (tuple(a.shape), str(a.dtype), str(getattr(a, "sharding", None)))
+        if hasattr(a, "shape")
+        else repr(a)
+        for a in leaves
+    )
+    return (str(treedef), sig)
+
+
+def abstract(tree, sharding, dtype=None):
+    """ShapeDtypeStructs of ``tree`` (arrays or structs) with ``sharding`` (and ``dtype``)."""
+    return jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, dtype or a.dtype, sharding=sharding), tree
+    )

@@ -1,0 +1,379 @@
+"""One streamed step for a fixed batch shape: forward, head, backward, updates.
+
+Order of the weight stream in a training step (each item fetched ``prefetch_depth`` ahead):
+
+    embed, block 0 .. L-1 (forward), head (+ tied wte), block L-1 .. 0 (backward), embed
+
+Layer-major micro-batching: every item runs over all micro-batches before its weights are
+dropped, so weights cross the link once per pass, not once per micro-batch. Block inputs are
+kept for the backward (on the device, or offloaded to host memory and fetched back with the
+block's weights). Gradients go back to the host as each segment's backward finishes; updates
+run per segment once the global norm is known (immediately when there is no clipping).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wsjax.streaming.executables import abstract
+from wsjax.streaming.store import segment_names, tree_bytes
+from wsjax.streaming.transfer import Fetch, StepStats, WeightStream
+
+if TYPE_CHECKING:
+    from wsjax.streaming.engine import StreamingEngine
+
+F32 = jnp.float32
+
+
+class StepProgram:
+    """Executables and the step loop of one engine for one (batch, seq) shape."""
+
+    def __init__(self, engine: StreamingEngine, n_micro: int, micro: int, seq: int):
+        self.e = engine
+        self.n_micro, self.micro, self.seq = n_micro, micro, seq
+        model = engine.model
+        self.L = model.num_layers
+        self.tied = model.tied
+        shapes = model.param_shapes()
+        layer = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), shapes["blocks"])
+        self.master_shapes = {"embed": shapes["embed"], "block": layer, "head": shapes["head"]}
+        dt = engine.compute_dtype
+        self.w = {k: abstract(v, engine.replicated, dt) for k, v in self.master_shapes.items()}
+        self.g = {k: abstract(v, engine.replicated, F32) for k, v in self.master_shapes.items()}
+        self.seg_bytes = {k: tree_bytes(v) for k, v in self.w.items()}
+        self.wte_bytes = self.seg_bytes["embed"] if self.tied else 0
+        d = model.cfg.hidden_size
+        self.act = jax.ShapeDtypeStruct((micro, seq, d), dt, sharding=engine.data_sharding)
+        self.act_bytes = micro * seq * d * jnp.dtype(dt).itemsize
+        self.ids = jax.ShapeDtypeStruct((micro, seq), jnp.int32, sharding=engine.data_sharding)
+        self.msk = jax.ShapeDtypeStruct((micro, seq), F32, sharding=engine.data_sharding)
+        self.key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=engine.replicated)
+        self.idx = jax.ShapeDtypeStruct((2,), jnp.int32, sharding=engine.replicated)
+        self.scalar = jax.ShapeDtypeStruct((), F32, sharding=engine.replicated)
+        self._x = {}
+
+    # ---- executables ---------------------------------------------------------------------
+    def _exe(self, name):
+        e, f, c = self.e, self.e.fns, self.e.cache
+        rep, dp = e.replicated, e.data_sharding
+        wte = self.w["embed"]["wte"] if self.tied else None
+        g_wte = self.g["embed"]["wte"] if self.tied else None
+        if name == "embed_fwd":
+            return c.get(
+                name, f.embed_fwd, (self.w["embed"], self.ids, self.key, self.idx), out_shardings=dp
+            )
+        if name == "block_fwd":
+            return c.get(
+                name, f.block_fwd, (self.w["block"], self.act, self.key, self.idx), out_shardings=dp
+            )
+        if name in ("embed_eval", "block_eval"):
+            fn = f.embed_fwd if name == "embed_eval" else f.block_fwd
+            w, x = (
+                (self.w["embed"], self.ids) if name == "embed_eval" else (self.w["block"], self.act)
+            )
+            return c.get(
+                name,
+                lambda w, x, k, i: fn(w, x, k, i, False),
+                (w, x, self.key, self.idx),
+                out_shardings=dp,
+            )
+        if name == "head_train":
+            args = (
+                self.w["head"],
+                wte,
+                self.act,
+                self.ids,
+                self.msk,
+                self.scalar,
+                self.g["head"],
+                g_wte,
+            )
+            return c.get(
+                name, f.head_train, args, out_shardings=(rep, dp, rep, rep, rep), donate=(6, 7)
+            )
+        if name == "head_eval":
+            args = (self.w["head"], wte, self.act, self.ids, self.msk)
+            return c.get(name, f.head_eval, args, out_shardings=(rep, rep, rep))
+        if name == "block_bwd":
+            args = (self.w["block"], self.act, self.act, self.key, self.idx, self.g["block"])
+            return c.get(name, f.block_bwd, args, out_shardings=(dp, rep, rep), donate=(5,))
+        if name == "embed_bwd":
+            args = (self.w["embed"], self.ids, self.act, self.key, self.idx, self.g["embed"])
+            return c.get(name, f.embed_bwd, args, out_shardings=(rep, rep), donate=(5,))
+        if name.startswith("update/"):
+            return self._update_exe(name.split("/")[1])
+        raise KeyError(name)
+
+    def _update_exe(self, kind: str):
+        e = self.e
+        on_host = e.optimizer_placement == "host"
+        where = e.host if on_host else e.replicated
+        master = abstract(self.master_shapes[kind], where, F32)
+        opt = jax.eval_shape(e.optimizer.init, self.master_shapes[kind])
+        opt = abstract(opt, where)
+        stream_out = e.stream_sharding if (on_host and e._update_writes_stream) else where
+        scalar = jax.ShapeDtypeStruct((), F32, sharding=where)
+        return e.cache.get(
+            f"update/{kind}" + ("" if on_host else "@device"),
+            e.fns.update,
+            (master, opt, master, scalar),
+            out_shardings=(where, where, stream_out),
+            donate=(0, 1),
+        )
+
+    def compile_all(self) -> None:
+        names = ["embed_fwd", "block_fwd", "head_train", "block_bwd", "embed_bwd", "head_eval"]
+        if self.e.fns.dropout:
+            names += ["embed_eval", "block_eval"]
+        for n in names + ["update/embed", "update/block", "update/head"]:
+            self._exe(n)
+
+    # ---- helpers -------------------------------------------------------------------------
+    def _kind(self, name: str) -> str:
+        return "block" if name.startswith("block/") else name
+
+    def _fetch(self, name: str, store, ready: bool, extra=None) -> Fetch:
+        """Weights of segment ``name`` (+ tied wte for the head, + extra host arrays)."""
+        e = self.e
+        nbytes = self.seg_bytes[self._kind(name)]
+
+        def issue():
+            w = jax.device_put(store.stream[name], e.replicated)
+            wte = None
+            if name == "head" and self.tied:
+                wte = jax.device_put(store.stream["embed"]["wte"], e.replicated)
+            more = jax.device_put(extra(), e.data_sharding) if extra is not None else None
+            return w, wte, more
+
+        if name == "head":
+            nbytes += self.wte_bytes
+        if extra is not None:  # kept block inputs coming back from host memory
+            nbytes += self.n_micro * self.act_bytes
+        dep = (lambda: store.stream[name]) if ready else None
+        return Fetch(name, nbytes, issue, dep)
+
+    def _batch(self, batch: dict, stats: StepStats):
+        e, m, n = self.e, self.micro, self.n_micro
+
+        def split(a, dtype):
+            a = np.asarray(a, dtype)
+            return [jax.device_put(a[i * m : (i + 1) * m], e.data_sharding) for i in range(n)]
+
+        ids = split(batch["input_ids"], np.int32)
+        labels = split(batch["labels"], np.int32)
+        mask = split(batch["loss_mask"], np.float32)
+        stats.h2d_bytes += 3 * n * m * self.seq * 4
+        return ids, labels, mask
+
+    @staticmethod
+    def _idx(mb: int, seg: int) -> np.ndarray:
+        return np.asarray([mb, seg], np.int32)
+
+    # ---- training step -------------------------------------------------------------------
+    def train(self, store, batch: dict, step: int) -> dict:
+        e, L, n = self.e, self.L, self.n_micro
+        stats = StepStats()
+        res = e.residency
+        ids, labels, mask = self._batch(batch, stats)
+        denom_host = float(np.sum(np.asarray(batch["loss_mask"], np.float64)))
+        denom = jax.device_put(np.float32(max(denom_host, 1.0)), e.replicated)
+        key = e.step_key(step)
+        res.add("activations", 2 * n * self.act_bytes)
+        kept: list[list] = [[] for _ in range(L)]  # kept[i][m]: input of block i (device or host)
+
+        blocks = [f"block/{i}" for i in range(L)]
+        order = ["embed", *blocks, "head", *reversed(blocks), "embed"]
+        fetches = []
+        for pos, name in enumerate(order):
+            bwd_block = L + 1 < pos <= 2 * L + 1
+            extra = None
+            if bwd_block and e.activation_offload:
+                i = int(name.split("/")[1])
+                extra = lambda i=i: kept[i]  # read when the fetch is issued, not before
+            fetches.append(self._fetch(name, store, ready=pos <= L + 1, extra=extra))
+        stream = WeightStream(fetches, e.prefetch_depth, stats, res)
+
+        grads_host: dict = {}
+        sqnorms: dict = {}
+        pending_updates: list = []
+        x: list = [None] * n
+        prev = None
+
+        def finish(outputs, key_):
+            nonlocal prev
+            if prev is not None:
+                jax.block_until_ready(prev[1])
+                stream.release(prev[0])
+            prev = (key_, outputs)
+
+        # forward: embed, blocks
+        wkey, (w, _, _) = stream.take()
+        exe = self._exe("embed_fwd")
+        res.running(self._temp("embed_fwd"))
+        x = [exe(w, ids[m], key, self._idx(m, 0)) for m in range(n)]
+        finish(x, wkey)
+        for i in range(L):
+            self._keep(kept, i, x, stats)
+            wkey, (w, _, _) = stream.take()
+            exe = self._exe("block_fwd")
+            res.running(self._temp("block_fwd"))
+            x = [exe(w, x[m], key, self._idx(m, i + 1)) for m in range(n)]
+            finish(x, wkey)
+
+        # head: loss and its gradient, per micro-batch, gradients summed on device
+        wkey, (w, wte, _) = stream.take()
+        exe = self._exe("head_train")
+        res.running(self._temp("head_train"))
+        g_head = _zeros(self.g["head"])
+        g_wte = _zeros(self.g["embed"]["wte"]) if self.tied else None
+        res.add("grads:head", self.seg_bytes["head"] * 4 // max(1, _itemsize(e.compute_dtype)))
+        loss_sums, dy = [], [None] * n
+        for m in range(n):
+            loss_sum, dy[m], g_head, g_wte, sq = exe(
+                w, wte, x[m], labels[m], mask[m], denom, g_head, g_wte
+            )
+            loss_sums.append(loss_sum)
+        finish(dy, wkey)
+        self._grads_back(store, "head", g_head, sq, grads_host, sqnorms, stats, pending_updates)
+        res.drop("grads:head")
+
+        # backward: blocks in reverse, recomputing each forward from its kept input
+        exe = self._exe("block_bwd")
+        for i in reversed(range(L)):
+            wkey, (w, _, fetched) = stream.take()
+            inputs = fetched if fetched is not None else kept[i]
+            g = _zeros(self.g["block"])
+            res.add(f"grads:block/{i}", tree_bytes(self.g["block"]))
+            res.running(self._temp("block_bwd"))
+            for m in range(n):
+                dy[m], g, sq = exe(w, inputs[m], dy[m], key, self._idx(m, i + 1), g)
+            kept[i] = None
+            res.drop(f"kept:{i}")
+            finish(dy, wkey)
+            self._grads_back(
+                store, f"block/{i}", g, sq, grads_host, sqnorms, stats, pending_updates
+            )
+            res.drop(f"grads:block/{i}")
+
+        # embed backward (tied: starts from the head's wte gradient)
+        wkey, (w, _, _) = stream.take()
+        exe = self._exe("embed_bwd")
+        g = _zeros(self.g["embed"])
+        if self.tied:
+            g["wte"] = g_wte
+        res.running(self._temp("embed_bwd"))
+        for m in range(n):
+            g, sq = exe(w, ids[m], dy[m], key, self._idx(m, 0), g)
+        finish([g, sq], wkey)
+        jax.block_until_ready(prev[1])
+        stream.release(prev[0])
+        self._grads_back(store, "embed", g, sq, grads_host, sqnorms, stats, pending_updates)
+        res.drop("activations")
+
+        # updates: exact global norm, then per segment in the order the next forward needs them
+        g_norm, scale = e.clip_scale(list(sqnorms.values()))
+        if e.max_norm is not None:
+            for name in segment_names(L):
+                self._update(store, name, grads_host.pop(name), scale, stats)
+        loss = float(np.sum([np.float64(s) for s in loss_sums])) / max(denom_host, 1.0)
+        return {"train/loss": loss, "train/grad_norm": g_norm, **stats.as_metrics()}
+
+    def _temp(self, name: str) -> int:
+        rec = self.e.cache.record(name)
+        return rec.temp_bytes if rec else 0
+
+    def _keep(self, kept, i, x, stats):
+        e = self.e
+        if e.activation_offload:
+            kept[i] = [jax.device_put(a, e.act_host) for a in x]
+            stats.d2h_bytes += len(x) * self.act_bytes
+        else:
+            kept[i] = list(x)
+            e.residency.add(f"kept:{i}", len(x) * self.act_bytes)
+
+    def _grads_back(self, store, name, g, sq, grads_host, sqnorms, stats, pending):
+        """Send a segment's summed gradients to the host; update now if nothing clips."""
+        e = self.e
+        sqnorms[name] = sq
+        stats.d2h_bytes += tree_bytes(g)
+        if e.max_norm is None:
+            self._update(store, name, jax.device_put(g, e.host), 1.0, stats)
+        else:
+            grads_host[name] = jax.device_put(g, e.host)
+
+    def _update(self, store, name, grads, scale, stats):
+        e = self.e
+        kind = self._kind(name)
+        exe = self._exe(f"update/{kind}")
+        if e.optimizer_placement == "host":
+            where = e.host
+            master, opt = store.master[name], store.opt_state[name]
+        else:
+            where = e.replicated
+            nbytes = tree_bytes(store.master[name]) + tree_bytes(store.opt_state[name])
+            stats.h2d_bytes += nbytes + tree_bytes(grads)
+            e.residency.add(f"update:{name}", 2 * nbytes + tree_bytes(grads))
+            master = jax.device_put(store.master[name], where)
+            opt = jax.device_put(store.opt_state[name], where)
+            grads = jax.device_put(grads, where)
+        scale = jax.device_put(np.float32(scale), where)
+        master, opt, stream_copy = exe(master, opt, grads, scale)
+        if e.optimizer_placement != "host":
+            master = jax.device_put(master, e.host)
+            opt = jax.device_put(opt, e.host)
+            stats.d2h_bytes += tree_bytes(master) + tree_bytes(opt)
+            e.residency.drop(f"update:{name}")
+        if not _on(stream_copy, e.stream_sharding):
+            stream_copy = jax.device_put(stream_copy, e.stream_sharding)
+        store.master[name], store.opt_state[name], store.stream[name] = master, opt, stream_copy
+
+    # ---- evaluation ----------------------------------------------------------------------
+    def evaluate(self, store, batch: dict) -> dict:
+        e, L, n = self.e, self.L, self.n_micro
+        stats = StepStats()
+        ids, labels, mask = self._batch(batch, stats)
+        key = e.step_key(0)
+        order = ["embed", *[f"block/{i}" for i in range(L)], "head"]
+        stream = WeightStream(
+            [self._fetch(o, store, True) for o in order], e.prefetch_depth, stats, e.residency
+        )
+        drop = "_eval" if e.fns.dropout else "_fwd"
+        x, prev = None, None
+        for pos, name in enumerate(order):
+            wkey, (w, wte, _) = stream.take()
+            if name == "embed":
+                exe = self._exe("embed" + drop)
+                x = [exe(w, ids[m], key, self._idx(m, 0)) for m in range(n)]
+            elif name == "head":
+                exe = self._exe("head_eval")
+                x = [exe(w, wte, x[m], labels[m], mask[m]) for m in range(n)]
+            else:
+                exe = self._exe("block" + drop)
+                x = [exe(w, x[m], key, self._idx(m, pos)) for m in range(n)]
+            if prev is not None:
+                jax.block_until_ready(prev[1])
+                stream.release(prev[0])
+            prev = (wkey, x)
+        jax.block_until_ready(prev[1])
+        stream.release(prev[0])
+        loss_sum = sum(float(r[0]) for r in x)
+        count = sum(float(r[1]) for r in x)
+        correct = sum(float(r[2]) for r in x)
+        return {"loss_sum": loss_sum, "count": count, "correct": correct}
+
+
+def _zeros(struct_tree):
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype, device=s.sharding), struct_tree)
+
+
+def _itemsize(dtype) -> int:
+    return jnp.dtype(dtype).itemsize
+
+
+def _on(tree, sharding) -> bool:
+    leaves = jax.tree.leaves(tree)
+    return all(getattr(a, "sharding", None) == sharding for a in leaves)

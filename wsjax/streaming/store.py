@@ -1,0 +1,117 @@
+"""Host store: fp32 master weights, optimizer state and the compute-dtype streaming copy.
+
+One entry per segment: ``embed``, ``block/0`` ... ``block/{L-1}``, ``head``. Each layer's
+buffers are their own arrays (not one stacked buffer) so that each layer's update runs in place
+(donated) and independently: the next step's forward of layer i waits only for layer i's
+update. ``params_tree()`` and ``opt_state_tree()`` present the blocks stacked on the leading
+layer axis, the layout of checkpoints and of the resident reference.
+
+Tiers: ``master`` and ``optimizer`` live on the host compute device (where the host update
+runs); ``stream`` (bf16 under mixed precision) lives in the accelerator's ``pinned_host`` memory
+where it has one: the bytes that cross the link.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+
+
+def segment_names(num_layers: int) -> list[str]:
+    return ["embed", *[f"block/{i}" for i in range(num_layers)], "head"]
+
+
+def segment_index(name: str, num_layers: int) -> int:
+    """embed 0, block i -> i + 1, head L + 1 (also the dropout fold-in of the segment)."""
+    if name == "embed":
+        return 0
+    if name == "head":
+        return num_layers + 1
+    return int(name.split("/")[1]) + 1
+
+
+def tree_bytes(tree) -> int:
+    return sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
+
+
+def split_blocks(blocks, num_layers: int) -> list:
+    return [jax.tree.map(lambda a, i=i: a[i], blocks) for i in range(num_layers)]
+
+
+def stack_trees(trees: list):
+    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
+
+
+class HostStore:
+    """Per-segment host state. Build with :meth:`create`; the engine owns updating it."""
+
+    def __init__(self, num_layers: int, master: dict, opt_state: dict, stream: dict):
+        self.num_layers = num_layers
+        self.names = segment_names(num_layers)
+        self.master = master  # name -> fp32 pytree on the host compute device
+        self.opt_state = opt_state  # name -> optax state pytree (host)
+        self.stream = stream  # name -> compute-dtype pytree (stream memory)
+
+    @classmethod
+    def create(
+        cls,
+        params: dict,
+        num_layers: int,
+        optimizer,
+        host_sharding,
+        stream_sharding,
+        compute_dtype,
+        opt_state: dict | None = None,
+    ) -> HostStore:
+        """Place ``params`` ({"embed", "blocks" (stacked), "head"}) and optimizer state on the host.
+
+        ``opt_state`` (optional) is in the :meth:`opt_state_tree` layout, e.g. from a checkpoint.
+        """
+        per_seg = _split_segments(params, num_layers)
+        master = {n: jax.device_put(p, host_sharding) for n, p in per_seg.items()}
+        if opt_state is None:
+            init = jax.jit(optimizer.init, out_shardings=host_sharding)
+            opt = {n: init(p) for n, p in master.items()}
+        else:
+            opt = {
+                n: jax.device_put(s, host_sharding)
+                for n, s in _split_segments(opt_state, num_layers).items()
+            }
+        stream = {
+            n: jax.device_put(jax.tree.map(lambda a: a.astype(compute_dtype), p), stream_sharding)
+            for n, p in master.items()
+        }
+        return cls(num_layers, master, opt, stream)
+
+    def params_tree(self) -> dict:
+        """fp32 master weights as one tree with blocks stacked (numpy, host)."""
+        return self._join(self.master)
+
+    def opt_state_tree(self) -> dict:
+        """Optimizer state {"embed", "blocks" (stacked per leaf), "head"} (numpy, host)."""
+        return self._join(self.opt_state)
+
+    def _join(self, per_seg: dict) -> dict:
+        blocks = [per_seg[f"block/{i}"] for i in range(self.num_layers)]
+        return {
+            "embed": jax.tree.map(np.asarray, per_seg["embed"]),
+            "blocks": stack_trees(blocks),
+            "head": jax.tree.map(np.asarray, per_seg["head"]),
+        }
+
+    def bytes_per_tier(self) -> dict[str, int]:
+        return {
+            "master": sum(tree_bytes(t) for t in self.master.values()),
+            "optimizer": sum(tree_bytes(t) for t in self.opt_state.values()),
+            "stream": sum(tree_bytes(t) for t in self.stream.values()),
+        }
+
+
+def _split_segments(tree: dict, num_layers: int) -> dict:
+    out = {"embed": tree["embed"]}
+    for i, layer in enumerate(split_blocks(tree["blocks"], num_layers)):
+        out[f"block/{i}"] = layer
+    out["head"] = tree["head"]
+    return out
