@@ -1,0 +1,215 @@
+"""Params YAML (Cerebras-style sections) -> a validated, frozen `Config`.
+
+Owns reading the file, key normalisation (aliases, unknown keys with a suggestion, the ONE warning
+listing ignored Cerebras hardware keys) and dotted `section.key=value` overrides. The dataclasses
+and key tables live in `wsjax.config_schema`; building and validating each section (types,
+family inference and defaults, ranges, cross-section checks) in `wsjax.config_sections`.
+Every user error is a one-line `ConfigError` naming the file, the key, the value and what is valid.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from wsjax.config_schema import (
+    ALIASES,
+    FIXED_VALUE_KEYS,
+    IGNORED_KEYS,
+    SECTION_CLASSES,
+    SECTIONS,
+    Config,
+    InitSpec,
+    InputConfig,
+    LRPhase,
+    ModelConfig,
+    OptimizerConfig,
+    RunConfig,
+    StreamingConfig,
+    section_fields,
+)
+from wsjax.config_sections import (
+    build_config,
+    field_names,
+    field_types,
+    options,
+    suggest,
+    type_name,
+)
+from wsjax.errors import ConfigError
+
+__all__ = [
+    "Config",
+    "InitSpec",
+    "InputConfig",
+    "LRPhase",
+    "ModelConfig",
+    "OptimizerConfig",
+    "RunConfig",
+    "StreamingConfig",
+    "config_from_dict",
+    "load_config",
+]
+
+logger = logging.getLogger(__name__)
+
+# Keys read by the loader that are not fields of their section's dataclass.
+_EXTRA_KEYS = {
+    "model": ("dropout_rate",),  # Cerebras GPT-2: residual + embedding dropout
+    "runconfig": ("grad_accum_steps",),  # alias of optimizer.grad_accum_steps
+    "train_input": ("micro_batch_size",),  # alias of streaming.micro_batch_size
+}
+_NONE_WORDS = ("none", "null", "~")
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True}
+_BOOL_WORDS |= {"false": False, "no": False, "off": False, "0": False}
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
+    """Read a params YAML file (yaml.safe_load), apply overrides, validate."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read params file ({e.strerror or e})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    return config_from_dict({} if data is None else data, source=str(path), overrides=overrides)
+
+
+def config_from_dict(
+    d: Mapping[str, Any], source: str = "<dict>", overrides: Iterable[str] = ()
+) -> Config:
+    """Build a validated Config from a params dict; overrides apply before validation."""
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"{source}: expected a mapping of sections {', '.join(SECTIONS)}")
+    raw: dict[str, dict[str, Any]] = {}
+    ignored: list[str] = []
+    for name, body in d.items():
+        if name not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section {name}{suggest(name, SECTIONS)}")
+        if not isinstance(body, Mapping | None):
+            raise ConfigError(f"{source}: section {name} must be a mapping, got {body!r}")
+        raw[name] = _normalize_keys(name, copy.deepcopy(dict(body or {})), source, ignored)
+    _move_cross_section_aliases(raw, source, ignored)
+    for override in overrides:
+        _apply_override(raw, override, source)
+    if ignored:
+        logger.warning("%s: ignoring keys with no meaning in wsjax: %s", source, ", ".join(ignored))
+    return build_config(raw, source)
+
+
+# ---------------------------------------------------------------- keys, aliases, overrides
+
+
+def _valid_keys(section: str) -> tuple[str, ...]:
+    return section_fields(section) + _EXTRA_KEYS.get(section, ())
+
+
+def _normalize_keys(section: str, body: dict, source: str, ignored: list[str]) -> dict:
+    """Map aliases to field names, drop (and record) ignored keys, reject unknown keys."""
+    out: dict[str, Any] = {}
+    aliases = ALIASES.get(section, {})
+    for key, value in body.items():
+        name = aliases.get(key, key)
+        if name in _valid_keys(section):
+            if name in out:
+                raise ConfigError(f"{source}: {section}.{key} given twice (as {name} and alias)")
+            out[name] = value
+        elif key in FIXED_VALUE_KEYS.get(section, {}):
+            if value != FIXED_VALUE_KEYS[section][key]:
+                want = FIXED_VALUE_KEYS[section][key]
+                raise ConfigError(
+                    f"{source}: {section}.{key}={value!r} is not supported; wsjax uses {want!r}"
+                )
+        elif key in IGNORED_KEYS.get(section, ()) or (
+            section == "eval_input" and key == "micro_batch_size"
+        ):
+            ignored.append(f"{section}.{key}")
+        else:
+            valid = _valid_keys(section) + tuple(aliases)
+            raise ConfigError(
+                f"{source}: unknown key {section}.{key}{suggest(key, valid, section + '.')}"
+            )
+    return out
+
+
+def _move_cross_section_aliases(raw: dict, source: str, ignored: list[str]) -> None:
+    moves = [
+        ("runconfig", "grad_accum_steps", "optimizer"),
+        ("train_input", "micro_batch_size", "streaming"),
+    ]
+    for src, key, dst in moves:
+        if key not in raw.get(src, {}):
+            continue
+        value = raw[src].pop(key)
+        if src == "train_input" and not isinstance(value, int | None):
+            ignored.append(f"{src}.{key}")  # Cerebras "auto" / "explore"
+            continue
+        target = raw.setdefault(dst, {})
+        if key in target and target[key] != value:
+            raise ConfigError(
+                f"{source}: {src}.{key}={value!r} disagrees with {dst}.{key}={target[key]!r}"
+            )
+        target[key] = value
+
+
+def _apply_override(raw: dict, override: str, source: str) -> None:
+    """`section.key=value` (or `model.initializer.std=value`), typed by the field it sets."""
+    where = f"{source}: override {override!r}"
+    dotted, sep, text = str(override).partition("=")
+    parts = dotted.strip().split(".")
+    if not sep or len(parts) not in (2, 3):
+        raise ConfigError(f"{where}: expected section.key=value, e.g. model.num_hidden_layers=2")
+    section, key = parts[0], parts[1]
+    if section not in SECTIONS:
+        raise ConfigError(f"{where}: unknown section {section}{suggest(section, SECTIONS)}")
+    key = ALIASES.get(section, {}).get(key, key)
+    valid = _valid_keys(section)
+    if key not in valid:
+        raise ConfigError(
+            f"{where}: unknown key {section}.{key}{suggest(key, valid, section + '.')};"
+            f" valid keys: {', '.join(valid)}"
+        )
+    body = raw.setdefault(section, {})
+    is_init = section == "model" and "initializer" in key
+    if len(parts) == 3:
+        sub = parts[2]
+        if not is_init or sub not in field_names(InitSpec):
+            raise ConfigError(f"{where}: {section}.{key} has no sub-key {sub}")
+        tp = field_types(InitSpec)[sub]
+        target = body.get(key) if isinstance(body.get(key), dict) else {}
+        target[sub] = _parse_override_value(text.strip(), tp, where)
+        body[key] = target
+        return
+    if is_init:
+        raise ConfigError(f"{where}: set a field, e.g. {section}.{key}.std=0.02")
+    tp = field_types(SECTION_CLASSES[section]).get(key, float | None)  # extras are rates/ints
+    if key in ("grad_accum_steps", "micro_batch_size"):
+        tp = int | None
+    body[key] = _parse_override_value(text.strip(), tp, where)
+
+
+def _parse_override_value(text: str, tp: Any, where: str) -> Any:
+    opts = options(tp)
+    if type(None) in opts and text.lower() in _NONE_WORDS:
+        return None
+    if bool in opts and text.lower() in _BOOL_WORDS:
+        return _BOOL_WORDS[text.lower()]
+    for kind in (int, float):
+        if kind in opts:
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+    if str in opts:
+        return text
+    raise ConfigError(f"{where}: {text!r} is not a valid {type_name(opts)}")

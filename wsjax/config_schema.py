@@ -1,0 +1,398 @@
+"""The typed run configuration: frozen dataclasses, their defaults and the key tables.
+
+`wsjax.config` builds these from a Cerebras-style params YAML (and validates them); this file owns
+what the sections contain, the accepted aliases, and the Cerebras keys that mean nothing here.
+Field names are the Cerebras key names (see notes/SPEC.md); `model_family` is stored as `family`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+logger = logging.getLogger("wsjax.config")
+
+SECTIONS = ("train_input", "eval_input", "model", "optimizer", "runconfig", "streaming")
+FAMILIES = ("gptj", "gpt2")
+POSITION_EMBEDDINGS = ("rotary", "learned")
+NONLINEARITIES = ("gelu", "gelu_exact", "relu")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULERS = ("linear", "constant", "cosine", "cosinedecay", "exponential")
+DATA_PROCESSORS = (
+    "GptTokenShardsProcessor",
+    "GptHDF5DataProcessor",
+    "GptTfRecordsProcessor",
+    "SyntheticDataProcessor",
+)
+SPLITS = ("train", "eval")
+OPTIMIZER_PLACEMENTS = ("host", "device")
+HOST_MEMORY_KINDS = ("pinned_host", "unpinned_host", "device")
+
+# Cerebras keys that select hardware / runtime behaviour of the CS system or of its PyTorch
+# loaders and have no meaning in wsjax. They are accepted so Cerebras params files load
+# unchanged, and reported in ONE warning line per load.
+IGNORED_KEYS: dict[str, frozenset[str]] = {
+    "model": frozenset(
+        {
+            "precision_opt_level",
+            "fp16_type",
+            "boundary_casting",
+            "tf_summary",
+            "attention_softmax_fp32",
+            "attention_module",
+            "use_position_embedding",
+            "compute_eval_metrics",
+            "layer_norm_type",
+        }
+    ),  # fmt: skip
+    "optimizer": frozenset(
+        {
+            "log_summaries",
+            "initial_loss_scale",
+            "steps_per_increase",
+            "min_loss_scale",
+            "max_loss_scale",
+            "disable_lr_steps_reset",
+            "adjust_learning_rate",
+        }
+    ),  # fmt: skip
+    "runconfig": frozenset(
+        {
+            "precision_opt_level",
+            "use_cs_grad_accum",
+            "num_workers_per_csx",
+            "num_csx",
+            "num_wgt_servers",
+            "num_act_servers",
+            "compile_dir",
+            "log_summaries",
+            "save_losses",
+            "enable_distributed",
+            "autogen_policy",
+            "checkpoint_path",
+            "is_pretrained_checkpoint",
+            "load_checkpoint_states",
+            "cs_config",
+            "mode",
+            "save_initial_checkpoint",
+            "validate_only",
+            "compile_only",
+            "execute_crd_memory_gi",
+            "wgt_server_mem",
+            "act_memory_gi",
+            "cmd_memory_gi",
+            "wrk_memory_gi",
+            "job_labels",
+            "mgmt_address",
+            "credentials_path",
+            "mount_dirs",
+            "python_paths",
+            "transfer_processes",
+            "dist_backend",
+            "init_method",
+            "sync_batchnorm",
+            "target_device",
+            "disable_version_check",
+            "enable_summaries",
+            "experimental_api",
+        }
+    ),  # fmt: skip
+    "train_input": frozenset(
+        {
+            "persistent_workers",
+            "use_worker_cache",
+            "shuffle_buffer",
+            "drop_last",
+            "n_gpus",
+            "mixed_precision",
+            "fp16_type",
+        }
+    ),  # fmt: skip
+}
+IGNORED_KEYS["eval_input"] = IGNORED_KEYS["train_input"]
+
+# Cerebras keys accepted only at the value that matches what wsjax does.
+FIXED_VALUE_KEYS: dict[str, dict[str, Any]] = {
+    "model": {"loss_scaling": "num_tokens", "loss_weight": 1.0},
+}
+
+# Alternative spellings: section -> {alias: field}.
+ALIASES: dict[str, dict[str, str]] = {
+    "model": {"model_family": "family"},
+    "optimizer": {"eps": "epsilon", "correct_bias": "use_bias_correction"},
+    "runconfig": {"checkpoint_steps": "save_checkpoints_steps"},
+}
+LR_PHASE_ALIASES = {"total_iters": "steps"}
+
+
+@dataclass(frozen=True)
+class InitSpec:
+    """A Cerebras initializer spec (`name` plus its arguments)."""
+
+    name: str = "normal"
+    std: float | None = None
+    mean: float = 0.0
+    a: float | None = None  # truncation bounds (absolute values, torch trunc_normal_ style)
+    b: float | None = None
+    scale: float = 1.0
+    mode: str = "fan_in"  # variance_scaling: fan_in | fan_out | fan_avg
+    distribution: str = "truncated_normal"  # variance_scaling: truncated_normal | normal | uniform
+    key: str | None = None  # scaled_init_normal: "num_hidden_layers" scales std by 1/sqrt(2L)
+
+    def initializer(
+        self, fan_in: int, fan_out: int, num_layers: int, hidden_size: int, vocab_size: int
+    ) -> Callable[..., jax.Array]:
+        """A jax initializer `(key, shape, dtype) -> array` for this spec.
+
+        Fans are passed explicitly (not read from the shape) so stacked (L, in, out) layers
+        initialise like single layers. `std` is already resolved by the config loader.
+        """
+        del vocab_size  # no supported scheme scales by the vocabulary
+        std = 0.02 if self.std is None else self.std
+        name = self.name
+        if name in _VARIANCE_SCALING_ALIASES:
+            scale, mode, dist = _VARIANCE_SCALING_ALIASES[name]
+            return _variance_scaling(scale, mode, dist, fan_in, fan_out)
+        if name == "variance_scaling":
+            return _variance_scaling(self.scale, self.mode, self.distribution, fan_in, fan_out)
+        if name == "zeros":
+            return lambda key, shape, dtype=jnp.float32: jnp.zeros(shape, dtype)
+        if name == "ones":
+            return lambda key, shape, dtype=jnp.float32: jnp.ones(shape, dtype)
+        if name == "truncated_normal":
+            return _truncated_normal(self.mean, std, self.a, self.b)
+        if name == "wang_init":
+            return _normal(self.mean, 2.0 / (num_layers * math.sqrt(hidden_size)))
+        if name == "small_init":
+            return _normal(self.mean, math.sqrt(2.0 / (5.0 * hidden_size)))
+        if name == "scaled_init_normal":
+            if self.key in (None, "num_hidden_layers"):
+                std = std / math.sqrt(2.0 * num_layers)
+            return _normal(self.mean, std)
+        if name != "normal" and name not in _WARNED_INIT_NAMES:
+            _WARNED_INIT_NAMES.add(name)
+            logger.warning("initializer %r is not supported; using normal(std=%g)", name, std)
+        return _normal(self.mean, std)
+
+
+KNOWN_INITIALIZERS = (
+    "normal", "truncated_normal", "variance_scaling", "scaled_init_normal", "wang_init",
+    "small_init", "zeros", "ones", "xavier_uniform", "xavier_normal", "glorot_uniform",
+    "glorot_normal", "lecun_normal", "lecun_uniform", "kaiming_normal", "kaiming_uniform",
+)  # fmt: skip
+_VARIANCE_SCALING_ALIASES = {
+    "xavier_uniform": (1.0, "fan_avg", "uniform"),
+    "glorot_uniform": (1.0, "fan_avg", "uniform"),
+    "xavier_normal": (1.0, "fan_avg", "normal"),
+    "glorot_normal": (1.0, "fan_avg", "normal"),
+    "lecun_normal": (1.0, "fan_in", "truncated_normal"),
+    "lecun_uniform": (1.0, "fan_in", "uniform"),
+    "kaiming_normal": (2.0, "fan_in", "normal"),
+    "kaiming_uniform": (2.0, "fan_in", "uniform"),
+}
+_WARNED_INIT_NAMES: set[str] = set()
+
+
+def _normal(mean: float, std: float) -> Callable[..., jax.Array]:
+    def init(key, shape, dtype=jnp.float32):
+        return (mean + std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+    return init
+
+
+def _truncated_normal(
+    mean: float, std: float, a: float | None, b: float | None
+) -> Callable[..., jax.Array]:
+    lo = -2.0 if a is None else (a - mean) / std  # torch trunc_normal_ default bounds: +-2 std
+    hi = 2.0 if b is None else (b - mean) / std
+
+    def init(key, shape, dtype=jnp.float32):
+        z = jax.random.truncated_normal(key, lo, hi, shape, jnp.float32)
+        return (mean + std * z).astype(dtype)
+
+    return init
+
+
+def _variance_scaling(
+    scale: float, mode: str, distribution: str, fan_in: int, fan_out: int
+) -> Callable[..., jax.Array]:
+    fan = {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2}[mode]
+    variance = scale / max(1.0, fan)
+    if distribution == "uniform":
+        limit = math.sqrt(3.0 * variance)
+        return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+            key, shape, jnp.float32, -limit, limit
+        ).astype(dtype)
+    if distribution == "truncated_normal":
+        # 0.8796... = std of a standard normal truncated to [-2, 2] (as jax.nn.initializers)
+        return _truncated_normal(0.0, math.sqrt(variance) / 0.87962566103423978, None, None)
+    return _normal(0.0, math.sqrt(variance))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    family: str
+    vocab_size: int
+    hidden_size: int
+    num_heads: int
+    num_hidden_layers: int
+    filter_size: int
+    max_position_embeddings: int
+    position_embedding_type: str
+    rotary_dim: int | None
+    embedding_size: int | None
+    share_embedding_weights: bool
+    use_bias_in_output: bool
+    use_projection_bias_in_attention: bool
+    use_ffn_bias_in_attention: bool
+    use_ffn_bias: bool = True
+    layer_norm_epsilon: float = 1e-5
+    nonlinearity: str = "gelu"
+    embedding_dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    residual_dropout_rate: float = 0.0
+    mixed_precision: bool = False
+    initializer: InitSpec = InitSpec()
+    embedding_initializer: InitSpec = InitSpec()
+    output_layer_initializer: InitSpec = InitSpec()
+    initializer_range: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+# Family-dependent defaults (applied when the key is absent).
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gptj": {
+        "position_embedding_type": "rotary",
+        "share_embedding_weights": False,
+        "use_bias_in_output": True,
+        "use_projection_bias_in_attention": False,
+        "use_ffn_bias_in_attention": False,
+    },
+    "gpt2": {
+        "position_embedding_type": "learned",
+        "share_embedding_weights": True,
+        "use_bias_in_output": False,
+        "use_projection_bias_in_attention": True,
+        "use_ffn_bias_in_attention": True,
+    },
+}
+
+
+@dataclass(frozen=True)
+class LRPhase:
+    scheduler: str
+    steps: int | None = None
+    initial_learning_rate: float | None = None
+    end_learning_rate: float | None = None
+    learning_rate: float | None = None
+    alpha: float | None = None
+    decay_steps: int | None = None
+    decay_rate: float | None = None
+    staircase: bool = False
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    optimizer_type: str
+    learning_rate: float | tuple[LRPhase, ...]
+    beta1: float = 0.9
+    beta2: float = 0.999
+    epsilon: float = 1e-8
+    weight_decay_rate: float = 0.0
+    momentum: float = 0.0
+    max_gradient_norm: float | None = None
+    grad_accum_steps: int = 1
+    loss_scaling_factor: float | str | None = None
+    use_bias_correction: bool = True
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    max_steps: int = 1000
+    save_summary_steps: int = 10
+    save_checkpoints_steps: int = 500
+    keep_checkpoint_max: int = 5
+    log_steps: int = 10
+    eval_steps: int = 10
+    seed: int = 1
+    model_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class StreamingConfig:
+    prefetch_depth: int = 1
+    activation_offload: bool = False
+    optimizer_placement: str = "host"
+    micro_batch_size: int | None = None
+    host_memory_kind: str = "pinned_host"
+    recompute: bool = True
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    data_dir: str | tuple[str, ...]
+    max_sequence_length: int
+    batch_size: int
+    split: str = "train"  # load_config defaults eval_input to "eval"
+    data_processor: str = "GptTokenShardsProcessor"
+    vocab_size: int | None = None
+    shuffle: bool = False
+    shuffle_seed: int = 0
+    repeat: bool = True
+    num_workers: int = 1
+    prefetch_factor: int = 2
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig
+    optimizer: OptimizerConfig
+    runconfig: RunConfig
+    streaming: StreamingConfig
+    train_input: InputConfig | None
+    eval_input: InputConfig | None
+    source: str = "<dict>"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML-safe dict in params-file form; `config_from_dict` rebuilds this Config."""
+        out: dict[str, Any] = {}
+        for section in SECTIONS:
+            value = getattr(self, section)
+            if value is not None:
+                out[section] = _plain(value)
+        out["model"]["model_family"] = out["model"].pop("family")
+        return out
+
+
+def _plain(obj: Any) -> Any:
+    """Dataclass -> dict (None values dropped: every None field defaults to None)."""
+    if dataclasses.is_dataclass(obj):
+        items = ((f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj))
+        return {k: _plain(v) for k, v in items if v is not None}
+    if isinstance(obj, tuple | list):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+SECTION_CLASSES: dict[str, type] = {
+    "train_input": InputConfig,
+    "eval_input": InputConfig,
+    "model": ModelConfig,
+    "optimizer": OptimizerConfig,
+    "runconfig": RunConfig,
+    "streaming": StreamingConfig,
+}
+
+
+def section_fields(section: str) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(SECTION_CLASSES[section]))
