@@ -1,0 +1,138 @@
+"""Input-pipeline benchmark: loader tokens/s for the default config, against training consumption.
+
+    python benchmarks/bench_input.py [--smoke] [--train_tokens_per_sec N]
+
+Defaults follow configs/params_gptj_tiny.yaml: seq 128, batch 16, the built-in stdlib corpus,
+vocab 4096. Each setting prints ONE JSON line and appends it to
+``benchmarks/results/<hostname>-<date>.jsonl``. ``tokens_per_sec`` is the loader alone (a
+consumer that does nothing); ``wait_ms_per_step`` is what a trainer taking ``--step_ms`` per step
+would block on. With ``--train_tokens_per_sec``, ``ratio`` = loader / trainer (>1: never starves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import socket
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from wsjax.data import make_loader  # noqa: E402
+from wsjax.data.builtin import ensure_builtin_corpus  # noqa: E402
+from wsjax.data.shards import read_meta, unigram_entropy  # noqa: E402
+
+
+def emit(record: dict, out: Path) -> None:
+    line = json.dumps(record)
+    print(line, flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a") as f:
+        f.write(line + "\n")
+
+
+def measure(cfg: SimpleNamespace, vocab: int, steps: int, step_ms: float) -> dict:
+    with make_loader(cfg, split="train", model_vocab_size=vocab, seed=1) as ld:
+        next(ld)  # first batch: thread start and first read, not steady state
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            next(ld)
+        free = time.perf_counter() - t0
+        tokens_per_sec = steps * ld.tokens_per_batch / free
+        waits = []
+        for _ in range(steps if step_ms > 0 else 0):
+            time.sleep(step_ms / 1000)  # a trainer busy for step_ms
+            next(ld)
+            waits.append(ld.wait_seconds_last)
+    return {
+        "tokens_per_sec": round(tokens_per_sec, 1),
+        "batches_per_sec": round(steps / free, 2),
+        "wait_ms_per_step": round(1000 * sum(waits) / len(waits), 4) if waits else None,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--data_dir", default="builtin:stdlib")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--step_ms", type=float, default=5.0, help="simulated trainer step time")
+    p.add_argument("--train_tokens_per_sec", type=float, default=None)
+    p.add_argument("--smoke", action="store_true", help="a seconds-long run")
+    p.add_argument("--results_dir", default=str(Path(__file__).parent / "results"))
+    args = p.parse_args()
+    steps = 50 if args.smoke else args.steps
+    host = socket.gethostname()
+    out = Path(args.results_dir) / f"{host}-{datetime.date.today().isoformat()}.jsonl"
+    common = {
+        "bench": "input",
+        "host": host,
+        "python": platform.python_version(),
+        "seq": args.seq,
+        "batch": args.batch,
+        "vocab": args.vocab,
+        "steps": steps,
+    }
+
+    if args.data_dir == "builtin:stdlib":
+        logs: list[str] = []
+        t0 = time.perf_counter()
+        root = ensure_builtin_corpus(args.vocab, log=logs.append)
+        seconds = time.perf_counter() - t0
+        meta = read_meta(root)
+        emit(
+            {
+                **common,
+                "setting": "builtin_corpus",
+                "dir": str(root),
+                "built_now": any("building" in m for m in logs),
+                "ensure_seconds": round(seconds, 2),
+                "source_mb": round(sum(s["bytes"] for s in meta["sources"]) / 1e6, 2),
+                "files": len(meta["sources"]),
+                "tokens": {s: m["tokens"] for s, m in meta["splits"].items()},
+                "unigram_entropy_eval_nats": round(unigram_entropy(root, "eval"), 4),
+            },
+            out,
+        )
+
+    settings = [
+        ("shards_w1_p2", "GptTokenShardsProcessor", 1, 2),
+        ("shards_w2_p4", "GptTokenShardsProcessor", 2, 4),
+        ("synthetic_w1_p2", "SyntheticDataProcessor", 1, 2),
+    ]
+    for name, processor, workers, prefetch in settings:
+        cfg = SimpleNamespace(
+            data_processor=processor,
+            data_dir=args.data_dir,
+            max_sequence_length=args.seq,
+            batch_size=args.batch,
+            shuffle=True,
+            shuffle_seed=0,
+            repeat=True,
+            num_workers=workers,
+            prefetch_factor=prefetch,
+            vocab_size=args.vocab,
+        )
+        rec = {
+            **common,
+            "setting": name,
+            "num_workers": workers,
+            "prefetch_factor": prefetch,
+            "step_ms": args.step_ms,
+            **measure(cfg, args.vocab, steps, args.step_ms),
+        }
+        if args.train_tokens_per_sec:
+            rec["train_tokens_per_sec"] = args.train_tokens_per_sec
+            rec["ratio"] = round(rec["tokens_per_sec"] / args.train_tokens_per_sec, 2)
+        emit(rec, out)
+
+
+if __name__ == "__main__":
+    main()
