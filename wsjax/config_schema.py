@@ -336,6 +336,9 @@ class StreamingConfig:
     micro_batch_size: int | None = None
     host_memory_kind: str = "pinned_host"
     recompute: bool = True
+    # Plan against this much memory instead of what is detected (plan a GPU run from a laptop).
+    device_memory_gb: float | None = None
+    host_memory_gb: float | None = None
 
 
 @dataclass(frozen=True)

@@ -348,6 +348,7 @@ def _build_runconfig(body: dict, source: str) -> RunConfig:
 def _build_streaming(body: dict, source: str) -> StreamingConfig:
     s = _build(StreamingConfig, body, "streaming", source)
     _check_min(s, "streaming", source, 1, "prefetch_depth", "micro_batch_size")
+    _check_min(s, "streaming", source, 1e-6, "device_memory_gb", "host_memory_gb")
     key = "streaming.optimizer_placement"
     _check_choice(s.optimizer_placement, OPTIMIZER_PLACEMENTS, source, key)
     _check_choice(s.host_memory_kind, HOST_MEMORY_KINDS, source, "streaming.host_memory_kind")

@@ -110,7 +110,7 @@ class Model:
         return head_apply(self.cfg, p, x, wte)
 
     # ---- whole model (resident) ------------------------------------------------------------
-    def logits(self, params: dict, tokens: jax.Array, *, rng=None, step_rngs=None) -> jax.Array:
+    def logits(self, params: dict, tokens: jax.Array, *, rng=None) -> jax.Array:
         """Resident forward over all layers with ``lax.scan`` over the stacked blocks.
 
         ``rng`` (dropout) is folded per segment exactly as the engine does: see ``segment_rng``.

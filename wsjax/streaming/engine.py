@@ -68,6 +68,7 @@ class StreamingEngine:
         s = config.streaming
         self.prefetch_depth = int(s.prefetch_depth)
         self.activation_offload = bool(s.activation_offload)
+        self.recompute = bool(s.recompute)
         self.optimizer_placement = s.optimizer_placement
         self.compute_dtype = model.compute_dtype
         self.max_norm = config.optimizer.max_gradient_norm

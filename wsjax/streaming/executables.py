@@ -21,6 +21,10 @@ from wsjax.models import segment_rng
 
 F32 = jnp.float32
 
+# With ``streaming.recompute: false`` the block forward keeps the outputs of its weight matmuls
+# (q/k/v, fc_in ...) and the backward recomputes only the cheap elementwise and attention parts.
+SAVE_POLICY = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+
 
 def _sqnorm(tree) -> jax.Array:
     return sum((jnp.sum(jnp.square(g.astype(F32))) for g in jax.tree.leaves(tree)), F32(0))
@@ -55,6 +59,30 @@ class SegmentFunctions:
 
     def block_fwd(self, w, x, step_key, idx, train=True):
         return self.model.block_apply(w, x, self._rng(step_key, idx, train))
+
+    def block_fwd_save(self, w, x, step_key, idx):
+        """Block forward that also returns the residuals its backward needs (weights excluded).
+
+        The VJP closure's leaves are split into the block's own weights (supplied again by the
+        backward, so no weight copy is kept per layer) and the rest, which are returned.
+        """
+        rng = self._rng(step_key, idx, True)
+        fn = jax.checkpoint(lambda w, x: self.model.block_apply(w, x, rng), policy=SAVE_POLICY)
+        y, vjp = jax.vjp(fn, w, x)
+        leaves, treedef = jax.tree.flatten(vjp)
+        weight_pos = {id(t): i for i, t in enumerate(jax.tree.leaves(w))}
+        layout = [weight_pos.get(id(leaf), -1) for leaf in leaves]
+        self._vjp_layout = (treedef, layout)
+        return y, [leaf for leaf, pos in zip(leaves, layout) if pos < 0]
+
+    def block_bwd_saved(self, w, residuals, dy, g_acc):
+        """Backward from the residuals of :meth:`block_fwd_save` (traced after it)."""
+        treedef, layout = self._vjp_layout
+        weights, rest = jax.tree.leaves(w), iter(residuals)
+        vjp = jax.tree.unflatten(treedef, [weights[p] if p >= 0 else next(rest) for p in layout])
+        dw, dx = vjp(dy)
+        g_acc = _accumulate(g_acc, dw)
+        return dx, g_acc, _sqnorm(g_acc)
 
     def head_train(self, w, wte, x, labels, mask, denom, g_acc, g_wte):
         """Loss of one micro-batch (as a share of the global batch) and its gradients."""

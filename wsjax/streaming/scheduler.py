@@ -54,7 +54,7 @@ class StepProgram:
         self.key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=engine.replicated)
         self.idx = jax.ShapeDtypeStruct((2,), jnp.int32, sharding=engine.replicated)
         self.scalar = jax.ShapeDtypeStruct((), F32, sharding=engine.replicated)
-        self._x = {}
+        self._kept_bytes = None
 
     # ---- executables ---------------------------------------------------------------------
     def _exe(self, name):
@@ -81,6 +81,14 @@ class StepProgram:
                 (w, x, self.key, self.idx),
                 out_shardings=dp,
             )
+        if name == "block_fwd_save":
+            args = (self.w["block"], self.act, self.key, self.idx)
+            return c.get(name, f.block_fwd_save, args, out_shardings=(dp, dp))
+        if name == "block_bwd_saved":
+            self._exe("block_fwd_save")
+            res = jax.eval_shape(f.block_fwd_save, self.w["block"], self.act, self.key, self.idx)[1]
+            args = (self.w["block"], abstract(res, dp), self.act, self.g["block"])
+            return c.get(name, f.block_bwd_saved, args, out_shardings=(dp, rep, rep), donate=(3,))
         if name == "head_train":
             args = (
                 self.w["head"],
@@ -126,8 +134,13 @@ class StepProgram:
         )
 
     def compile_all(self) -> None:
-        names = ["embed_fwd", "block_fwd", "head_train", "block_bwd", "embed_bwd", "head_eval"]
-        if self.e.fns.dropout:
+        names = ["embed_fwd", "head_train", "embed_bwd", "head_eval"]
+        names += (
+            ["block_fwd", "block_bwd"]
+            if self.e.recompute
+            else ["block_fwd_save", "block_bwd_saved"]
+        )
+        if self.e.fns.dropout or not self.e.recompute:
             names += ["embed_eval", "block_eval"]
         for n in names + ["update/embed", "update/block", "update/head"]:
             self._exe(n)
@@ -151,8 +164,8 @@ class StepProgram:
 
         if name == "head":
             nbytes += self.wte_bytes
-        if extra is not None:  # kept block inputs coming back from host memory
-            nbytes += self.n_micro * self.act_bytes
+        if extra is not None:  # kept block inputs / residuals coming back from host memory
+            nbytes += self.n_micro * self.kept_bytes
         dep = (lambda: store.stream[name]) if ready else None
         return Fetch(name, nbytes, issue, dep)
 
@@ -175,127 +188,41 @@ class StepProgram:
 
     # ---- training step -------------------------------------------------------------------
     def train(self, store, batch: dict, step: int) -> dict:
-        e, L, n = self.e, self.L, self.n_micro
-        stats = StepStats()
-        res = e.residency
-        ids, labels, mask = self._batch(batch, stats)
-        denom_host = float(np.sum(np.asarray(batch["loss_mask"], np.float64)))
-        denom = jax.device_put(np.float32(max(denom_host, 1.0)), e.replicated)
-        key = e.step_key(step)
-        res.add("activations", 2 * n * self.act_bytes)
-        kept: list[list] = [[] for _ in range(L)]  # kept[i][m]: input of block i (device or host)
-
-        blocks = [f"block/{i}" for i in range(L)]
-        order = ["embed", *blocks, "head", *reversed(blocks), "embed"]
-        fetches = []
-        for pos, name in enumerate(order):
-            bwd_block = L + 1 < pos <= 2 * L + 1
-            extra = None
-            if bwd_block and e.activation_offload:
-                i = int(name.split("/")[1])
-                extra = lambda i=i: kept[i]  # read when the fetch is issued, not before
-            fetches.append(self._fetch(name, store, ready=pos <= L + 1, extra=extra))
-        stream = WeightStream(fetches, e.prefetch_depth, stats, res)
-
-        grads_host: dict = {}
-        sqnorms: dict = {}
-        pending_updates: list = []
-        x: list = [None] * n
-        prev = None
-
-        def finish(outputs, key_):
-            nonlocal prev
-            if prev is not None:
-                jax.block_until_ready(prev[1])
-                stream.release(prev[0])
-            prev = (key_, outputs)
-
-        # forward: embed, blocks
-        wkey, (w, _, _) = stream.take()
-        exe = self._exe("embed_fwd")
-        res.running(self._temp("embed_fwd"))
-        x = [exe(w, ids[m], key, self._idx(m, 0)) for m in range(n)]
-        finish(x, wkey)
-        for i in range(L):
-            self._keep(kept, i, x, stats)
-            wkey, (w, _, _) = stream.take()
-            exe = self._exe("block_fwd")
-            res.running(self._temp("block_fwd"))
-            x = [exe(w, x[m], key, self._idx(m, i + 1)) for m in range(n)]
-            finish(x, wkey)
-
-        # head: loss and its gradient, per micro-batch, gradients summed on device
-        wkey, (w, wte, _) = stream.take()
-        exe = self._exe("head_train")
-        res.running(self._temp("head_train"))
-        g_head = _zeros(self.g["head"])
-        g_wte = _zeros(self.g["embed"]["wte"]) if self.tied else None
-        res.add("grads:head", self.seg_bytes["head"] * 4 // max(1, _itemsize(e.compute_dtype)))
-        loss_sums, dy = [], [None] * n
-        for m in range(n):
-            loss_sum, dy[m], g_head, g_wte, sq = exe(
-                w, wte, x[m], labels[m], mask[m], denom, g_head, g_wte
-            )
-            loss_sums.append(loss_sum)
-        finish(dy, wkey)
-        self._grads_back(store, "head", g_head, sq, grads_host, sqnorms, stats, pending_updates)
-        res.drop("grads:head")
-
-        # backward: blocks in reverse, recomputing each forward from its kept input
-        exe = self._exe("block_bwd")
-        for i in reversed(range(L)):
-            wkey, (w, _, fetched) = stream.take()
-            inputs = fetched if fetched is not None else kept[i]
-            g = _zeros(self.g["block"])
-            res.add(f"grads:block/{i}", tree_bytes(self.g["block"]))
-            res.running(self._temp("block_bwd"))
-            for m in range(n):
-                dy[m], g, sq = exe(w, inputs[m], dy[m], key, self._idx(m, i + 1), g)
-            kept[i] = None
-            res.drop(f"kept:{i}")
-            finish(dy, wkey)
-            self._grads_back(
-                store, f"block/{i}", g, sq, grads_host, sqnorms, stats, pending_updates
-            )
-            res.drop(f"grads:block/{i}")
-
-        # embed backward (tied: starts from the head's wte gradient)
-        wkey, (w, _, _) = stream.take()
-        exe = self._exe("embed_bwd")
-        g = _zeros(self.g["embed"])
-        if self.tied:
-            g["wte"] = g_wte
-        res.running(self._temp("embed_bwd"))
-        for m in range(n):
-            g, sq = exe(w, ids[m], dy[m], key, self._idx(m, 0), g)
-        finish([g, sq], wkey)
-        jax.block_until_ready(prev[1])
-        stream.release(prev[0])
-        self._grads_back(store, "embed", g, sq, grads_host, sqnorms, stats, pending_updates)
-        res.drop("activations")
+        e, L = self.e, self.L
+        run = _Run(self, store, batch, step)
+        e.residency.add("activations", 2 * self.n_micro * self.act_bytes)
+        x = run.forward()
+        loss_sums, dy = run.head(x)
+        run.backward(dy)
+        e.residency.drop("activations")
 
         # updates: exact global norm, then per segment in the order the next forward needs them
-        g_norm, scale = e.clip_scale(list(sqnorms.values()))
+        g_norm, scale = e.clip_scale(list(run.sqnorms.values()))
         if e.max_norm is not None:
             for name in segment_names(L):
-                self._update(store, name, grads_host.pop(name), scale, stats)
-        loss = float(np.sum([np.float64(s) for s in loss_sums])) / max(denom_host, 1.0)
-        return {"train/loss": loss, "train/grad_norm": g_norm, **stats.as_metrics()}
+                self._update(store, name, run.grads_host.pop(name), scale, run.stats)
+        loss = float(np.sum([np.float64(s) for s in loss_sums])) / run.denom_host
+        return {"train/loss": loss, "train/grad_norm": g_norm, **run.stats.as_metrics()}
 
     def _temp(self, name: str) -> int:
         rec = self.e.cache.record(name)
         return rec.temp_bytes if rec else 0
 
-    def _keep(self, kept, i, x, stats):
-        e = self.e
-        if e.activation_offload:
-            kept[i] = [jax.device_put(a, e.act_host) for a in x]
-            stats.d2h_bytes += len(x) * self.act_bytes
-        else:
-            kept[i] = list(x)
-            e.residency.add(f"kept:{i}", len(x) * self.act_bytes)
+    @property
+    def kept_bytes(self) -> int:
+        """Bytes kept per block and micro-batch for the backward (input, or residuals)."""
+        if self._kept_bytes is None:
+            if self.e.recompute:
+                self._kept_bytes = self.act_bytes
+            else:
+                f = self.e.fns
+                res = jax.eval_shape(
+                    f.block_fwd_save, self.w["block"], self.act, self.key, self.idx
+                )
+                self._kept_bytes = tree_bytes(res[1])
+        return self._kept_bytes
 
-    def _grads_back(self, store, name, g, sq, grads_host, sqnorms, stats, pending):
+    def _grads_back(self, store, name, g, sq, grads_host, sqnorms, stats):
         """Send a segment's summed gradients to the host; update now if nothing clips."""
         e = self.e
         sqnorms[name] = sq
@@ -341,7 +268,7 @@ class StepProgram:
         stream = WeightStream(
             [self._fetch(o, store, True) for o in order], e.prefetch_depth, stats, e.residency
         )
-        drop = "_eval" if e.fns.dropout else "_fwd"
+        drop = "_eval" if (e.fns.dropout or not e.recompute) else "_fwd"
         x, prev = None, None
         for pos, name in enumerate(order):
             wkey, (w, wte, _) = stream.take()
@@ -364,6 +291,122 @@ class StepProgram:
         count = sum(float(r[1]) for r in x)
         correct = sum(float(r[2]) for r in x)
         return {"loss_sum": loss_sum, "count": count, "correct": correct}
+
+
+class _Run:
+    """The state of one training step while it runs (kept activations, gradients, stats)."""
+
+    def __init__(self, prog: StepProgram, store, batch: dict, step: int):
+        self.p, self.e, self.store = prog, prog.e, store
+        e, L = self.e, prog.L
+        self.stats = StepStats()
+        self.ids, self.labels, self.mask = prog._batch(batch, self.stats)
+        self.denom_host = max(float(np.sum(np.asarray(batch["loss_mask"], np.float64))), 1.0)
+        self.denom = jax.device_put(np.float32(self.denom_host), e.replicated)
+        self.key = e.step_key(step)
+        self.kept: list = [None] * L  # kept[i][m]: input (or residuals) of block i, device or host
+        self.grads_host: dict = {}
+        self.sqnorms: dict = {}
+        blocks = [f"block/{i}" for i in range(L)]
+        order = ["embed", *blocks, "head", *reversed(blocks), "embed"]
+        fetches = []
+        for pos, name in enumerate(order):
+            extra = None
+            if e.activation_offload and L + 1 < pos <= 2 * L + 1:  # a backward block
+                i = int(name.split("/")[1])
+                extra = lambda i=i: self.kept[i]  # read when the fetch is issued, not before
+            fetches.append(prog._fetch(name, store, ready=pos <= L + 1, extra=extra))
+        self.stream = WeightStream(fetches, e.prefetch_depth, self.stats, e.residency)
+        self._prev = None
+
+    def _take(self, exe_name: str):
+        key, arrays = self.stream.take()
+        self.e.residency.running(self.p._temp(exe_name))
+        return key, arrays, self.p._exe(exe_name)
+
+    def _done(self, outputs, key) -> None:
+        """Item ``key`` is dispatched; wait for the previous one and free its weights."""
+        if self._prev is not None:
+            jax.block_until_ready(self._prev[1])
+            self.stream.release(self._prev[0])
+        self._prev = (key, outputs)
+
+    def forward(self) -> list:
+        p, n, idx = self.p, self.p.n_micro, self.p._idx
+        wkey, (w, _, _), exe = self._take("embed_fwd")
+        x = [exe(w, self.ids[m], self.key, idx(m, 0)) for m in range(n)]
+        self._done(x, wkey)
+        save = not self.e.recompute
+        for i in range(p.L):
+            wkey, (w, _, _), exe = self._take("block_fwd_save" if save else "block_fwd")
+            outs = [exe(w, x[m], self.key, idx(m, i + 1)) for m in range(n)]
+            if save:
+                x, kept = [o[0] for o in outs], [o[1] for o in outs]
+            else:
+                kept, x = x, outs
+            self._keep(i, kept)
+            self._done(x, wkey)
+        return x
+
+    def _keep(self, i: int, kept: list) -> None:
+        e, nbytes = self.e, len(kept) * self.p.kept_bytes
+        if e.activation_offload:
+            self.kept[i] = [jax.device_put(a, e.act_host) for a in kept]
+            self.stats.d2h_bytes += nbytes
+        else:
+            self.kept[i] = kept
+            e.residency.add(f"kept:{i}", nbytes)
+
+    def head(self, x: list):
+        """Loss and its gradient per micro-batch; head gradients summed on the device."""
+        p, n = self.p, self.p.n_micro
+        wkey, (w, wte, _), exe = self._take("head_train")
+        g = _zeros(p.g["head"])
+        g_wte = _zeros(p.g["embed"]["wte"]) if p.tied else None
+        self.e.residency.add("grads:head", tree_bytes(p.g["head"]))
+        loss_sums, dy = [], [None] * n
+        for m in range(n):
+            loss_sum, dy[m], g, g_wte, sq = exe(
+                w, wte, x[m], self.labels[m], self.mask[m], self.denom, g, g_wte
+            )
+            loss_sums.append(loss_sum)
+        self._done(dy, wkey)
+        self._send("head", g, sq)
+        self.g_wte = g_wte
+        return loss_sums, dy
+
+    def backward(self, dy: list) -> None:
+        p, n, idx, res = self.p, self.p.n_micro, self.p._idx, self.e.residency
+        save = not self.e.recompute
+        for i in reversed(range(p.L)):
+            wkey, (w, _, fetched), exe = self._take("block_bwd_saved" if save else "block_bwd")
+            kept = fetched if fetched is not None else self.kept[i]
+            g = _zeros(p.g["block"])
+            res.add(f"grads:block/{i}", tree_bytes(p.g["block"]))
+            for m in range(n):
+                if save:
+                    dy[m], g, sq = exe(w, kept[m], dy[m], g)
+                else:
+                    dy[m], g, sq = exe(w, kept[m], dy[m], self.key, idx(m, i + 1), g)
+            self.kept[i] = None
+            res.drop(f"kept:{i}")
+            self._done(dy, wkey)
+            self._send(f"block/{i}", g, sq)
+
+        # embed backward (tied: starts from the head's wte gradient)
+        wkey, (w, _, _), exe = self._take("embed_bwd")
+        g = _zeros(p.g["embed"])
+        if p.tied:
+            g["wte"] = self.g_wte
+        for m in range(n):
+            g, sq = exe(w, self.ids[m], dy[m], self.key, idx(m, 0), g)
+        self._done([g, sq], wkey)
+        self._done(None, None)  # wait for the last item and free it
+        self._send("embed", g, sq)
+
+    def _send(self, name: str, g, sq) -> None:
+        self.p._grads_back(self.store, name, g, sq, self.grads_host, self.sqnorms, self.stats)
+        self.e.residency.drop(f"grads:{name}")
 
 
 def _zeros(struct_tree):

@@ -1,0 +1,121 @@
+"""Convert HuggingFace GPT-J / GPT-2 checkpoints to wsjax (orbax) checkpoints and back.
+
+    python scripts/convert_hf.py --from_hf HF_DIR --to_orbax DIR [--allow_pickle]
+        -> DIR/checkpoint (orbax, tree {"params": ...}) + DIR/params.yaml (the model config)
+    python scripts/convert_hf.py --from_orbax DIR --params PARAMS_YAML --to_hf OUT_DIR
+        DIR: a folder written by --to_orbax, or an orbax checkpoint whose tree has "params"
+        (--params defaults to DIR/params.yaml)
+
+Errors a user can cause print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from wsjax.config import config_from_dict
+from wsjax.config_schema import Config, OptimizerConfig, RunConfig, StreamingConfig
+from wsjax.errors import CheckpointError, WsjaxError
+from wsjax.hf import DEFAULT_MAX_SHARD_SIZE, export_hf, import_hf
+
+CHECKPOINT_DIR = "checkpoint"
+PARAMS_YAML = "params.yaml"
+# An HF checkpoint carries no training settings; this optimizer only makes params.yaml loadable.
+PLACEHOLDER_OPTIMIZER = {"optimizer_type": "adamw", "learning_rate": 1.0e-4}
+
+
+def hf_to_orbax(hf_dir: str, out_dir: str, allow_pickle: bool = False) -> Path:
+    import orbax.checkpoint as ocp
+
+    model_cfg, params = import_hf(hf_dir, allow_pickle=allow_pickle)
+    out = Path(out_dir).absolute()
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"{out}: output folder exists and is not empty")
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(out / CHECKPOINT_DIR, {"params": params})
+    ckpt.wait_until_finished()
+    cfg = Config(
+        model=model_cfg,
+        optimizer=OptimizerConfig(**PLACEHOLDER_OPTIMIZER),
+        runconfig=RunConfig(),
+        streaming=StreamingConfig(),
+        train_input=None,
+        eval_input=None,
+        source=str(Path(hf_dir) / "config.json"),
+    )
+    header = f"# model converted from {hf_dir}; the optimizer section is a placeholder\n"
+    (out / PARAMS_YAML).write_text(header + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return out
+
+
+def load_model_config(params_yaml: str | Path):
+    """The model section of a params YAML (a missing optimizer section is tolerated)."""
+    path = Path(params_yaml)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read params file ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        raise CheckpointError(f"{path}: invalid YAML ({e})") from None
+    if not isinstance(raw, dict) or "model" not in raw:
+        raise CheckpointError(f"{path}: no model section")
+    raw.setdefault("optimizer", PLACEHOLDER_OPTIMIZER)
+    return config_from_dict(raw, source=str(path)).model
+
+
+def orbax_to_hf(
+    orbax_dir: str,
+    params_yaml: str | None,
+    out_dir: str,
+    max_shard_size: str = DEFAULT_MAX_SHARD_SIZE,
+) -> Path:
+    import orbax.checkpoint as ocp
+
+    src = Path(orbax_dir).absolute()
+    ckpt_dir = src / CHECKPOINT_DIR if (src / CHECKPOINT_DIR).is_dir() else src
+    if not ckpt_dir.is_dir():
+        raise CheckpointError(f"{src}: orbax checkpoint folder does not exist")
+    model_cfg = load_model_config(params_yaml or src / PARAMS_YAML)
+    try:
+        tree = ocp.StandardCheckpointer().restore(ckpt_dir)
+    except (OSError, ValueError, FileNotFoundError) as e:
+        raise CheckpointError(f"{ckpt_dir}: cannot restore orbax checkpoint ({e})") from None
+    if not isinstance(tree, dict) or "params" not in tree:
+        raise CheckpointError(f"{ckpt_dir}: checkpoint tree has no 'params' entry")
+    return export_hf(model_cfg, tree["params"], out_dir, max_shard_size=max_shard_size)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from_hf", metavar="HF_DIR")
+    src.add_argument("--from_orbax", metavar="DIR")
+    ap.add_argument("--to_orbax", metavar="DIR")
+    ap.add_argument("--to_hf", metavar="OUT_DIR")
+    ap.add_argument("--params", metavar="PARAMS_YAML", help="model config for --from_orbax")
+    ap.add_argument("--allow_pickle", action="store_true", help="load pytorch_model.bin (trusted)")
+    ap.add_argument("--max_shard_size", default=DEFAULT_MAX_SHARD_SIZE)
+    args = ap.parse_args(argv)
+    try:
+        if args.from_hf:
+            if not args.to_orbax:
+                ap.error("--from_hf needs --to_orbax DIR")
+            out = hf_to_orbax(args.from_hf, args.to_orbax, args.allow_pickle)
+        else:
+            if not args.to_hf:
+                ap.error("--from_orbax needs --to_hf OUT_DIR")
+            out = orbax_to_hf(args.from_orbax, args.params, args.to_hf, args.max_shard_size)
+    except WsjaxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
