@@ -46,7 +46,7 @@ class Model:
         }
 
     def param_shapes(self, dtype=jnp.float32) -> dict:
-        """Pytree of ``jax.ShapeDtypeStruct`` (blocks with the leading layer axis); no allocation."""
+        """``jax.ShapeDtypeStruct`` pytree (blocks with the leading layer axis); no allocation."""
         specs = self.specs()
         lead = {"embed": (), "blocks": (self.num_layers,), "head": ()}
         return {
