@@ -12,7 +12,6 @@ step streams every segment's compute-dtype copy through one compiled function pe
 
 from __future__ import annotations
 
-import math
 import time
 
 import jax
@@ -22,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from wsjax.errors import ConfigError
-from wsjax.optim import learning_rate_schedule, make_optimizer
+from wsjax.optim import clip_factor, global_norm_from_sq, learning_rate_schedule, make_optimizer
 from wsjax.streaming.executables import ExecutableCache, SegmentFunctions
 from wsjax.streaming.scheduler import StepProgram
 from wsjax.streaming.store import HostStore
@@ -160,13 +159,10 @@ class StreamingEngine:
             jax.random.fold_in(jax.random.PRNGKey(self.seed), step), self.replicated
         )
 
-    def clip_scale(self, sqnorms: list) -> tuple[float, float]:
+    def clip_scale(self, sqnorms: list) -> tuple[float, jax.Array]:
         """Exact global norm from the per-segment squared norms, and the clip factor."""
-        total = float(np.sum(np.asarray([np.float32(s) for s in sqnorms], np.float64)))
-        g_norm = np.float32(math.sqrt(total))
-        if self.max_norm is None or g_norm < self.max_norm:
-            return float(g_norm), 1.0
-        return float(g_norm), float(np.float32(self.max_norm) / g_norm)
+        g_norm = global_norm_from_sq(sqnorms)
+        return float(g_norm), clip_factor(g_norm, self.max_norm)
 
 
 def _eval_micro(config, batch_size: int) -> int:

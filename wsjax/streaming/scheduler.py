@@ -247,7 +247,7 @@ class StepProgram:
             master = jax.device_put(store.master[name], where)
             opt = jax.device_put(store.opt_state[name], where)
             grads = jax.device_put(grads, where)
-        scale = jax.device_put(np.float32(scale), where)
+        scale = jax.device_put(jnp.asarray(scale, F32), where)
         master, opt, stream_copy = exe(master, opt, grads, scale)
         if e.optimizer_placement != "host":
             master = jax.device_put(master, e.host)
