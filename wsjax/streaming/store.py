@@ -69,16 +69,14 @@ class HostStore:
 
         ``opt_state`` (optional) is in the :meth:`opt_state_tree` layout, e.g. from a checkpoint.
         """
-        per_seg = _split_segments(params, num_layers)
-        master = {n: jax.device_put(p, host_sharding) for n, p in per_seg.items()}
+        # Copies (may_alias=False): updates donate these buffers, the caller's arrays stay valid.
+        place = lambda t: jax.device_put(t, host_sharding, may_alias=False)
+        master = {n: place(p) for n, p in _split_segments(params, num_layers).items()}
         if opt_state is None:
             init = jax.jit(optimizer.init, out_shardings=host_sharding)
             opt = {n: init(p) for n, p in master.items()}
         else:
-            opt = {
-                n: jax.device_put(s, host_sharding)
-                for n, s in _split_segments(opt_state, num_layers).items()
-            }
+            opt = {n: place(s) for n, s in _split_segments(opt_state, num_layers).items()}
         stream = {
             n: jax.device_put(jax.tree.map(lambda a: a.astype(compute_dtype), p), stream_sharding)
             for n, p in master.items()
