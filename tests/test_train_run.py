@@ -1,0 +1,140 @@
+"""``wsjax.train.run`` in-process: resume exactness, the model_dir artifacts, modes, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import yaml
+from train_helpers import small_config
+
+from wsjax.errors import CheckpointError, ConfigError, PlanError, WsjaxError
+from wsjax.train import run
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A: 6 steps straight. B: 3 steps (train_and_eval), then on to 6 (resumed)."""
+    cfg = small_config()
+    root = tmp_path_factory.mktemp("runs")
+    a = run(cfg, "train", root / "a", max_steps=6, progress=False)
+    b1 = run(cfg, "train_and_eval", root / "b", max_steps=3, progress=False)
+    b2 = run(cfg, "train", root / "b", max_steps=6, progress=False)
+    return cfg, a, b1, b2
+
+
+def test_resumed_run_equals_uninterrupted(runs):
+    _, a, b1, b2 = runs
+    assert [s for s, _ in b2.losses] == [4, 5, 6]
+    assert b1.losses + b2.losses == a.losses  # bitwise: same batches, same rng, same state
+    assert b2.final_loss == a.final_loss
+    assert a.final_loss < a.losses[0][1]
+
+
+def test_model_dir_has_every_artifact(runs):
+    _, a, _, _ = runs
+    md = a.model_dir
+    assert a.compile_dir.parent == md and a.compile_dir.name.startswith("compile_")
+    log = json.loads((a.compile_dir / "compile_log.json").read_text())
+    names = {r["name"] for r in log["executables"]}
+    assert {"block_fwd", "block_bwd", "head_train", "update/block"} <= names
+    assert all(r["flops"] > 0 for r in log["executables"] if r["name"] == "block_fwd")
+    perf = json.loads((md / "performance" / "performance.json").read_text())
+    assert perf["total_samples"] == 6 * 4 and perf["samples_per_sec"] > 0
+    assert perf["est_samples_per_sec"] > 0 and perf["compile_time"] > 0
+    assert perf["programming_time"] > 0 and isinstance(perf["suspected_input_bottleneck"], bool)
+    # keep_checkpoint_max=2 of the checkpoints at 3 and 6
+    assert sorted(p.name for p in md.glob("model-ckpt-*")) == ["model-ckpt-3", "model-ckpt-6"]
+    eff = yaml.safe_load((md / "train" / "params_train.yaml").read_text())
+    assert eff["model"]["num_hidden_layers"] == 2 and eff["runconfig"]["max_steps"] == 6
+    assert json.loads((md / "plan.json").read_text())["host_total"] > 0
+    assert "global_step = 6, loss =" in (md / "train" / "run.log").read_text()
+
+
+def test_tensorboard_train_and_eval_scalars(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, a, b1, _ = runs
+    train = EventAccumulator(str(a.model_dir / "train")).Reload().Tags()["scalars"]
+    for tag in ("loss", "lr", "grad_norm", "throughput/samples_per_sec", "throughput/mfu"):
+        assert tag in train
+    assert "stream/h2d_bytes" in train and "memory/device_peak_bytes" in train
+    ev = EventAccumulator(str(b1.model_dir / "eval")).Reload()
+    assert {"loss", "perplexity", "accuracy"} <= set(ev.Tags()["scalars"])
+    assert [e.step for e in ev.Scalars("loss")] == [3]  # train_and_eval: after the checkpoint
+
+
+def test_eval_and_eval_all(runs):
+    cfg, _, _, b2 = runs
+    latest = run(cfg, "eval", b2.model_dir)
+    assert [e["step"] for e in latest.evals] == [6]
+    e = latest.evals[0]
+    assert e["perplexity"] == pytest.approx(2.718281828 ** e["loss"], rel=1e-6)
+    assert 0.0 <= e["accuracy"] <= 1.0
+    every = run(cfg, "eval_all", b2.model_dir)
+    assert [e["step"] for e in every.evals] == [3, 6]
+    assert every.evals[-1]["loss"] == pytest.approx(e["loss"])
+
+
+def test_max_steps_already_reached_does_nothing(runs):
+    cfg, a, _, _ = runs
+    before = {p.name: p.stat().st_mtime_ns for p in a.model_dir.glob("model-ckpt-*")}
+    r = run(cfg, "train", a.model_dir, max_steps=6)
+    assert "already reached" in r.message and r.global_step == 6
+    assert {p.name: p.stat().st_mtime_ns for p in a.model_dir.glob("model-ckpt-*")} == before
+
+
+def test_bad_inputs_fail_cleanly_and_leave_checkpoints(runs, tmp_path):
+    cfg, a, _, _ = runs
+    md = a.model_dir
+    before = {p.name: p.stat().st_mtime_ns for p in md.glob("model-ckpt-*")}
+    with pytest.raises(ConfigError, match="unknown mode 'predict'; valid modes: train, eval"):
+        run(cfg, "predict", md)
+    with pytest.raises(CheckpointError, match="no checkpoint to evaluate"):
+        run(cfg, "eval", tmp_path / "empty")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        run(cfg, "train", tmp_path / "c", checkpoint_path=tmp_path / "missing")
+    wide = small_config("model.hidden_size=32")
+    with pytest.raises(CheckpointError, match=r"parameter \S+ has shape .*expects"):
+        run(wide, "train", tmp_path / "d", checkpoint_path=md / "model-ckpt-6")
+    with pytest.raises(CheckpointError, match=r"parameter \S+ has shape"):
+        run(wide, "train", md)  # resuming md with another shape
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="model_dir .*file/md: cannot create it"):
+        run(cfg, "train", tmp_path / "file" / "md")
+    huge = small_config("model.hidden_size=16384", "model.filter_size=65536", "model.num_heads=64")
+    with pytest.raises(PlanError, match="does not fit"):
+        run(huge, "train", tmp_path / "e")
+    assert {p.name: p.stat().st_mtime_ns for p in md.glob("model-ckpt-*")} == before
+
+
+def test_lock_names_the_holder(runs):
+    from wsjax.run_dir import ModelDir
+
+    cfg, a, _, _ = runs
+    holder = ModelDir(a.model_dir)
+    fd = os.open(a.model_dir / ".lock", os.O_RDWR)
+    import fcntl
+
+    try:  # another process's lock: flock on a separate open file description
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.pwrite(fd, b"424242\n", 0)
+        with pytest.raises(WsjaxError, match="in use by another run \\(pid 424242\\)"):
+            run(cfg, "eval", a.model_dir)
+    finally:
+        os.close(fd)
+    holder.lock()  # free again once released
+    holder.unlock()
+
+
+def test_validate_only_and_compile_only(tmp_path):
+    cfg = small_config()
+    v = run(cfg, "train", tmp_path / "v", validate_only=True)
+    assert (tmp_path / "v" / "plan.json").is_file()
+    assert not list((tmp_path / "v").glob("compile_*")) and "validate_only" in v.message
+    c = run(cfg, "train", tmp_path / "c", compile_only=True)
+    assert (c.compile_dir / "compile_log.json").is_file()
+    perf = json.loads((tmp_path / "c" / "performance" / "performance.json").read_text())
+    assert perf["est_samples_per_sec"] > 0 and perf["compile_time"] > 0
+    assert not list((tmp_path / "c").glob("model-ckpt-*"))

@@ -1,0 +1,248 @@
+"""What a run reports: FLOPs and MFU, device peaks, the step-time estimate, performance.json,
+TensorBoard events and the log lines / progress bar.
+
+MFU uses the standard model-FLOPs count (PaLM, appendix B): per token,
+``6 * N + 12 * L * hidden * seq`` where N counts the parameters that take part in matmuls
+(every parameter except the embedding tables wte/wpe; with tied embeddings the head matmul's
+``hidden * vocab`` is counted) and the second term is attention's QK^T and AV, forward and
+backward. Recomputation in the backward is not counted (that is what makes it *model* FLOPs).
+
+Peaks: GPUs from a table by ``device_kind`` (dense bf16 tensor-core FLOP/s; host link bandwidth
+as measured on typical systems, conservative); on CPU both are measured at start, in about half
+a second: a jitted fp32 matmul and a host-to-device copy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+log = logging.getLogger("wsjax.train")
+
+# device_kind substring -> (peak dense bf16 FLOP/s, host-to-device bytes/s).
+GPU_PEAKS = {
+    "H200": (989e12, 50e9),
+    "H100": (989e12, 50e9),  # SXM; PCIe 5 x16 measures ~50-55 GB/s pinned
+    "A100": (312e12, 24e9),  # PCIe 4 x16 measures ~24 GB/s pinned
+    "L40S": (362e12, 24e9),
+    "A10": (125e12, 24e9),
+    "V100": (125e12, 12e9),
+}
+INPUT_BOTTLENECK_SHARE = 0.10  # loader wait above this share of step time is reported
+
+
+def model_flops_per_token(model_cfg, num_params: int, seq: int) -> float:
+    """Model FLOPs per trained token (forward + backward), PaLM's formula; see module doc."""
+    d, v, L = model_cfg.hidden_size, model_cfg.vocab_size, model_cfg.num_hidden_layers
+    n = num_params - v * d  # wte is a lookup
+    if model_cfg.position_embedding_type == "learned":
+        n -= model_cfg.max_position_embeddings * d
+    if model_cfg.share_embedding_weights:
+        n += v * d  # the head multiplies by wte.T
+    return 6.0 * n + 12.0 * L * d * seq
+
+
+@dataclass
+class DevicePeaks:
+    flops: float  # FLOP/s
+    h2d_bandwidth: float  # bytes/s
+    source: str  # "table (H100)" or "measured"
+
+
+def device_peaks(device=None) -> DevicePeaks:
+    device = device or jax.devices()[0]
+    kind = str(getattr(device, "device_kind", ""))
+    if device.platform == "gpu":
+        for name, (flops, bw) in GPU_PEAKS.items():
+            if name.lower() in kind.lower():
+                return DevicePeaks(flops, bw, f"table ({name})")
+        log.warning("unknown GPU %r: measuring peaks (the estimate may be rough)", kind)
+    return DevicePeaks(_measure_matmul(device), _measure_h2d(device), "measured")
+
+
+def _measure_matmul(device, n: int = 512, budget: float = 0.4) -> float:
+    x = jax.device_put(jnp.ones((n, n), jnp.float32), device)
+    f = jax.jit(lambda a: (a @ a) * 1e-3)
+    f(x).block_until_ready()
+    best, t_end = float("inf"), time.perf_counter() + budget
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best
+
+
+def _measure_h2d(device, nbytes: int = 32 << 20, repeats: int = 3) -> float:
+    host = np.ones(nbytes // 4, np.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        src = host + 0.0  # fresh buffer: CPU device_put may otherwise alias
+        t0 = time.perf_counter()
+        jax.block_until_ready(jax.device_put(src, device, may_alias=False))
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / max(best, 1e-9)
+
+
+def estimate_step_seconds(
+    records: list[dict], *, num_layers: int, n_micro: int, seg_bytes: dict, peaks: DevicePeaks
+) -> float:
+    """Sum over the step's segments (embed, L blocks fwd, head, L blocks bwd, embed) of
+    max(compute = flops / peak, transfer = bytes / bandwidth), plus the optimizer updates.
+
+    Compute uses each executable's cost-analysis FLOPs times the micro-batches; transfer is the
+    segment's streamed weights (and, for backward segments, its fp32 gradients going back).
+    """
+    flops = {r["name"]: float(r.get("flops", 0.0)) for r in records}
+    bw, peak = peaks.h2d_bandwidth, peaks.flops
+
+    def seg(name: str, kind: str, grads: bool) -> float:
+        moved = seg_bytes[kind] * (1 + (2 if grads else 0))  # fp32 grads = 2x a bf16 copy
+        return max(flops.get(name, 0.0) * n_micro / peak, moved / bw)
+
+    L = num_layers
+    total = seg("embed_fwd", "embed", False) + L * seg("block_fwd", "block", False)
+    total += seg("head_train", "head", True) + L * seg("block_bwd", "block", True)
+    total += seg("embed_bwd", "embed", True)
+    updates = flops.get("update/embed", 0) + flops.get("update/head", 0)
+    updates += L * flops.get("update/block", 0)
+    return total + updates / peak
+
+
+@dataclass
+class Performance:
+    """``performance/performance.json`` (Cerebras keys first, then wsjax's details)."""
+
+    compile_time: float = 0.0
+    est_samples_per_sec: float = 0.0
+    programming_time: float = 0.0
+    samples_per_sec: float = 0.0
+    suspected_input_bottleneck: bool = False
+    total_samples: int = 0
+    total_time: float = 0.0
+    input_wait_fraction: float = 0.0
+    input_wait_threshold: float = INPUT_BOTTLENECK_SHARE
+    tokens_per_sec: float = 0.0
+    mfu: float = 0.0
+    peak_flops: float = 0.0
+    h2d_bandwidth: float = 0.0
+    peaks_source: str = ""
+    weight_init_time: float = 0.0
+
+    def write(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        os.replace(tmp, path)
+
+
+class Summaries:
+    """tensorboardX writers under ``<model_dir>/train`` and ``<model_dir>/eval``."""
+
+    def __init__(self, model_dir: Path):
+        self.model_dir = Path(model_dir)
+        self._writers: dict = {}
+
+    def _writer(self, split: str):
+        if split not in self._writers:
+            from tensorboardX import SummaryWriter
+
+            self._writers[split] = SummaryWriter(str(self.model_dir / split))
+        return self._writers[split]
+
+    def scalars(self, split: str, values: dict, step: int) -> None:
+        w = self._writer(split)
+        for tag, value in values.items():
+            if value is not None and math.isfinite(float(value)):
+                w.add_scalar(tag, float(value), step)
+        w.flush()
+
+    def close(self) -> None:
+        for w in self._writers.values():
+            w.close()
+        self._writers.clear()
+
+
+def train_scalars(m: dict, *, samples_per_sec: float, tokens_per_sec: float, mfu: float) -> dict:
+    """TensorBoard tags of one training step's metrics."""
+    out = {
+        "loss": m.get("train/loss"),
+        "lr": m.get("train/lr"),
+        "grad_norm": m.get("train/grad_norm"),
+        "throughput/samples_per_sec": samples_per_sec,
+        "throughput/tokens_per_sec": tokens_per_sec,
+        "throughput/mfu": mfu,
+        "input/wait_seconds": m.get("input/wait_seconds"),
+    }
+    for k, v in m.items():
+        if k.startswith(("stream/", "memory/")):
+            out[k] = v
+    return out
+
+
+def eval_scalars(loss_sum: float, count: float, correct: float) -> dict:
+    loss = loss_sum / max(count, 1.0)
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 700.0)),
+        "accuracy": correct / max(count, 1.0),
+    }
+
+
+# ---- log output ---------------------------------------------------------------------------------
+def setup_logging(log_file: Path | None = None) -> logging.Handler | None:
+    """Plain ``INFO: message`` lines on stdout for the ``wsjax`` loggers (once per process);
+    with ``log_file``, also into that file (the returned handler; remove it when done)."""
+    root = logging.getLogger("wsjax")
+    if not any(getattr(h, "_wsjax_console", False) for h in root.handlers):
+        h = logging.StreamHandler(sys.stdout)
+        h.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        h._wsjax_console = True
+        root.addHandler(h)
+        root.setLevel(logging.INFO)
+        root.propagate = False
+    if log_file is None:
+        return None
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    fh = logging.FileHandler(log_file)
+    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s: %(message)s"))
+    root.addHandler(fh)
+    return fh
+
+
+class Progress:
+    """A tqdm bar (steps, loss, samples/s, ETA) when stdout is a terminal, else nothing."""
+
+    def __init__(self, start: int, total: int, enabled: bool | None = None):
+        enabled = sys.stdout.isatty() if enabled is None else enabled
+        self._bar = None
+        self._redirect = None
+        if enabled and total > start:
+            from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            self._redirect = logging_redirect_tqdm([logging.getLogger("wsjax")])
+            self._redirect.__enter__()
+            self._bar = tqdm(
+                total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stdout
+            )
+
+    def update(self, loss: float, samples_per_sec: float) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{samples_per_sec:.1f}")
+            self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._redirect.__exit__(None, None, None)
+            self._bar = None

@@ -1,0 +1,173 @@
+"""The model_dir of a run: its layout, the lock, and the compile directory (JAX's disk cache).
+
+```
+model_dir/
+  .lock                     fcntl lock held by the running process (released when it dies)
+  compile_<checksum>/       JAX persistent compilation cache + compile_log.json
+  performance/performance.json
+  model-ckpt-<step>/        orbax checkpoints (wsjax.checkpoint)
+  train/ eval/              tensorboard events, params_<mode>.yaml, run.log
+  plan.json                 the memory plan
+```
+
+The compile checksum covers everything that changes the compiled executables: the model and
+optimizer sections, batch and sequence shapes, the streaming section, precision, the JAX version
+and the backend (platform, device kind, device count). A rerun with the same config finds its
+executables in ``compile_<checksum>`` and skips XLA compilation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import jax
+
+from wsjax.errors import ConfigError
+
+DEFAULT_MODEL_DIR = "model_dir"
+
+
+class ModelDir:
+    """Paths inside one model_dir; :meth:`lock` before writing anything."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._lock_fd: int | None = None
+
+    # -- layout --------------------------------------------------------------------------------
+    @property
+    def train_dir(self) -> Path:
+        return self.path / "train"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.path / "eval"
+
+    @property
+    def performance_json(self) -> Path:
+        return self.path / "performance" / "performance.json"
+
+    @property
+    def plan_json(self) -> Path:
+        return self.path / "plan.json"
+
+    def compile_dir(self, checksum: str) -> Path:
+        return self.path / f"compile_{checksum}"
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Create the folder (and parents); one clear error when that or writing fails."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(
+                f"model_dir {self.path}: cannot create it ({e.strerror or e}); "
+                "give a writable --model_dir"
+            ) from None
+        if not os.access(self.path, os.W_OK | os.X_OK) or not self.path.is_dir():
+            raise ConfigError(
+                f"model_dir {self.path}: not a writable directory; give a writable --model_dir"
+            )
+
+    def lock(self) -> None:
+        """Hold ``.lock`` (fcntl) for this process; error naming the holder if it is taken."""
+        lock_path = self.path / ".lock"
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ConfigError(f"model_dir {self.path}: cannot create {lock_path} ({e})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ConfigError(
+                f"model_dir {self.path} is in use by another run (pid {holder}); wait for it "
+                "to finish or give another --model_dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> ModelDir:
+        self.prepare()
+        self.lock()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.unlock()
+
+
+def backend_signature() -> dict:
+    devices = jax.devices()
+    return {
+        "jax": jax.__version__,
+        "platform": devices[0].platform,
+        "device_kind": devices[0].device_kind,
+        "device_count": len(devices),
+    }
+
+
+def compile_checksum(config, shapes: dict[str, tuple[int, int]]) -> str:
+    """sha256 (first 16 hex) of what the compiled executables depend on."""
+    d = config.to_dict()
+    key = {
+        "model": d["model"],
+        "optimizer": d["optimizer"],
+        "streaming": d.get("streaming", {}),
+        "mixed_precision": bool(config.model.mixed_precision),
+        "shapes": {k: list(v) for k, v in sorted(shapes.items())},
+        "backend": backend_signature(),
+    }
+    blob = json.dumps(key, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def use_compile_dir(path: Path):
+    """Point JAX's persistent compilation cache at ``path`` (every executable is cached) for
+    the duration of the block; the previous settings come back afterwards."""
+    path.mkdir(parents=True, exist_ok=True)
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
+    before = {n: getattr(jax.config, n) for n in names}
+    for n, v in zip(names, (str(path), 0.0, -1), strict=True):
+        jax.config.update(n, v)
+    _reset_cache()
+    try:
+        yield path
+    finally:
+        for n, v in before.items():
+            jax.config.update(n, v)
+        _reset_cache()
+
+
+def _reset_cache() -> None:
+    """The cache initialises once per process: make it re-read the directory setting."""
+    try:
+        from jax._src import compilation_cache
+
+        compilation_cache.reset_cache()
+    except (ImportError, AttributeError):  # pragma: no cover - other JAX versions
+        pass
+
+
+def write_compile_log(path: Path, records: list[dict], extra: dict) -> None:
+    """``compile_log.json``: per executable seconds, FLOPs, bytes and memory analysis."""
+    path.mkdir(parents=True, exist_ok=True)
+    body = {**extra, "executables": records}
+    (path / "compile_log.json").write_text(json.dumps(body, indent=2) + "\n")
