@@ -6,16 +6,15 @@ Defaults follow configs/params_gptj_tiny.yaml: seq 128, batch 16, the built-in s
 vocab 4096. Each setting prints ONE JSON line and appends it to
 ``benchmarks/results/<hostname>-<date>.jsonl``. ``tokens_per_sec`` is the loader alone (a
 consumer that does nothing); ``wait_ms_per_step`` is what a trainer taking ``--step_ms`` per step
-would block on. With ``--train_tokens_per_sec``, ``ratio`` = loader / trainer (>1: never starves).
+would block on. ``ratio`` = loader / trainer, where the trainer's tokens/s is
+``--train_tokens_per_sec`` or, by default, measured: the engine's ``train_step`` on
+configs/params_gptj_tiny.yaml (target: ratio >= 10).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import platform
-import socket
 import sys
 import time
 from pathlib import Path
@@ -23,17 +22,13 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import _common as C  # noqa: E402
+
 from wsjax.data import make_loader  # noqa: E402
 from wsjax.data.builtin import ensure_builtin_corpus  # noqa: E402
 from wsjax.data.shards import read_meta, unigram_entropy  # noqa: E402
 
-
-def emit(record: dict, out: Path) -> None:
-    line = json.dumps(record)
-    print(line, flush=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a") as f:
-        f.write(line + "\n")
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "params_gptj_tiny.yaml"
 
 
 def measure(cfg: SimpleNamespace, vocab: int, steps: int, step_ms: float) -> dict:
@@ -64,16 +59,18 @@ def main() -> None:
     p.add_argument("--data_dir", default="builtin:stdlib")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--step_ms", type=float, default=5.0, help="simulated trainer step time")
-    p.add_argument("--train_tokens_per_sec", type=float, default=None)
+    p.add_argument("--train_tokens_per_sec", type=float, default=None, help="default: measured")
+    p.add_argument("--no_train", action="store_true", help="do not measure the trainer")
     p.add_argument("--smoke", action="store_true", help="a seconds-long run")
     p.add_argument("--results_dir", default=str(Path(__file__).parent / "results"))
     args = p.parse_args()
     steps = 50 if args.smoke else args.steps
-    host = socket.gethostname()
-    out = Path(args.results_dir) / f"{host}-{datetime.date.today().isoformat()}.jsonl"
+    if args.train_tokens_per_sec is None and not args.no_train:  # the engine on the default config
+        args.train_tokens_per_sec = C.train_tokens_per_sec(DEFAULT_CONFIG, 2 if args.smoke else 5)
+    out = C.results_path(args.results_dir)
     common = {
         "bench": "input",
-        "host": host,
+        **C.machine(),
         "python": platform.python_version(),
         "seq": args.seq,
         "batch": args.batch,
@@ -87,7 +84,7 @@ def main() -> None:
         root = ensure_builtin_corpus(args.vocab, log=logs.append)
         seconds = time.perf_counter() - t0
         meta = read_meta(root)
-        emit(
+        C.emit(
             {
                 **common,
                 "setting": "builtin_corpus",
@@ -129,9 +126,10 @@ def main() -> None:
             **measure(cfg, args.vocab, steps, args.step_ms),
         }
         if args.train_tokens_per_sec:
-            rec["train_tokens_per_sec"] = args.train_tokens_per_sec
+            rec["train_tokens_per_sec"] = round(args.train_tokens_per_sec, 1)
             rec["ratio"] = round(rec["tokens_per_sec"] / args.train_tokens_per_sec, 2)
-        emit(rec, out)
+            rec["target"] = C.target("loader tokens/s / training", rec["ratio"], 10.0)
+        C.emit(rec, out)
 
 
 if __name__ == "__main__":
