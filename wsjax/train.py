@@ -85,7 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-p", "--params", help=f"params YAML (default: {DEFAULT_PARAMS})")
     p.add_argument(
-        "-m", "--mode", default="train", choices=MODES, help="what to run (default: train)"
+        "-m",
+        "--mode",
+        choices=MODES,
+        help="what to run (default: train; train_and_eval for the built-in default, so its "
+        "eval loss can be compared with the corpus' unigram entropy)",
     )
     p.add_argument(
         "-o", "--model_dir", help="run folder: checkpoints, events, compile cache (./model_dir)"
@@ -129,9 +133,10 @@ def main(argv: list[str] | None = None) -> int:
 
         setup_logging()
         config = load_config(args.params or default_params_path(), args.overrides)
+        mode = args.mode or ("train" if args.params else "train_and_eval")
         result = run(
             config,
-            args.mode,
+            mode,
             args.model_dir,
             max_steps=args.max_steps,
             eval_steps=args.eval_steps,

@@ -13,6 +13,7 @@ A source is any object with ``name``, ``num_examples``, ``seq_len``, ``read(indi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -182,7 +183,9 @@ class Loader:
 
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            # At interpreter exit the pool's module globals may already be gone: nothing to do.
+            with contextlib.suppress(Exception):
+                self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _dirs(data_dir: Any) -> list[str]:
