@@ -92,7 +92,7 @@ def test_shipped_config_key_fields():
     assert not m.mixed_precision
     assert tiny.train_input.data_dir == "builtin:stdlib" and tiny.train_input.shuffle_seed == 1337
     assert tiny.eval_input.split == "eval" and not tiny.eval_input.shuffle
-    assert sum(p.steps for p in tiny.optimizer.learning_rate) == tiny.runconfig.max_steps == 300
+    assert sum(p.steps for p in tiny.optimizer.learning_rate) == tiny.runconfig.max_steps == 200
     assert tiny.streaming.prefetch_depth == 1 and tiny.runconfig.keep_checkpoint_max == 3
 
     small = load_config(CONFIGS / "params_gpt2_small.yaml")

@@ -60,6 +60,19 @@ def test_activation_offload_is_bitwise_invariant(runs):
     assert_bitwise(params, base_params)
 
 
+def test_keeping_residuals_matches_recompute(runs, rel_err):
+    """recompute: false (VJP residuals kept) computes the same step as recomputing the forward;
+    with offload the residuals round-trip through host memory bit for bit."""
+    losses, params = runs.run(recompute=False)
+    base_losses, base_params = runs.run()
+    assert rel_err(losses, base_losses)[1] <= 1e-6
+    key, err = rel_err(params, base_params)
+    assert err <= 1e-6, f"{key}: {err:.3g}"
+    off_losses, off_params = runs.run(recompute=False, activation_offload=True)
+    np.testing.assert_array_equal(off_losses, losses)
+    assert_bitwise(off_params, params)
+
+
 def test_device_optimizer_placement_matches_host(runs, rel_err):
     losses, params = runs.run(optimizer_placement="device")
     base_losses, base_params = runs.run()

@@ -175,3 +175,19 @@ def test_plan_that_fits_passes_and_engine_need_not_allocate(gptj_6b):
     engine = StreamingEngine(model, cfg, allocate=False)
     assert engine.store is None
     assert jnp.dtype(model.compute_dtype) == jnp.float32
+
+
+def test_plan_counts_kept_residuals_without_recompute(depths):
+    """recompute: false keeps each block's VJP residuals; the plan's kept_activations grow per
+    layer by what the engine actually keeps (its tracked peak), several times the block input."""
+    grow = {}
+    for layers in (SHALLOW, DEEP):
+        cfg = depths.tiny_config("gptj", layers=layers, streaming={"recompute": False})
+        engine = StreamingEngine(get_model(cfg.model), cfg)
+        engine.train_step(depths.batch)
+        plan = make_plan(engine.model, cfg, engine.optimizer, batch_size=B, seq=T, n_micro=1)
+        grow[layers] = (engine.residency.peak, plan.device["kept_activations"])
+    engine_growth = grow[DEEP][0] - grow[SHALLOW][0]
+    plan_growth = grow[DEEP][1] - grow[SHALLOW][1]
+    assert plan_growth > 4 * (DEEP - SHALLOW) * ACT
+    assert abs(engine_growth / plan_growth - 1) <= 0.03, (engine_growth, plan_growth)

@@ -165,8 +165,6 @@ def make_plan(
         "stream_copy": dt * n_params,
         "gradients": 4 * (n_params if clipping else largest),
     }
-    if s.activation_offload:
-        host["offloaded_activations"] = L * act * n_devices
 
     temp = _estimate_temp(cfg, micro_dev, seq)
     notes = []
@@ -177,9 +175,12 @@ def make_plan(
         notes.append("executable_temp from the compiled executables' memory analysis")
     else:
         notes.append("executable_temp estimated (not compiled yet)")
+    kept = act if s.recompute else _residual_bytes(model, layer, per_dev_batch, seq)
+    if s.activation_offload:
+        host["offloaded_activations"] = L * kept * n_devices
     device = {
         "weights_in_flight": (s.prefetch_depth + 1) * largest * dt,
-        "kept_activations": (s.prefetch_depth + 1) * act if s.activation_offload else L * act,
+        "kept_activations": (s.prefetch_depth + 1) * kept if s.activation_offload else L * kept,
         "activations": 2 * act,
         "gradient_accumulator": 4 * largest,
         "batch": 3 * per_dev_batch * seq * 4,
@@ -189,6 +190,18 @@ def make_plan(
         device["optimizer_update"] = 2 * (4 * largest + opt_bytes * largest // max(1, n_params))
     shared = platform == "cpu"
     return MemoryPlan(host, device, host_available, device_available, shared, notes)
+
+
+def _residual_bytes(model, layer, batch: int, seq: int) -> int:
+    """Bytes a block keeps for its backward without recompute (its VJP residuals), traced."""
+    from wsjax.streaming.executables import SegmentFunctions
+
+    fns = SegmentFunctions(model, None, model.compute_dtype)
+    dt = model.compute_dtype
+    w = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dt), layer)
+    x = jax.ShapeDtypeStruct((batch, seq, model.cfg.hidden_size), dt)
+    key, idx = jax.ShapeDtypeStruct((2,), jnp.uint32), jax.ShapeDtypeStruct((2,), jnp.int32)
+    return _bytes(jax.eval_shape(fns.block_fwd_save, w, x, key, idx)[1])
 
 
 def _estimate_temp(cfg, micro: int, seq: int) -> int:

@@ -13,6 +13,7 @@ run per segment once the global norm is known (immediately when there is no clip
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 import jax
@@ -54,7 +55,7 @@ class StepProgram:
         self.key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=engine.replicated)
         self.idx = jax.ShapeDtypeStruct((2,), jnp.int32, sharding=engine.replicated)
         self.scalar = jax.ShapeDtypeStruct((), F32, sharding=engine.replicated)
-        self._kept_bytes = None
+        self._kept = None
 
     # ---- executables ---------------------------------------------------------------------
     def _exe(self, name):
@@ -83,11 +84,10 @@ class StepProgram:
             )
         if name == "block_fwd_save":
             args = (self.w["block"], self.act, self.key, self.idx)
-            return c.get(name, f.block_fwd_save, args, out_shardings=(dp, dp))
+            return c.get(name, f.block_fwd_save, args, out_shardings=(dp, self.kept_shardings()))
         if name == "block_bwd_saved":
             self._exe("block_fwd_save")
-            res = jax.eval_shape(f.block_fwd_save, self.w["block"], self.act, self.key, self.idx)[1]
-            args = (self.w["block"], abstract(res, dp), self.act, self.g["block"])
+            args = (self.w["block"], self.kept, self.act, self.g["block"])
             return c.get(name, f.block_bwd_saved, args, out_shardings=(dp, rep, rep), donate=(3,))
         if name == "head_train":
             args = (
@@ -159,7 +159,10 @@ class StepProgram:
             wte = None
             if name == "head" and self.tied:
                 wte = jax.device_put(store.stream["embed"]["wte"], e.replicated)
-            more = jax.device_put(extra(), e.data_sharding) if extra is not None else None
+            more = None
+            if extra is not None:  # kept values back from host memory, per micro-batch
+                dev = self.kept_shardings()
+                more = [jax.device_put(k, dev) for k in extra()]
             return w, wte, more
 
         if name == "head":
@@ -196,11 +199,16 @@ class StepProgram:
         run.backward(dy)
         e.residency.drop("activations")
 
+        # gradients back: how long the step waits for the last of them to reach the host
+        t0 = time.perf_counter()
+        jax.block_until_ready(list(run.grads_host.values()))
+        run.stats.d2h_wait += time.perf_counter() - t0
+
         # updates: exact global norm, then per segment in the order the next forward needs them
         g_norm, scale = e.clip_scale(list(run.sqnorms.values()))
         if e.max_norm is not None:
             for name in segment_names(L):
-                self._update(store, name, run.grads_host.pop(name), scale, run.stats)
+                self._update(store, name, run.grads_host[name], scale, run.stats)
         loss = float(np.sum([np.float64(s) for s in loss_sums])) / run.denom_host
         return {"train/loss": loss, "train/grad_norm": g_norm, **run.stats.as_metrics()}
 
@@ -209,28 +217,46 @@ class StepProgram:
         return rec.temp_bytes if rec else 0
 
     @property
-    def kept_bytes(self) -> int:
-        """Bytes kept per block and micro-batch for the backward (input, or residuals)."""
-        if self._kept_bytes is None:
+    def kept(self):
+        """Abstract value kept per block and micro-batch for the backward: its input, or (no
+        recompute) its residuals, batch-sharded where they have the batch axis."""
+        if self._kept is None:
             if self.e.recompute:
-                self._kept_bytes = self.act_bytes
+                self._kept = self.act
             else:
-                f = self.e.fns
+                f, e = self.e.fns, self.e
                 res = jax.eval_shape(
                     f.block_fwd_save, self.w["block"], self.act, self.key, self.idx
                 )
-                self._kept_bytes = tree_bytes(res[1])
-        return self._kept_bytes
+                batched = lambda r: r.ndim >= 1 and r.shape[0] == self.micro
+                self._kept = [
+                    jax.ShapeDtypeStruct(
+                        r.shape, r.dtype, sharding=e.data_sharding if batched(r) else e.replicated
+                    )
+                    for r in res[1]
+                ]
+        return self._kept
+
+    @property
+    def kept_bytes(self) -> int:
+        return tree_bytes(self.kept)
+
+    def kept_shardings(self, memory_kind: str | None = None):
+        """Shardings of the kept value on the device, or in host memory (``memory_kind``)."""
+        return (
+            jax.tree.map(lambda s: s.sharding.with_memory_kind(memory_kind), self.kept)
+            if memory_kind
+            else jax.tree.map(lambda s: s.sharding, self.kept)
+        )
 
     def _grads_back(self, store, name, g, sq, grads_host, sqnorms, stats):
         """Send a segment's summed gradients to the host; update now if nothing clips."""
         e = self.e
         sqnorms[name] = sq
         stats.d2h_bytes += tree_bytes(g)
-        if e.max_norm is None:
-            self._update(store, name, jax.device_put(g, e.host), 1.0, stats)
-        else:
-            grads_host[name] = jax.device_put(g, e.host)
+        grads_host[name] = jax.device_put(g, e.host)
+        if e.max_norm is None:  # no global norm to wait for: update right away
+            self._update(store, name, grads_host[name], 1.0, stats)
 
     def _update(self, store, name, grads, scale, stats):
         e = self.e
@@ -321,8 +347,9 @@ class _Run:
 
     def _take(self, exe_name: str):
         key, arrays = self.stream.take()
+        exe = self.p._exe(exe_name)  # compiled first, so its scratch is known on step one
         self.e.residency.running(self.p._temp(exe_name))
-        return key, arrays, self.p._exe(exe_name)
+        return key, arrays, exe
 
     def _done(self, outputs, key) -> None:
         """Item ``key`` is dispatched; wait for the previous one and free its weights."""
@@ -351,7 +378,8 @@ class _Run:
     def _keep(self, i: int, kept: list) -> None:
         e, nbytes = self.e, len(kept) * self.p.kept_bytes
         if e.activation_offload:
-            self.kept[i] = [jax.device_put(a, e.act_host) for a in kept]
+            host = self.p.kept_shardings(e.act_host.memory_kind)
+            self.kept[i] = [jax.device_put(a, host) for a in kept]
             self.stats.d2h_bytes += nbytes
         else:
             self.kept[i] = kept
