@@ -1,0 +1,158 @@
+"""Depth scaling: step time, peak device-resident bytes and compile time against depth.
+
+    python benchmarks/bench_depth.py [--smoke] [--results_dir DIR]
+        [--hidden 256] [--layers 4,8,16,24] [--batch 4] [--seq 256] [--mixed_precision]
+
+One JSON line per depth, for the engine with ``activation_offload: true`` (nothing on the device
+grows with depth), the engine without offload (kept block inputs grow by batch x seq x hidden
+per layer) and the resident reference: step seconds (best of ``--steps`` after a warm-up),
+device bytes (engine: ``residency.peak`` measured in the step and ``make_plan``'s total;
+resident: its compiled memory analysis) and compile seconds (engine: every executable of its
+step, from the compile log; resident: the one jitted step). A last line gives the least-squares
+slopes per layer of each and the ratios depth_max / depth_min, with the target
+peak_bytes(engine, offload, 24) / peak_bytes(engine, offload, 4) <= 1.1.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import _common as C  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from wsjax.config import config_from_dict  # noqa: E402
+from wsjax.models import get_model  # noqa: E402
+from wsjax.reference import ResidentTrainer  # noqa: E402
+from wsjax.streaming import StreamingEngine  # noqa: E402
+from wsjax.streaming.engine import num_micro_batches  # noqa: E402
+from wsjax.streaming.plan import make_plan  # noqa: E402
+
+
+def _args(p) -> None:
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--layers", default="4,8,16,24")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--mixed_precision", action="store_true")
+
+
+def engine_run(model, cfg, params, batch, steps: int) -> dict:
+    """Compile (timed, from the log), then step; peak device bytes and the plan's total."""
+    eng = StreamingEngine(model, cfg, params=params)
+    shape = batch["input_ids"].shape
+    t0 = time.perf_counter()
+    records = eng.compile(shape)
+    wall = time.perf_counter() - t0
+    t = C.time_calls(lambda: eng.train_step(batch), warmup=1, reps=steps)["best"]
+    plan = make_plan(
+        model,
+        cfg,
+        eng.optimizer,
+        batch_size=shape[0],
+        seq=shape[1],
+        n_micro=num_micro_batches(cfg, shape[0]),
+        platform=jax.devices()[0].platform,
+        compile_records=records,
+    )
+    out = {
+        "step_seconds": round(t, 4),
+        "device_peak_bytes": int(eng.residency.peak),
+        "plan_device_bytes": int(plan.device_total),
+        "compile_seconds": round(sum(r["seconds"] for r in records), 3),
+        "compile_wall_seconds": round(wall, 3),
+        "num_executables": eng.num_executables,
+    }
+    return out
+
+
+def resident_run(model, cfg, params, batch, steps: int) -> dict:
+    ref = ResidentTrainer(model, cfg.optimizer, seed=1)
+    state = jax.eval_shape(ref.init_state, model.param_shapes())
+    b = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+    t0 = time.perf_counter()
+    compiled = ref.train_step.lower(state, b).compile()
+    compile_s = time.perf_counter() - t0
+    box = [ref.init_state(jax.tree.map(jax.numpy.asarray, params))]
+
+    def step():
+        box[0], m = compiled(box[0], batch)
+        float(m["loss"])
+
+    t = C.time_calls(step, warmup=1, reps=steps)["best"]
+    out = {
+        "step_seconds": round(t, 4),
+        "device_peak_bytes": C.compiled_bytes(compiled),
+        "compile_seconds": round(compile_s, 3),
+    }
+    return out
+
+
+def slope(xs: list, ys: list) -> float:
+    return float(np.polyfit(np.asarray(xs, float), np.asarray(ys, float), 1)[0])
+
+
+def main() -> None:
+    args = C.parse_args(__doc__, _args)
+    if args.smoke:
+        args.hidden, args.vocab, args.seq, args.batch = 64, 256, 32, 2
+        args.layers, args.steps = "2,3", 1  # from 2 layers: two blocks in flight at once
+    out = C.results_path(args.results_dir)
+    common = {"bench": "depth", **C.machine(), "mixed_precision": args.mixed_precision}
+    batch = C.random_batch(args.batch, args.seq, args.vocab)
+    depths = [int(x) for x in args.layers.split(",")]
+    modes = {"engine_offload": {"activation_offload": True}, "engine": {}}
+    if args.smoke:
+        del modes["engine"]
+    rows = []
+    for L in depths:
+        d = C.gptj_dict(
+            L, args.hidden, args.batch, args.seq, vocab=args.vocab,
+            mixed_precision=args.mixed_precision,
+        )  # fmt: skip
+        model = get_model(config_from_dict(d).model)
+        params = jax.tree.map(np.asarray, model.init(jax.random.PRNGKey(1)))
+        rec = {
+            **common,
+            "setting": f"L{L}",
+            "layers": L,
+            "hidden": args.hidden,
+            "batch": args.batch,
+            "seq": args.seq,
+            "params": model.num_params(),
+        }
+        for name, streaming in modes.items():
+            cfg = config_from_dict({**d, "streaming": streaming})
+            rec[name] = engine_run(model, cfg, params, batch, args.steps)
+            gc.collect()
+        rec["resident"] = resident_run(model, config_from_dict(d), params, batch, args.steps)
+        rows.append(rec)
+        C.emit(rec, out)
+
+    if len(rows) < 2:
+        return
+    summary = {**common, "setting": "slopes", "layers": depths, "per_layer": {}, "ratio": {}}
+    for name in (*modes, "resident"):
+        for key in ("step_seconds", "device_peak_bytes", "compile_seconds"):
+            ys = [r[name][key] for r in rows]
+            summary["per_layer"][f"{name}/{key}"] = round(slope(depths, ys), 6)
+            summary["ratio"][f"{name}/{key}"] = round(ys[-1] / ys[0], 4) if ys[0] else None
+    peak_ratio = summary["ratio"]["engine_offload/device_peak_bytes"]
+    summary["target"] = C.target(
+        f"engine (activation offload) peak device bytes L{depths[-1]} / L{depths[0]}",
+        peak_ratio,
+        1.1,
+        higher_is_better=False,
+    )
+    C.emit(summary, out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Every benchmark script runs in its seconds-long ``--smoke`` mode and prints parseable JSON lines
+with its figures (positive numbers), the machine description, and the same lines in its
+results file; so none of them rots."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MACHINE = ("host", "date", "cpu", "cores", "jax", "backend", "loadavg_1m")
+
+# script -> (setting -> keys whose values must be positive numbers); "*" applies to every line
+EXPECTED = {
+    "bench_throughput.py": {
+        "L2_b2": (
+            "matmul_peak_flops_per_sec",
+            "resident_tokens_per_sec",
+            "engine_tokens_per_sec",
+            "engine_recompute_tokens_per_sec",
+            "engine_mfu",
+            "engine_vs_resident",
+            "engine_device_bytes_plan",
+            "resident_device_bytes",
+        ),
+    },
+    "bench_depth.py": {
+        "L2": (),
+        "L3": (),
+        "slopes": (),
+    },
+    "bench_compile.py": {
+        "L3_cold": ("compile_seconds", "num_executables"),
+        "L3_warm": ("compile_seconds", "num_executables"),
+        "L1_cold": ("compile_seconds", "num_executables"),
+        "summary": ("cold_seconds", "warm_seconds", "depth_ratio"),
+    },
+    "bench_transfer.py": {
+        "4MB": ("engine_h2d_bytes_per_sec", "engine_d2h_act_bytes_per_sec", "h2d_ratio"),
+    },
+    "bench_host_update.py": {
+        "block_h128": ("params_per_sec", "bytes_per_sec", "memory_bytes_per_sec"),
+    },
+    "bench_input.py": {
+        "shards_w1_p2": ("tokens_per_sec", "train_tokens_per_sec", "ratio"),
+    },
+}
+
+
+def _positive(rec: dict, key: str) -> None:
+    v = rec[key]
+    assert isinstance(v, int | float) and v > 0, (rec["setting"], key, v)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(EXPECTED))
+def test_benchmark_smoke(script: str, tmp_path: Path) -> None:
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--results_dir", tmp_path],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    by_setting = {r["setting"]: r for r in lines}
+    expected = EXPECTED[script]
+    assert set(expected) <= set(by_setting), sorted(by_setting)
+    for rec in lines:
+        assert all(k in rec for k in MACHINE), rec
+        assert rec["cores"] >= 1
+        if "target" in rec:
+            assert set(rec["target"]) == {"name", "value", "threshold", "reached"}
+    for setting, keys in expected.items():
+        for key in keys:
+            _positive(by_setting[setting], key)
+
+    (results,) = tmp_path.glob("*.jsonl")  # the same lines, appended to <host>-<date>.jsonl
+    assert [json.loads(x) for x in results.read_text().splitlines()] == lines
+
+    if script == "bench_depth.py":
+        for setting in ("L2", "L3"):
+            row = by_setting[setting]
+            for mode in ("engine_offload", "resident"):
+                for key in ("step_seconds", "device_peak_bytes", "compile_seconds"):
+                    _positive(row[mode], key)
+        # with activation offload nothing on the device grows with depth (from 2 layers on)
+        assert by_setting["slopes"]["target"]["reached"], by_setting["slopes"]
+    if script == "bench_compile.py":
+        # the warm process finds every executable in the persistent cache
+        assert by_setting["L3_warm"]["compile_seconds"] < by_setting["L3_cold"]["compile_seconds"]
