@@ -93,8 +93,9 @@ class StreamingEngine:
         self._programs: dict = {}
         self.store: HostStore | None = None
         if allocate:
-            if params is None:
-                params = model.init(jax.random.PRNGKey(self.seed))
+            if params is None:  # one compiled init, straight into host memory
+                init = jax.jit(model.init, out_shardings=self.host)
+                params = init(jax.random.PRNGKey(self.seed))
             self.store = HostStore.create(
                 params,
                 model.num_layers,
