@@ -42,6 +42,18 @@ def test_estimate_takes_max_of_compute_and_transfer_per_segment():
     slow_link = DevicePeaks(flops=1e15, h2d_bandwidth=1e9, source="test")
     t = estimate_step_seconds(recs, num_layers=3, n_micro=2, seg_bytes=seg, peaks=slow_link)
     assert t == pytest.approx((4 * 1e-3) + 5 * 3e-3)  # fwd 1x bytes, bwd + grads 3x
+    # recompute: false names its block executables block_fwd_save / block_bwd_saved
+    saved = [
+        {
+            **r,
+            "name": {"block_fwd": "block_fwd_save", "block_bwd": "block_bwd_saved"}.get(
+                r["name"], r["name"]
+            ),
+        }
+        for r in recs
+    ]
+    t = estimate_step_seconds(saved, num_layers=3, n_micro=2, seg_bytes=seg, peaks=fast_link)
+    assert t == pytest.approx(9 * 2e-3)
 
 
 def test_eval_scalars():

@@ -103,6 +103,9 @@ def estimate_step_seconds(
     segment's streamed weights (and, for backward segments, its fp32 gradients going back).
     """
     flops = {r["name"]: float(r.get("flops", 0.0)) for r in records}
+    # ``streaming.recompute: false`` names its block executables *_save / *_saved
+    flops.setdefault("block_fwd", flops.get("block_fwd_save", 0.0))
+    flops.setdefault("block_bwd", flops.get("block_bwd_saved", 0.0))
     bw, peak = peaks.h2d_bandwidth, peaks.flops
 
     def seg(name: str, kind: str, grads: bool) -> float:
