@@ -184,11 +184,14 @@ def test_validate_only_plans_gptj_6b_without_allocating(tmp_path):
 
     md = tmp_path / "md"
     argv = ["-p", str(REPO / "configs" / "params_gptj_6B.yaml"), "-o", str(md), "--validate_only"]
-    code = (  # the child prints its own peak RSS (KiB) as its last stderr line
-        "import resource, sys\n"
+    # The child prints its own peak RSS (KiB) as its last stderr line: VmHWM belongs to the
+    # process image (ru_maxrss would carry over the forking parent's size across exec).
+    code = (
+        "import re, sys\n"
         "from wsjax.train import main\n"
         f"rc = main({argv!r})\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+        "status = open('/proc/self/status').read()\n"
+        "print(re.search(r'VmHWM:\\s+(\\d+)', status).group(1), file=sys.stderr)\n"
         "sys.exit(rc)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
