@@ -130,7 +130,8 @@ class StreamingEngine:
         return self.store.opt_state_tree()
 
     def compile(self, batch_shape: tuple[int, int], *, train: bool = True) -> list:
-        """Compile every executable for ``batch_shape`` (no weights needed); return the log."""
+        """Compile the executables of a training (or eval) step of ``batch_shape`` without
+        allocating weights; return the compile log (all executables compiled so far)."""
         self.program(tuple(batch_shape), train=train).compile_all()
         return [r.to_dict() for r in self.cache.records]
 
@@ -152,7 +153,7 @@ class StreamingEngine:
             )
         key = (batch_size, seq, train)
         if key not in self._programs:
-            self._programs[key] = StepProgram(self, n_micro, micro, seq)
+            self._programs[key] = StepProgram(self, n_micro, micro, seq, train)
         return self._programs[key]
 
     def step_key(self, step: int) -> jax.Array:

@@ -33,8 +33,8 @@ F32 = jnp.float32
 class StepProgram:
     """Executables and the step loop of one engine for one (batch, seq) shape."""
 
-    def __init__(self, engine: StreamingEngine, n_micro: int, micro: int, seq: int):
-        self.e = engine
+    def __init__(self, engine: StreamingEngine, n_micro: int, micro: int, seq: int, train: bool):
+        self.e, self.training = engine, train
         self.n_micro, self.micro, self.seq = n_micro, micro, seq
         model = engine.model
         self.L = model.num_layers
@@ -56,9 +56,17 @@ class StepProgram:
         self.idx = jax.ShapeDtypeStruct((2,), jnp.int32, sharding=engine.replicated)
         self.scalar = jax.ShapeDtypeStruct((), F32, sharding=engine.replicated)
         self._kept = None
+        self._exes: dict = {}
 
     # ---- executables ---------------------------------------------------------------------
     def _exe(self, name):
+        """The compiled executable ``name`` of this program (built on first use)."""
+        exe = self._exes.get(name)
+        if exe is None:
+            exe = self._exes[name] = self._build(name)
+        return exe
+
+    def _build(self, name):
         e, f, c = self.e, self.e.fns, self.e.cache
         rep, dp = e.replicated, e.data_sharding
         wte = self.w["embed"]["wte"] if self.tied else None
@@ -84,7 +92,8 @@ class StepProgram:
             )
         if name == "block_fwd_save":
             args = (self.w["block"], self.act, self.key, self.idx)
-            return c.get(name, f.block_fwd_save, args, out_shardings=(dp, self.kept_shardings()))
+            # residual layouts left to the compiler (batch-sharded where they carry the batch)
+            return c.get(name, f.block_fwd_save, args, out_shardings=(dp, None))
         if name == "block_bwd_saved":
             self._exe("block_fwd_save")
             args = (self.w["block"], self.kept, self.act, self.g["block"])
@@ -134,16 +143,24 @@ class StepProgram:
         )
 
     def compile_all(self) -> None:
-        names = ["embed_fwd", "head_train", "embed_bwd", "head_eval"]
-        names += (
+        """Compile what this program runs: the training step's executables, or evaluation's."""
+        for n in self._train_names() if self.training else self._eval_names():
+            self._exe(n)
+
+    def _train_names(self) -> list[str]:
+        block = (
             ["block_fwd", "block_bwd"]
             if self.e.recompute
             else ["block_fwd_save", "block_bwd_saved"]
         )
-        if self.e.fns.dropout or not self.e.recompute:
-            names += ["embed_eval", "block_eval"]
-        for n in names + ["update/embed", "update/block", "update/head"]:
-            self._exe(n)
+        updates = ["update/embed", "update/block", "update/head"]
+        return ["embed_fwd", *block, "head_train", "embed_bwd", *updates]
+
+    def _eval_names(self) -> list[str]:
+        """Forward-only executables; the training forward serves when it is the same function."""
+        plain = self.e.recompute and not self.e.fns.dropout
+        suffix = "_fwd" if plain else "_eval"
+        return ["embed" + suffix, "block" + suffix, "head_eval"]
 
     # ---- helpers -------------------------------------------------------------------------
     def _kind(self, name: str) -> str:
@@ -219,21 +236,16 @@ class StepProgram:
     @property
     def kept(self):
         """Abstract value kept per block and micro-batch for the backward: its input, or (no
-        recompute) its residuals, batch-sharded where they have the batch axis."""
+        recompute) its residuals, laid out as the compiled forward emits them."""
         if self._kept is None:
             if self.e.recompute:
                 self._kept = self.act
             else:
-                f, e = self.e.fns, self.e
-                res = jax.eval_shape(
-                    f.block_fwd_save, self.w["block"], self.act, self.key, self.idx
-                )
-                batched = lambda r: r.ndim >= 1 and r.shape[0] == self.micro
+                fwd = self._exe("block_fwd_save")
+                outs, shardings = fwd.out_info[1], fwd.output_shardings[1]
                 self._kept = [
-                    jax.ShapeDtypeStruct(
-                        r.shape, r.dtype, sharding=e.data_sharding if batched(r) else e.replicated
-                    )
-                    for r in res[1]
+                    jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=sh)
+                    for o, sh in zip(outs, shardings, strict=True)
                 ]
         return self._kept
 
@@ -294,19 +306,16 @@ class StepProgram:
         stream = WeightStream(
             [self._fetch(o, store, True) for o in order], e.prefetch_depth, stats, e.residency
         )
-        drop = "_eval" if (e.fns.dropout or not e.recompute) else "_fwd"
+        embed_exe, block_exe, head_exe = (self._exe(n) for n in self._eval_names())
         x, prev = None, None
         for pos, name in enumerate(order):
             wkey, (w, wte, _) = stream.take()
             if name == "embed":
-                exe = self._exe("embed" + drop)
-                x = [exe(w, ids[m], key, self._idx(m, 0)) for m in range(n)]
+                x = [embed_exe(w, ids[m], key, self._idx(m, 0)) for m in range(n)]
             elif name == "head":
-                exe = self._exe("head_eval")
-                x = [exe(w, wte, x[m], labels[m], mask[m]) for m in range(n)]
+                x = [head_exe(w, wte, x[m], labels[m], mask[m]) for m in range(n)]
             else:
-                exe = self._exe("block" + drop)
-                x = [exe(w, x[m], key, self._idx(m, pos)) for m in range(n)]
+                x = [block_exe(w, x[m], key, self._idx(m, pos)) for m in range(n)]
             if prev is not None:
                 jax.block_until_ready(prev[1])
                 stream.release(prev[0])
