@@ -216,3 +216,30 @@ def test_engine_leaves_callers_params_usable(tiny_config, make_batches):
     engine.train_step(make_batches(1)[0])
     after = jax.tree.map(np.asarray, params)  # raises if the engine donated the caller's buffers
     jax.tree.map(np.testing.assert_array_equal, after, before)
+
+
+def test_serialized_executables_reload_bitwise_and_survive_corruption(
+    tmp_path, tiny_config, make_batches
+):
+    """With a compile dir, a second engine loads its executables from disk (no tracing) and
+    trains bitwise like the first; a damaged file is compiled again, not trusted."""
+    from wsjax.run_dir import use_compile_dir
+
+    cfg = tiny_config("gptj", layers=2)
+    batch = make_batches(1, seed=5)[0]
+
+    def two_steps():
+        engine = StreamingEngine(get_model(cfg.model), cfg)
+        return [engine.train_step(batch)["train/loss"] for _ in range(2)], engine
+
+    with use_compile_dir(tmp_path):
+        cold, _ = two_steps()
+        files = sorted((tmp_path / "wsjax-executables").glob("*.bin"))
+        assert len(files) == 8  # every training executable was serialized
+        warm, engine = two_steps()
+        assert warm == cold
+        assert {r.extra["source"] for r in engine.cache.records} == {"disk"}
+        files[0].write_bytes(b"not an executable")
+        again, engine = two_steps()
+        assert again == cold
+        assert sorted(r.extra["source"] for r in engine.cache.records).count("compiled") == 1

@@ -106,11 +106,8 @@ def test_kill_and_rerun_resumes_to_the_uninterrupted_loss(tmp_path):
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(a, b)  # the resumed weights are bitwise the same
     perf = json.loads((md / "performance" / "performance.json").read_text())
-    # The rerun's executables come out of compile_<checksum>/. What is left of its compile_time
-    # is JAX tracing and lowering (~0.1 s an executable), which the persistent cache cannot
-    # skip: measured 4.1-5.8x below the cold compile for tiny models, so the issue's 5x is not
-    # asserted here (see the closing note of issue 4); 3x shows the cache was used.
-    assert perf["compile_time"] * 3 <= first, (first, perf["compile_time"])
+    # the rerun loads its executables from compile_<checksum>/ (no tracing, no XLA compile)
+    assert perf["compile_time"] * 5 <= first, (first, perf["compile_time"])
 
     again = cli(*args)
     assert again.returncode == 0 and "already reached" in again.stdout

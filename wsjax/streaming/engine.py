@@ -12,7 +12,10 @@ step streams every segment's compute-dtype copy through one compiled function pe
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -88,7 +91,7 @@ class StreamingEngine:
         self._update_writes_stream = dev0.platform == self.host_device.platform
 
         self.fns = SegmentFunctions(model, self.optimizer, self.compute_dtype)
-        self.cache = ExecutableCache()
+        self.cache = ExecutableCache(context=self._cache_context())
         self.residency = Residency()
         self._programs: dict = {}
         self.store: HostStore | None = None
@@ -105,6 +108,13 @@ class StreamingEngine:
                 self.compute_dtype,
                 opt_state=opt_state,
             )
+
+    def _cache_context(self) -> str:
+        """What the on-disk executables depend on beyond their shapes (see ExecutableCache)."""
+        c = self.config
+        devices = [(d.platform, d.device_kind) for d in self.mesh.devices.flat]
+        parts = (c.model, c.optimizer, c.streaming, c.runconfig.seed, devices, jax.__version__)
+        return f"{parts!r}|{_source_digest()}"
 
     # ---- public API ----------------------------------------------------------------------
     def train_step(self, batch: dict) -> dict:
@@ -173,6 +183,16 @@ def _eval_micro(config, batch_size: int) -> int:
     if mbs and batch_size % mbs == 0:
         return batch_size // mbs
     return 1
+
+
+@functools.cache
+def _source_digest() -> str:
+    """Digest of wsjax's own sources: an edit to them invalidates serialized executables."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode() + f.read_bytes())
+    return h.hexdigest()
 
 
 def dtype_bytes(dtype) -> int:

@@ -67,60 +67,60 @@ class StepProgram:
         return exe
 
     def _build(self, name):
-        e, f, c = self.e, self.e.fns, self.e.cache
+        e, f = self.e, self.e.fns
         rep, dp = e.replicated, e.data_sharding
         wte = self.w["embed"]["wte"] if self.tied else None
         g_wte = self.g["embed"]["wte"] if self.tied else None
-        if name == "embed_fwd":
-            return c.get(
-                name, f.embed_fwd, (self.w["embed"], self.ids, self.key, self.idx), out_shardings=dp
-            )
-        if name == "block_fwd":
-            return c.get(
-                name, f.block_fwd, (self.w["block"], self.act, self.key, self.idx), out_shardings=dp
-            )
-        if name in ("embed_eval", "block_eval"):
-            fn = f.embed_fwd if name == "embed_eval" else f.block_fwd
+        z = lambda tree: jax.tree.map(lambda _: 0, tree)  # output structure, leaves elided
+        g_head, g_block, g_embed = z(self.g["head"]), z(self.g["block"]), z(self.g["embed"])
+        one = lambda n: jax.tree.structure(0)
+
+        def get(fn, args, out, out_tree, donate=()):
+            return e.cache.get(name, fn, args, out_shardings=out, donate=donate, out_tree=out_tree)
+
+        if name in ("embed_fwd", "embed_eval", "block_fwd", "block_eval"):
+            fwd = f.embed_fwd if name.startswith("embed") else f.block_fwd
             w, x = (
-                (self.w["embed"], self.ids) if name == "embed_eval" else (self.w["block"], self.act)
+                (self.w["embed"], self.ids)
+                if name.startswith("embed")
+                else (self.w["block"], self.act)
             )
-            return c.get(
-                name,
-                lambda w, x, k, i: fn(w, x, k, i, False),
-                (w, x, self.key, self.idx),
-                out_shardings=dp,
+            train = name.endswith("_fwd")
+            return get(
+                lambda w, x, k, i: fwd(w, x, k, i, train), (w, x, self.key, self.idx), dp, one
             )
         if name == "block_fwd_save":
             args = (self.w["block"], self.act, self.key, self.idx)
             # residual layouts left to the compiler (batch-sharded where they carry the batch)
-            return c.get(name, f.block_fwd_save, args, out_shardings=(dp, None))
+            return get(
+                f.block_fwd_save,
+                args,
+                (dp, None),
+                lambda n: jax.tree.structure((0, [0] * (n - 1))),
+            )
         if name == "block_bwd_saved":
             self._exe("block_fwd_save")
+            if not hasattr(f, "_vjp_layout"):  # the forward came from disk: trace it once
+                jax.eval_shape(f.block_fwd_save, self.w["block"], self.act, self.key, self.idx)
             args = (self.w["block"], self.kept, self.act, self.g["block"])
-            return c.get(name, f.block_bwd_saved, args, out_shardings=(dp, rep, rep), donate=(3,))
+            out_tree = lambda n: jax.tree.structure((0, g_block, 0))
+            return get(f.block_bwd_saved, args, (dp, rep, rep), out_tree, donate=(3,))
         if name == "head_train":
-            args = (
-                self.w["head"],
-                wte,
-                self.act,
-                self.ids,
-                self.msk,
-                self.scalar,
-                self.g["head"],
-                g_wte,
-            )
-            return c.get(
-                name, f.head_train, args, out_shardings=(rep, dp, rep, rep, rep), donate=(6, 7)
-            )
+            args = (self.w["head"], wte, self.act, self.ids, self.msk, self.scalar)
+            args += (self.g["head"], g_wte)
+            out_tree = lambda n: jax.tree.structure((0, 0, g_head, 0 if self.tied else None, 0))
+            return get(f.head_train, args, (rep, dp, rep, rep, rep), out_tree, donate=(6, 7))
         if name == "head_eval":
             args = (self.w["head"], wte, self.act, self.ids, self.msk)
-            return c.get(name, f.head_eval, args, out_shardings=(rep, rep, rep))
+            return get(f.head_eval, args, (rep, rep, rep), lambda n: jax.tree.structure((0, 0, 0)))
         if name == "block_bwd":
             args = (self.w["block"], self.act, self.act, self.key, self.idx, self.g["block"])
-            return c.get(name, f.block_bwd, args, out_shardings=(dp, rep, rep), donate=(5,))
+            out_tree = lambda n: jax.tree.structure((0, g_block, 0))
+            return get(f.block_bwd, args, (dp, rep, rep), out_tree, donate=(5,))
         if name == "embed_bwd":
             args = (self.w["embed"], self.ids, self.act, self.key, self.idx, self.g["embed"])
-            return c.get(name, f.embed_bwd, args, out_shardings=(rep, rep), donate=(5,))
+            out_tree = lambda n: jax.tree.structure((g_embed, 0))
+            return get(f.embed_bwd, args, (rep, rep), out_tree, donate=(5,))
         if name.startswith("update/"):
             return self._update_exe(name.split("/")[1])
         raise KeyError(name)
@@ -134,12 +134,15 @@ class StepProgram:
         opt = abstract(opt, where)
         stream_out = e.stream_sharding if (on_host and e._update_writes_stream) else where
         scalar = jax.ShapeDtypeStruct((), F32, sharding=where)
+        z = lambda tree: jax.tree.map(lambda _: 0, tree)
+        out_tree = lambda n: jax.tree.structure((z(master), z(opt), z(master)))
         return e.cache.get(
             f"update/{kind}" + ("" if on_host else "@device"),
             e.fns.update,
             (master, opt, master, scalar),
             out_shardings=(where, where, stream_out),
             donate=(0, 1),
+            out_tree=out_tree,
         )
 
     def compile_all(self) -> None:
