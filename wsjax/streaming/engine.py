@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
@@ -193,7 +192,3 @@ def _source_digest() -> str:
     for f in sorted(root.rglob("*.py")):
         h.update(f.relative_to(root).as_posix().encode() + f.read_bytes())
     return h.hexdigest()
-
-
-def dtype_bytes(dtype) -> int:
-    return jnp.dtype(dtype).itemsize

@@ -453,10 +453,6 @@ def _zeros(struct_tree):
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype, device=s.sharding), struct_tree)
 
 
-def _itemsize(dtype) -> int:
-    return jnp.dtype(dtype).itemsize
-
-
 def _on(tree, sharding) -> bool:
     leaves = jax.tree.leaves(tree)
     return all(getattr(a, "sharding", None) == sharding for a in leaves)
