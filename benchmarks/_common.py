@@ -38,6 +38,16 @@ def parse_args(doc: str, add: Callable[[argparse.ArgumentParser], None] | None =
     return p.parse_args()
 
 
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The GPT-J-shaped model every depth/throughput sweep builds (``gptj_dict``)."""
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--layers", default="4,8,16,24")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--mixed_precision", action="store_true", help="bf16 streaming and matmuls")
+
+
 def results_path(results_dir: str | os.PathLike) -> Path:
     date = datetime.date.today().isoformat()
     return Path(results_dir) / f"{socket.gethostname()}-{date}.jsonl"

@@ -35,13 +35,8 @@ from wsjax.streaming.plan import make_plan  # noqa: E402
 
 
 def _args(p) -> None:
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--layers", default="4,8,16,24")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=256)
+    C.add_model_args(p)
     p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--mixed_precision", action="store_true")
 
 
 def engine_run(model, cfg, params, batch, steps: int) -> dict:

@@ -44,16 +44,11 @@ ENGINE_TARGET_MIN_LAYERS = 12
 
 
 def _args(p) -> None:
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--layers", default="4,8,16,24")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=256)
+    C.add_model_args(p)
     p.add_argument("--sweep_layers", type=int, default=8)
     p.add_argument("--sweep_batches", default="1,16")
     p.add_argument("--steps", type=int, default=3, help="timed steps (best-of)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps (the first compiles)")
-    p.add_argument("--mixed_precision", action="store_true", help="bf16 streaming and matmuls")
     p.add_argument("--micro_batch_size", type=int, default=None)
     p.add_argument("--prefetch_depth", type=int, default=1)
     p.add_argument("--device_memory_gb", type=float, default=None)
