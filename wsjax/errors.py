@@ -1,13 +1,30 @@
-"""The one exception family a user can cause (config, data, paths, checkpoints, plan).
+"""The exceptions a user can cause, and the process exit codes of every failure class.
 
-The CLI prints ``str(err)`` as a single line without a traceback and exits with code 2.
+The CLI prints ``str(err)`` as a single line without a traceback and exits with the error's
+``exit_code``:
+
+    0  success
+    1  a bug in wsjax (traceback)
+    2  a user error: config, flag, data, path, checkpoint (WsjaxError and subclasses)
+    3  the memory plan does not fit (PlanError; also ``--validate_only`` on a plan that does not fit)
+    4  a non-finite loss or gradient norm stopped the run (NonFiniteError); nothing was saved
+    5  preempted: SIGTERM/SIGINT finished the step, saved a checkpoint and exited (Preempted)
 """
 
 from __future__ import annotations
 
+EXIT_OK = 0
+EXIT_BUG = 1
+EXIT_USER = 2
+EXIT_NOT_FIT = 3
+EXIT_NONFINITE = 4
+EXIT_PREEMPTED = 5
+
 
 class WsjaxError(Exception):
     """A problem the user can fix: the message names the file/key/value and what is valid."""
+
+    exit_code = EXIT_USER
 
 
 class ConfigError(WsjaxError):
@@ -24,3 +41,17 @@ class CheckpointError(WsjaxError):
 
 class PlanError(WsjaxError):
     """The run cannot fit in host or device memory."""
+
+    exit_code = EXIT_NOT_FIT
+
+
+class NonFiniteError(WsjaxError):
+    """A non-finite loss or gradient norm; the run stops at that step and saves nothing."""
+
+    exit_code = EXIT_NONFINITE
+
+
+class Preempted(WsjaxError):
+    """SIGTERM / SIGINT: the current step finished and a checkpoint was written."""
+
+    exit_code = EXIT_PREEMPTED

@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except WsjaxError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         print("error: interrupted; the latest complete checkpoint is kept", file=sys.stderr)
         return 130
