@@ -6,7 +6,7 @@ The CLI prints ``str(err)`` as a single line without a traceback and exits with 
     0  success
     1  a bug in wsjax (traceback)
     2  a user error: config, flag, data, path, checkpoint (WsjaxError and subclasses)
-    3  the memory plan does not fit (PlanError; also ``--validate_only`` on a plan that does not fit)
+    3  the memory plan does not fit (PlanError; ``--validate_only`` too, when the plan is short)
     4  a non-finite loss or gradient norm stopped the run (NonFiniteError); nothing was saved
     5  preempted: SIGTERM/SIGINT finished the step, saved a checkpoint and exited (Preempted)
 """

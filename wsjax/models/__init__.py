@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from wsjax.models import gpt2, gptj
 from wsjax.models.head import head_apply, head_spec
+from wsjax.models.init import make_initializer
 from wsjax.models.spec import ParamSpec
 
 FAMILIES: dict[str, ModuleType] = {"gptj": gptj, "gpt2": gpt2}
@@ -87,7 +88,8 @@ class Model:
         }[spec.init]
         fan_in = spec.fan_in or shape[-1]
         fan_out = spec.fan_out or shape[-1]
-        fn = init_spec.initializer(
+        fn = make_initializer(
+            init_spec,
             fan_in=fan_in,
             fan_out=fan_out,
             num_layers=cfg.num_hidden_layers,

@@ -1,0 +1,109 @@
+"""Weight initializers of the Cerebras params specs: ``make_initializer(spec, ...)``.
+
+The config holds an :class:`~wsjax.config_schema.InitSpec` (data only); this module turns it into
+a jax initializer ``(key, shape, dtype) -> array``. Fans are passed explicitly (not read from the
+shape) so stacked ``(L, in, out)`` layers initialise like single layers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from wsjax.config_schema import InitSpec
+
+logger = logging.getLogger("wsjax.config")
+
+
+def make_initializer(
+    spec: InitSpec,
+    fan_in: int,
+    fan_out: int,
+    num_layers: int,
+    hidden_size: int,
+    vocab_size: int,
+) -> Callable[..., jax.Array]:
+    """A jax initializer `(key, shape, dtype) -> array` for this spec.
+
+    Fans are passed explicitly (not read from the shape) so stacked (L, in, out) layers
+    initialise like single layers. `std` is already resolved by the config loader.
+    """
+    del vocab_size  # no supported scheme scales by the vocabulary
+    std = 0.02 if spec.std is None else spec.std
+    name = spec.name
+    if name in _VARIANCE_SCALING_ALIASES:
+        scale, mode, dist = _VARIANCE_SCALING_ALIASES[name]
+        return _variance_scaling(scale, mode, dist, fan_in, fan_out)
+    if name == "variance_scaling":
+        return _variance_scaling(spec.scale, spec.mode, spec.distribution, fan_in, fan_out)
+    if name == "zeros":
+        return lambda key, shape, dtype=jnp.float32: jnp.zeros(shape, dtype)
+    if name == "ones":
+        return lambda key, shape, dtype=jnp.float32: jnp.ones(shape, dtype)
+    if name == "truncated_normal":
+        return _truncated_normal(spec.mean, std, spec.a, spec.b)
+    if name == "wang_init":
+        return _normal(spec.mean, 2.0 / (num_layers * math.sqrt(hidden_size)))
+    if name == "small_init":
+        return _normal(spec.mean, math.sqrt(2.0 / (5.0 * hidden_size)))
+    if name == "scaled_init_normal":
+        if spec.key in (None, "num_hidden_layers"):
+            std = std / math.sqrt(2.0 * num_layers)
+        return _normal(spec.mean, std)
+    if name != "normal" and name not in _WARNED_INIT_NAMES:
+        _WARNED_INIT_NAMES.add(name)
+        logger.warning("initializer %r is not supported; using normal(std=%g)", name, std)
+    return _normal(spec.mean, std)
+
+
+_VARIANCE_SCALING_ALIASES = {
+    "xavier_uniform": (1.0, "fan_avg", "uniform"),
+    "glorot_uniform": (1.0, "fan_avg", "uniform"),
+    "xavier_normal": (1.0, "fan_avg", "normal"),
+    "glorot_normal": (1.0, "fan_avg", "normal"),
+    "lecun_normal": (1.0, "fan_in", "truncated_normal"),
+    "lecun_uniform": (1.0, "fan_in", "uniform"),
+    "kaiming_normal": (2.0, "fan_in", "normal"),
+    "kaiming_uniform": (2.0, "fan_in", "uniform"),
+}
+_WARNED_INIT_NAMES: set[str] = set()
+
+
+def _normal(mean: float, std: float) -> Callable[..., jax.Array]:
+    def init(key, shape, dtype=jnp.float32):
+        return (mean + std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+    return init
+
+
+def _truncated_normal(
+    mean: float, std: float, a: float | None, b: float | None
+) -> Callable[..., jax.Array]:
+    lo = -2.0 if a is None else (a - mean) / std  # torch trunc_normal_ default bounds: +-2 std
+    hi = 2.0 if b is None else (b - mean) / std
+
+    def init(key, shape, dtype=jnp.float32):
+        z = jax.random.truncated_normal(key, lo, hi, shape, jnp.float32)
+        return (mean + std * z).astype(dtype)
+
+    return init
+
+
+def _variance_scaling(
+    scale: float, mode: str, distribution: str, fan_in: int, fan_out: int
+) -> Callable[..., jax.Array]:
+    fan = {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2}[mode]
+    variance = scale / max(1.0, fan)
+    if distribution == "uniform":
+        limit = math.sqrt(3.0 * variance)
+        return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+            key, shape, jnp.float32, -limit, limit
+        ).astype(dtype)
+    if distribution == "truncated_normal":
+        # 0.8796... = std of a standard normal truncated to [-2, 2] (as jax.nn.initializers)
+        return _truncated_normal(0.0, math.sqrt(variance) / 0.87962566103423978, None, None)
+    return _normal(0.0, math.sqrt(variance))
