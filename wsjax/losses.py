@@ -28,3 +28,16 @@ def token_correct_sum(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> 
     """Number of masked tokens whose argmax prediction equals the label."""
     hit = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
     return jnp.sum(hit * mask.astype(jnp.float32))
+
+
+def loss_normalizer(model_cfg, loss_mask):
+    """The denominator of a global batch's loss (numpy or jax ``loss_mask`` of shape (B, T)).
+
+    Cerebras ``loss_scaling: num_tokens`` (the default): the number of loss tokens;
+    ``batch_size``: the number of sequences. Either is divided by ``loss_weight``, so the loss is
+    ``sum(token losses) * loss_weight / normaliser-count``. Engine and reference both call this.
+    """
+    scaling = getattr(model_cfg, "loss_scaling", "num_tokens")
+    weight = getattr(model_cfg, "loss_weight", 1.0)
+    count = loss_mask.shape[0] if scaling == "batch_size" else loss_mask.sum()
+    return count / weight
