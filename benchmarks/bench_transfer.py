@@ -6,9 +6,11 @@ plain copy of the same bytes measured in the same run.
 The engine's path (the shardings of ``StreamingEngine``): h2d = ``jax.device_put`` of a
 streaming copy held in the ``pinned_host`` memory kind to the replicated device sharding (how
 weights arrive); d2h = ``jax.device_put`` of a device array to ``act_host`` (how activations are
-offloaded) and to the host compute device (how gradients return). The plain copy: on CPU,
-``np.copyto`` of the same bytes between preallocated buffers; on a GPU, a pinned-memory copy by
-the CUDA runtime through torch when it is installed (``raw_pinned``), else ``np.copyto``.
+offloaded) and to the host compute device (how gradients return), plus two candidate gradient
+paths: through the accelerator's pinned host memory, and through numpy (``jax.device_get``).
+The plain copy: on CPU, ``np.copyto`` of the same bytes between preallocated buffers; on a
+GPU, a pinned-memory copy by the CUDA runtime through torch when it is installed
+(``raw_pinned``), else ``np.copyto``.
 Best of ``--reps``. One JSON line per size, with the target engine h2d / plain >= 0.8.
 400 MB is a GPT-J 6B layer in bf16.
 """
@@ -96,6 +98,15 @@ def measure_size(eng, nbytes: int, reps: int) -> dict:
         "h2d": best_seconds(lambda: jax.device_put(stream, eng.replicated), reps),
         "d2h_act": best_seconds(lambda: jax.device_put(on_dev, eng.act_host), reps),
         "d2h_grads": best_seconds(lambda: jax.device_put(on_dev, eng.host), reps),
+        # candidate gradient paths (a GPU's device -> CPU-client copy is slow): through the
+        # accelerator's pinned host memory, and through numpy (jax.device_get)
+        "d2h_grads_via_pinned": best_seconds(
+            lambda: jax.device_put(jax.device_put(on_dev, eng.act_host), eng.host), reps
+        ),
+        "d2h_grads_via_numpy": best_seconds(
+            lambda: jax.device_put(jax.device_get(on_dev), eng.host), reps
+        ),
+        "d2h_device_get": best_seconds(lambda: jax.device_get(on_dev), reps),
     }
     dst = np.empty_like(src)
     plain = nbytes / best_seconds(lambda: np.copyto(dst, src), reps)
@@ -114,7 +125,8 @@ def measure_size(eng, nbytes: int, reps: int) -> dict:
         rec["raw_pinned_d2h_bytes_per_sec"] = round(raw["d2h"])
     rec["h2d_ratio"] = round(nbytes / secs["h2d"] / base_h2d, 4)
     rec["d2h_act_ratio"] = round(nbytes / secs["d2h_act"] / base_d2h, 4)
-    rec["d2h_grads_ratio"] = round(nbytes / secs["d2h_grads"] / base_d2h, 4)
+    for k in ("d2h_grads", "d2h_grads_via_pinned", "d2h_grads_via_numpy", "d2h_device_get"):
+        rec[f"{k}_ratio"] = round(nbytes / secs[k] / base_d2h, 4)
     if rec["d2h_grads_ratio"] > 10:  # faster than memory: the array did not move
         rec["d2h_grads_note"] = "no copy: the host compute device is the device (CPU)"
     rec["target"] = C.target("engine h2d / plain copy", rec["h2d_ratio"], 0.8)
