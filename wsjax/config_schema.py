@@ -13,14 +13,21 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from wsjax.errors import ConfigError
+
 logger = logging.getLogger("wsjax.config")
 
 SECTIONS = ("train_input", "eval_input", "model", "optimizer", "runconfig", "streaming")
-FAMILIES = ("gptj", "gpt2")
+FAMILIES = ("gptj", "gpt2", "neox")
 POSITION_EMBEDDINGS = ("rotary", "learned")
 NONLINEARITIES = ("gelu", "gelu_exact", "relu")
 OPTIMIZERS = ("adamw", "adam", "sgd")
-SCHEDULERS = ("linear", "constant", "cosine", "cosinedecay", "exponential")
+# Cerebras LR schedulers (lower-cased; 2.x names with an "LR" suffix map onto these).
+SCHEDULERS = (
+    "linear", "constant", "cosine", "cosinedecay", "exponential", "polynomial",
+    "piecewiseconstant", "inverseexponentialtimedecay",
+)  # fmt: skip
+LOSS_SCALINGS = ("num_tokens", "batch_size")
 DATA_PROCESSORS = (
     "GptTokenShardsProcessor",
     "GptHDF5DataProcessor",
@@ -43,9 +50,13 @@ IGNORED_KEYS: dict[str, frozenset[str]] = {
             "tf_summary",
             "attention_softmax_fp32",
             "attention_module",
-            "use_position_embedding",
             "compute_eval_metrics",
             "layer_norm_type",
+            "use_cache",  # HF-style KV cache for generation; training never uses one
+            "use_vsl",  # variable sequence length packing: a CS kernel choice, same loss
+            "use_bfloat16",  # wsjax's mixed precision is always bf16
+            "weight_initialization_seed",  # TF graph seed; runconfig.seed seeds wsjax's init
+            "dropout_seed",
         }
     ),  # fmt: skip
     "optimizer": frozenset(
@@ -55,8 +66,9 @@ IGNORED_KEYS: dict[str, frozenset[str]] = {
             "steps_per_increase",
             "min_loss_scale",
             "max_loss_scale",
-            "disable_lr_steps_reset",
-            "adjust_learning_rate",
+            "ws_summary",
+            "log_grads",
+            "log_hists",
         }
     ),  # fmt: skip
     "runconfig": frozenset(
@@ -98,6 +110,15 @@ IGNORED_KEYS: dict[str, frozenset[str]] = {
             "disable_version_check",
             "enable_summaries",
             "experimental_api",
+            "log_step_count_steps",  # TF estimator's steps/sec logging cadence
+            "tf_random_seed",  # TF graph seed; runconfig.seed seeds wsjax
+            "cs_ip",
+            "use_multiple_workers",
+            "multiple_workers",
+            "use_appliance_data",
+            "execution_strategy",
+            "throttle_secs",
+            "eval_frequency",
         }
     ),  # fmt: skip
     "train_input": frozenset(
@@ -109,21 +130,33 @@ IGNORED_KEYS: dict[str, frozenset[str]] = {
             "n_gpus",
             "mixed_precision",
             "fp16_type",
+            "add_special_tokens",  # a preprocessing choice, already baked into the data
+            "use_multiple_workers",
+            "use_vsl",
         }
     ),  # fmt: skip
 }
 IGNORED_KEYS["eval_input"] = IGNORED_KEYS["train_input"]
 
-# Cerebras keys accepted only at the value that matches what wsjax does.
+# Cerebras keys accepted only at the value that matches what wsjax does; any other value
+# would change the maths, so it is refused.
 FIXED_VALUE_KEYS: dict[str, dict[str, Any]] = {
-    "model": {"loss_scaling": "num_tokens", "loss_weight": 1.0},
+    # Cerebras' only dense attention; "dot_product" (unscaled) would change the logits.
+    "model": {"attention_type": "scaled_dot_product"},
 }
 
 # Alternative spellings: section -> {alias: field}.
 ALIASES: dict[str, dict[str, str]] = {
     "model": {"model_family": "family"},
-    "optimizer": {"eps": "epsilon", "correct_bias": "use_bias_correction"},
-    "runconfig": {"checkpoint_steps": "save_checkpoints_steps"},
+    "optimizer": {
+        "eps": "epsilon",
+        "correct_bias": "use_bias_correction",
+        "weight_decay": "weight_decay_rate",  # PyTorch spelling in R1.7+ files
+    },
+    "runconfig": {
+        "checkpoint_steps": "save_checkpoints_steps",
+        "save_checkpoint_steps": "save_checkpoints_steps",  # spelling of R1.x PyTorch GPT-3 files
+    },
 }
 LR_PHASE_ALIASES = {"total_iters": "steps"}
 
@@ -139,8 +172,14 @@ class InitSpec:
     b: float | None = None
     scale: float = 1.0
     mode: str = "fan_in"  # variance_scaling: fan_in | fan_out | fan_avg
-    distribution: str = "truncated_normal"  # variance_scaling: truncated_normal | normal | uniform
-    key: str | None = None  # scaled_init_normal: "num_hidden_layers" scales std by 1/sqrt(2L)
+    # variance_scaling: truncated_normal | normal (= untruncated_normal) | uniform
+    distribution: str = "truncated_normal"
+    # scaled_init_normal: std = sigma / sqrt(2 L) ("num_hidden_layers") or sigma / sqrt(V)
+    # ("vocab_size"); no key: std = sigma.
+    key: str | None = None
+    # variance_scaling: "small_init" (scale 2/5) or "wang_init" (scale 4 / L^2), Cerebras TF.
+    scale_type: str | None = None
+    sigma: float | None = None  # scaled_init_normal's base std (Cerebras default 1.0)
 
 
 KNOWN_INITIALIZERS = (
@@ -177,6 +216,15 @@ class ModelConfig:
     embedding_initializer: InitSpec = InitSpec()
     output_layer_initializer: InitSpec = InitSpec()
     initializer_range: float = 0.02
+    # GPT-NeoX (contract 2): two layer norms per block; parallel residual; rotary base.
+    use_untied_layer_norm: bool = False
+    use_parallel_residual: bool = True
+    rope_theta: float = 10000.0
+    # The loss of a batch is sum(token losses) * loss_weight / count, where count is the
+    # number of loss tokens ("num_tokens") or of sequences ("batch_size"): Cerebras semantics,
+    # see wsjax.losses.loss_normalizer.
+    loss_scaling: str = "num_tokens"
+    loss_weight: float = 1.0
 
     @property
     def head_dim(self) -> int:
@@ -199,6 +247,15 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "use_projection_bias_in_attention": True,
         "use_ffn_bias_in_attention": True,
     },
+    "neox": {
+        "position_embedding_type": "rotary",
+        "share_embedding_weights": False,
+        "use_bias_in_output": False,
+        "use_projection_bias_in_attention": True,
+        "use_ffn_bias_in_attention": True,
+        "use_untied_layer_norm": True,
+        "use_parallel_residual": True,
+    },
 }
 
 
@@ -213,6 +270,16 @@ class LRPhase:
     decay_steps: int | None = None
     decay_rate: float | None = None
     staircase: bool = False
+    power: float = 1.0  # polynomial
+    cycle: bool = False  # polynomial
+    step_exponent: float | None = None  # inverseexponentialtimedecay
+    values: tuple[float, ...] | None = None  # piecewiseconstant
+    boundaries: tuple[int, ...] | None = None  # piecewiseconstant
+
+    @property
+    def length(self) -> int | None:
+        """Steps this phase lasts: `steps`, else `decay_steps` (Cerebras accepts either)."""
+        return self.steps if self.steps is not None else self.decay_steps
 
 
 @dataclass(frozen=True)
@@ -225,9 +292,25 @@ class OptimizerConfig:
     weight_decay_rate: float = 0.0
     momentum: float = 0.0
     max_gradient_norm: float | None = None
+    max_gradient_value: float | None = None  # clip each gradient element to [-v, v]
     grad_accum_steps: int = 1
     loss_scaling_factor: float | str | None = None
     use_bias_correction: bool = True
+    # True: every LR phase sees the global step instead of the steps since its own start.
+    disable_lr_steps_reset: bool = False
+    # Cerebras muP: {"decoder_kernel": factor} multiplies the LR of the blocks' kernels.
+    adjust_learning_rate: tuple[tuple[str, float], ...] | None = None
+
+    @property
+    def phase_boundaries(self) -> tuple[int, ...]:
+        """Global steps at which LR phase 2, 3, ... start (empty for a constant LR)."""
+        if not isinstance(self.learning_rate, tuple):
+            return ()
+        ends, total = [], 0
+        for phase in self.learning_rate[:-1]:
+            total += phase.length
+            ends.append(total)
+        return tuple(ends)
 
 
 @dataclass(frozen=True)
@@ -235,7 +318,7 @@ class RunConfig:
     max_steps: int = 1000
     save_summary_steps: int = 10
     save_checkpoints_steps: int = 500
-    keep_checkpoint_max: int = 5
+    keep_checkpoint_max: int = 5  # 0 keeps every checkpoint (Cerebras)
     log_steps: int = 10
     eval_steps: int = 10
     seed: int = 1
@@ -258,14 +341,14 @@ class StreamingConfig:
 @dataclass(frozen=True)
 class InputConfig:
     data_dir: str | tuple[str, ...]
-    max_sequence_length: int
+    max_sequence_length: int  # when absent, derived from model.max_position_embeddings
     batch_size: int
     split: str = "train"  # load_config defaults eval_input to "eval"
     data_processor: str = "GptTokenShardsProcessor"
     vocab_size: int | None = None
     shuffle: bool = False
     shuffle_seed: int = 0
-    repeat: bool = True
+    repeat: bool = True  # eval_input defaults to False, as on Cerebras
     num_workers: int = 1
     prefetch_factor: int = 2
 
@@ -280,6 +363,49 @@ class Config:
     eval_input: InputConfig | None
     source: str = "<dict>"
 
+    # ---- derived quantities: decided here once; engine, runner and plan call these ----
+    def micro_batches(self, batch_size: int, train: bool = True) -> int:
+        """Micro-batches a batch of `batch_size` sequences is split into.
+
+        Train: batch / streaming.micro_batch_size, else optimizer.grad_accum_steps (the two are
+        reconciled when the config is built). Eval: the training micro-batch size when it divides
+        the eval batch (it bounds activation memory), else the whole batch at once.
+        """
+        micro = self.streaming.micro_batch_size
+        if not train:
+            return batch_size // micro if micro and batch_size % micro == 0 else 1
+        count = batch_size // micro if micro else self.optimizer.grad_accum_steps
+        if count < 1 or batch_size % count:
+            raise ConfigError(
+                f"{self.source}: batch_size {batch_size} is not divisible into {count} "
+                "micro-batches (optimizer.grad_accum_steps / streaming.micro_batch_size)"
+            )
+        return count
+
+    def micro_batch_size(self, batch_size: int, train: bool = True) -> int:
+        """Sequences per micro-batch for a batch of `batch_size` (see `micro_batches`)."""
+        return batch_size // self.micro_batches(batch_size, train)
+
+    @property
+    def train_micro_batches(self) -> int:
+        """Micro-batches per training step for train_input.batch_size (1 without train_input)."""
+        if self.train_input is None:
+            return 1
+        return self.micro_batches(self.train_input.batch_size, train=True)
+
+    @property
+    def eval_micro_batches(self) -> int:
+        """Micro-batches per eval batch for eval_input.batch_size (1 without eval_input)."""
+        if self.eval_input is None:
+            return 1
+        return self.micro_batches(self.eval_input.batch_size, train=False)
+
+    def eval_batches(self, batches_per_pass: int | None = None) -> int | None:
+        """Batches one evaluation draws: runconfig.eval_steps; <= 0 means one full pass over
+        the eval data (Cerebras), i.e. `batches_per_pass` (None when unknown)."""
+        steps = self.runconfig.eval_steps
+        return batches_per_pass if steps is None or steps <= 0 else steps
+
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML-safe dict in params-file form; `config_from_dict` rebuilds this Config."""
         out: dict[str, Any] = {}
@@ -288,6 +414,9 @@ class Config:
             if value is not None:
                 out[section] = _plain(value)
         out["model"]["model_family"] = out["model"].pop("family")
+        adjust = out["optimizer"].get("adjust_learning_rate")
+        if adjust is not None:
+            out["optimizer"]["adjust_learning_rate"] = {k: v for k, v in adjust}
         return out
 
 
