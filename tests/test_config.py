@@ -173,7 +173,8 @@ def test_fixed_value_keys():
     attention would change the logits, so it is refused rather than ignored."""
     assert build(model={"attention_type": "scaled_dot_product"}).model.vocab_size == 256
     raises(
-        r"model.attention_type='dot_product' is not supported", model={"attention_type": "dot_product"}
+        r"model.attention_type='dot_product' is not supported",
+        model={"attention_type": "dot_product"},
     )
 
 
@@ -294,8 +295,12 @@ def test_invalid_values_name_the_key(sections, key):
         ),
         ({"scheduler": "Constant", "steps": 5}, "learning_rate"),
         (
-            {"scheduler": "InverseExponentialTimeDecay", "initial_learning_rate": 1.0,
-             "decay_rate": 0.5, "decay_steps": 4},
+            {
+                "scheduler": "InverseExponentialTimeDecay",
+                "initial_learning_rate": 1.0,
+                "decay_rate": 0.5,
+                "decay_steps": 4,
+            },
             "step_exponent",
         ),  # fmt: skip
         ({"scheduler": "PiecewiseConstant", "values": [1.0, 0.5], "boundaries": [3, 4]}, "values"),
@@ -485,7 +490,9 @@ def test_initializers_std():
     assert _std(InitSpec("normal", std=0.05)) == pytest.approx(0.05, rel=0.02)
     assert _std(InitSpec("wang_init")) == pytest.approx(2 / (8 * math.sqrt(256)), rel=0.02)
     assert _std(InitSpec("small_init")) == pytest.approx(math.sqrt(2 / (5 * 256)), rel=0.02)
-    scaled = InitSpec("scaled_init_normal", std=0.02, key="num_hidden_layers", distribution="normal")
+    scaled = InitSpec(
+        "scaled_init_normal", std=0.02, key="num_hidden_layers", distribution="normal"
+    )
     assert _std(scaled) == pytest.approx(0.02 / math.sqrt(16), rel=0.02)
     vs = InitSpec("variance_scaling", scale=2.0, mode="fan_out", distribution="normal")
     assert _std(vs) == pytest.approx(math.sqrt(2.0 / 512), rel=0.02)
