@@ -375,7 +375,7 @@ class Config:
         if not train:
             return batch_size // micro if micro and batch_size % micro == 0 else 1
         count = batch_size // micro if micro else self.optimizer.grad_accum_steps
-        if count < 1 or batch_size % count:
+        if count < 1 or batch_size % count or (micro and batch_size % micro):
             raise ConfigError(
                 f"{self.source}: batch_size {batch_size} is not divisible into {count} "
                 "micro-batches (optimizer.grad_accum_steps / streaming.micro_batch_size)"
