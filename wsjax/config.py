@@ -1,9 +1,11 @@
-"""Params YAML (Cerebras-style sections) -> a validated, frozen `Config`.
+"""Params YAML (Cerebras 1.x sections or the 2.x `trainer:` layout) -> a validated, frozen `Config`.
 
-Owns reading the file, key normalisation (aliases, unknown keys with a suggestion, the ONE warning
-listing ignored Cerebras hardware keys) and dotted `section.key=value` overrides. The dataclasses
-and key tables live in `wsjax.config_schema`; building and validating each section (types,
-family inference and defaults, ranges, cross-section checks) in `wsjax.config_sections`.
+Owns reading the file (safe loader; a duplicated key is refused), key normalisation (aliases,
+unknown keys with a suggestion, the ONE warning line naming the accepted-and-ignored Cerebras
+keys) and dotted `section.key=value` overrides. Where the rest lives: the dataclasses and derived
+quantities in `wsjax.config_schema`, the Cerebras key tables in `wsjax.config_keys`, the 2.x
+layout in `wsjax.config_layout`, the model section (family inference, NeoX, initializers) in
+`wsjax.config_model`, the other sections and cross-section checks in `wsjax.config_sections`.
 Every user error is a one-line `ConfigError` naming the file, the key, the value and what is valid.
 """
 
@@ -17,11 +19,9 @@ from typing import Any
 
 import yaml
 
+from wsjax.config_keys import ALIASES, FIXED_VALUE_KEYS, IGNORED_KEYS
 from wsjax.config_layout import from_trainer_layout
 from wsjax.config_schema import (
-    ALIASES,
-    FIXED_VALUE_KEYS,
-    IGNORED_KEYS,
     SECTION_CLASSES,
     SECTIONS,
     Config,
@@ -34,14 +34,8 @@ from wsjax.config_schema import (
     StreamingConfig,
     section_fields,
 )
-from wsjax.config_sections import (
-    build_config,
-    field_names,
-    field_types,
-    options,
-    suggest,
-    type_name,
-)
+from wsjax.config_sections import build_config
+from wsjax.config_types import field_names, field_types, options, suggest, type_name
 from wsjax.errors import ConfigError
 
 __all__ = [
