@@ -205,7 +205,7 @@ def _build_init(value: Any, key: str, init_range: float, source: str) -> InitSpe
     check_choice(spec.distribution, dists, source, f"{key}.distribution")
     if spec.name == "variance_scaling":
         # Cerebras TF: exactly one of scale / scale_type (configure_variance_scaling_parameters)
-        if "scale" in value and spec.scale_type is not None:
+        if spec.scale is not None and spec.scale_type is not None:
             bad(source, f"{key}.scale_type", spec.scale_type, "give scale or scale_type, not both")
         if spec.scale_type is not None:
             check_choice(spec.scale_type, ("small_init", "wang_init"), source, f"{key}.scale_type")

@@ -51,7 +51,7 @@ class InitSpec:
     mean: float = 0.0
     a: float | None = None  # truncation bounds (absolute values, torch trunc_normal_ style)
     b: float | None = None
-    scale: float = 1.0
+    scale: float | None = None  # variance_scaling; None: 1.0, or what scale_type sets
     mode: str = "fan_in"  # variance_scaling: fan_in | fan_out | fan_avg
     # variance_scaling: truncated_normal | normal (= untruncated_normal) | uniform
     distribution: str = "truncated_normal"

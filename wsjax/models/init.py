@@ -48,7 +48,7 @@ def make_initializer(
         return _variance_scaling(scale, mode, dist, fan_in, fan_out)
     if name == "variance_scaling":
         scale = {
-            None: spec.scale,
+            None: 1.0 if spec.scale is None else spec.scale,
             "small_init": 2.0 / 5.0,
             "wang_init": 4.0 / num_layers**2,
         }[spec.scale_type]
