@@ -271,7 +271,9 @@ def test_trainer_layout_part_it_cannot_express_is_one_line(trainer, part):
 
 def test_cerebras_defaults_for_eval_repeat_and_keep_all_checkpoints():
     cfg = build(runconfig={"keep_checkpoint_max": 0})
-    assert cfg.runconfig.keep_checkpoint_max == 0  # keep all
+    assert cfg.runconfig.keep_checkpoint_max == 0
+    assert cfg.runconfig.checkpoints_to_keep is None  # keep all (orbax: max_to_keep=None)
+    assert build().runconfig.checkpoints_to_keep == 5
     assert cfg.train_input.repeat and not cfg.eval_input.repeat
 
 

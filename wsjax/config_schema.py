@@ -205,6 +205,12 @@ class RunConfig:
     seed: int = 1
     model_dir: str | None = None
 
+    @property
+    def checkpoints_to_keep(self) -> int | None:
+        """How many checkpoints pruning keeps: keep_checkpoint_max, None (all) for 0 (Cerebras);
+        None is what orbax's CheckpointManagerOptions(max_to_keep=...) reads as keep all."""
+        return self.keep_checkpoint_max or None
+
 
 @dataclass(frozen=True)
 class StreamingConfig:
