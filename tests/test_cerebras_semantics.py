@@ -223,6 +223,33 @@ def test_neox_fields_and_rotary_pct():
         build(model={"model_family": "gptj", "use_untied_layer_norm": True})
 
 
+@pytest.mark.parametrize(
+    ("model", "family"),
+    [
+        ({"rotary_dim": 8}, "gptj"),
+        ({"use_untied_layer_norm": False}, "gptj"),
+        ({"use_untied_layer_norm": True, "rotary_dim": 4}, "neox"),
+        ({"use_parallel_residual": False}, "neox"),
+        ({}, "gpt2"),
+        ({"position_embedding_type": "learned"}, "gpt2"),
+        ({"position_embedding_type": "learned", "rotary_dim": 8}, None),
+        ({"position_embedding_type": "learned", "use_untied_layer_norm": True}, None),
+        ({"use_untied_layer_norm": False, "rotary_pct": 0.5}, None),
+        ({"share_embedding_weights": False, "use_bias_in_output": True}, None),
+    ],
+)
+def test_family_evidence(model, family):
+    d = copy.deepcopy(BASE)
+    del d["model"]["rotary_dim"]
+    d["model"].update(model)
+    if family is None:
+        with pytest.raises(ConfigError, match="ambiguous.*set model.model_family") as info:
+            config_from_dict(d, source="t.yaml")
+        assert "\n" not in str(info.value)
+    else:
+        assert config_from_dict(d, source="t.yaml").model.family == family
+
+
 def test_stock_tf_gptj_file_can_not_become_gpt2():
     cfg = load_config(CORPUS / "r1_tf_gptj.yaml")  # rotary_dim, no position_embedding_type
     assert (cfg.model.family, cfg.model.position_embedding_type, cfg.model.rotary_dim) == (

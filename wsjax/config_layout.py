@@ -11,10 +11,13 @@ caller's `ignored` list, which the loader reports in its one warning line.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 from wsjax.errors import ConfigError
+
+logger = logging.getLogger("wsjax.config")
 
 # trainer.init.model.name -> wsjax family. Cerebras "gpt3" is its GPT-2 code with GPT-3 sizes.
 MODEL_NAMES = {"gpt2": "gpt2", "gpt3": "gpt2", "gptj": "gptj", "gpt_neox": "neox", "neox": "neox"}
@@ -79,6 +82,9 @@ def from_trainer_layout(d: Mapping[str, Any], source: str, ignored: list[str]) -
         _refuse(source, f"trainer.init.{key}", "not expressible")
     out["optimizer"], out["runconfig"] = optimizer, {**out.get("runconfig", {}), **runconfig}
     out.update(_loaders(trainer, source))
+    validate_all = (trainer.get("validate_all") or {}).get("val_dataloaders")
+    if validate_all not in (None, out.get("eval_input"), [out.get("eval_input")]):
+        ignored.append("trainer.validate_all (eval_all reads eval_input)")
     return out
 
 
@@ -95,7 +101,8 @@ def _model(model: Any, source: str) -> dict:
         if str(name).lower() not in MODEL_NAMES:
             valid = " | ".join(MODEL_NAMES)
             _refuse(source, f"trainer.init.model.name={name!r}", f"wsjax models {valid}")
-        model.setdefault("model_family", MODEL_NAMES[str(name).lower()])
+        family = model.setdefault("model_family", MODEL_NAMES[str(name).lower()])
+        logger.info("%s: model_family %s from trainer.init.model.name %s", source, family, name)
     return model
 
 

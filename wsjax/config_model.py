@@ -36,18 +36,20 @@ from wsjax.errors import ConfigError
 logger = logging.getLogger("wsjax.config")
 
 
-# Keys that only the rotary families read: evidence that a file means GPT-J or GPT-NeoX even
-# where it names no position_embedding_type (Cerebras TF files pick the model by directory).
-_ROTARY_KEYS = ("rotary_dim", "rotary_pct", "rope_theta")
-_NEOX_KEYS = ("use_untied_layer_norm", "use_parallel_residual", "rotary_pct")
+# Evidence for a family in a file that names no model_family (Cerebras picks the model by the
+# directory a file ships in, so its TF GPT-J files name no position_embedding_type).
+_ROTARY_KEYS = ("rotary_dim", "rope_theta")  # read by GPT-J and GPT-NeoX only
+_NEOX_KEYS = ("rotary_pct", "use_parallel_residual")  # read by GPT-NeoX only
 
 
 def infer_family(body: dict, source: str) -> tuple[str, str]:
     """(family, why): explicit model_family wins; otherwise the evidence must agree.
 
     GPT-NeoX: use_untied_layer_norm true (the NeoX files of the Cerebras gptj directory) or a
-    NeoX-only key; GPT-J: rotary positions or a rotary key; GPT-2: learned positions, or no
-    evidence at all (the Cerebras GPT-2 default). Conflicting evidence stops with one line.
+    NeoX-only key. GPT-J: a rotary key, rotary positions, or use_untied_layer_norm false (a key
+    only the Cerebras GPT-J model reads). GPT-2: learned positions, or no evidence at all (the
+    Cerebras GPT-2 default) unless the head is GPT-J's (untied, with a bias). Conflicting or
+    GPT-J-looking-but-unproven evidence stops with one line asking for model_family.
     """
     family = coerce(body.get("family"), str | None, "model.model_family", source)
     key = "model.position_embedding_type"
@@ -59,27 +61,27 @@ def infer_family(body: dict, source: str) -> tuple[str, str]:
         family = family.lower()
         check_choice(family, FAMILIES, source, "model.model_family")
         return family, "model_family given"
-    rotary_keys = [k for k in _ROTARY_KEYS if body.get(k) is not None]
-    neox_keys = [k for k in _NEOX_KEYS if k in body and body[k] not in (None, False)]
-    if neox_keys == ["use_parallel_residual"] and body.get("use_untied_layer_norm") is False:
-        neox_keys = []
-    evidence = {
-        "neox": neox_keys,
-        "gptj": rotary_keys + (["position_embedding_type: rotary"] if position == "rotary" else []),
-        "gpt2": ["position_embedding_type: learned"] if position == "learned" else [],
-    }
-    if evidence["neox"] and not evidence["gpt2"]:
-        family, why = "neox", evidence["neox"] + evidence["gptj"]
-    elif evidence["gptj"] and not evidence["gpt2"]:
-        family, why = "gptj", evidence["gptj"]
-    elif not evidence["gptj"] and not evidence["neox"]:
+    untied_norms = body.get("use_untied_layer_norm")
+    neox = [k for k in _NEOX_KEYS if body.get(k) is not None]
+    neox += ["use_untied_layer_norm: true"] if untied_norms is True else []
+    gptj = [k for k in _ROTARY_KEYS if body.get(k) is not None]
+    gptj += ["position_embedding_type: rotary"] if position == "rotary" else []
+    gptj_only = ["use_untied_layer_norm: false"] if untied_norms is False else []
+    gpt2 = ["position_embedding_type: learned"] if position == "learned" else []
+    gptj_head = body.get("share_embedding_weights") is False and body.get("use_bias_in_output")
+    if neox and not gpt2 and not gptj_only:
+        family, why = "neox", neox + gptj
+    elif (gptj or gptj_only) and not gpt2 and not neox:
+        family, why = "gptj", gptj + gptj_only
+    elif not (gptj or gptj_only or neox) and (gpt2 or not gptj_head):
         family = "gpt2"
-        why = evidence["gpt2"] or ["no rotary or NeoX keys (the Cerebras GPT-2 default)"]
+        why = gpt2 or ["no rotary or NeoX keys (the Cerebras GPT-2 default)"]
     else:
-        seen = ", ".join(f"{k}" for k in evidence["gpt2"] + evidence["gptj"] + evidence["neox"])
+        seen = gpt2 + gptj + gptj_only + neox
+        seen = seen or ["an untied output layer with a bias (GPT-J's head) but no rotary key"]
         raise ConfigError(
-            f"{source}: model family is ambiguous ({seen}); set model.model_family to "
-            f"{' | '.join(FAMILIES)}"
+            f"{source}: model family is ambiguous ({', '.join(seen)}); set model.model_family"
+            f" to {' | '.join(FAMILIES)}"
         )
     reason = ", ".join(why)
     logger.info("%s: model_family %s inferred from %s", source, family, reason)
