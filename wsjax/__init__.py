@@ -27,6 +27,12 @@ _HOMES = {
 
 
 def __getattr__(name: str) -> Any:
+    """The names above, or a submodule (``wsjax.models``, ``wsjax.hf``, ...), on first use."""
     if name in _HOMES:
         return getattr(importlib.import_module(_HOMES[name]), name)
-    raise AttributeError(f"module 'wsjax' has no attribute {name!r}")
+    try:
+        return importlib.import_module(f"wsjax.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"wsjax.{name}":
+            raise
+        raise AttributeError(f"module 'wsjax' has no attribute {name!r}") from None
