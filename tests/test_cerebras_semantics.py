@@ -202,6 +202,14 @@ def test_scaled_init_normal_vocab_key_and_list_form():
         build(model={"initializer": [{"name": "normal"}, {"name": "zeros"}]})
 
 
+def test_override_edits_a_list_form_initializer_in_place():
+    path = CORPUS / "r1_tf_gptj_6B.yaml"
+    spec = load_config(path, ["model.initializer.scale=2.0"]).model.initializer
+    assert (spec.name, spec.scale) == ("variance_scaling", 2.0)
+    spec = load_config(path, ["model.initializer.distribution=normal"]).model.initializer
+    assert (spec.name, spec.scale, spec.distribution) == ("variance_scaling", 1.0, "normal")
+
+
 def test_untruncated_normal_is_a_plain_normal():
     cfg = load_config(CORPUS / "r1_tf_gpt_neox_20B.yaml")
     spec = cfg.model.initializer

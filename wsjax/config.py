@@ -214,7 +214,10 @@ def _apply_override(raw: dict, override: str, source: str) -> None:
         if not is_init or sub not in field_names(InitSpec):
             raise ConfigError(f"{where}: {section}.{key} has no sub-key {sub}")
         tp = field_types(InitSpec)[sub]
-        target = body.get(key) if isinstance(body.get(key), dict) else {}
+        current = body.get(key)
+        if isinstance(current, list) and len(current) == 1:  # Cerebras TF list form
+            current = current[0]
+        target = dict(current) if isinstance(current, dict) else {}
         target[sub] = _parse_override_value(text.strip(), tp, where)
         body[key] = target
         return
