@@ -229,6 +229,8 @@ def test_neox_fields_and_rotary_pct():
     assert m.use_parallel_residual and m.rope_theta == 10000.0
     with pytest.raises(ConfigError, match="model_family neox"):
         build(model={"model_family": "gptj", "use_untied_layer_norm": True})
+    with pytest.raises(ConfigError, match="model_family neox"):
+        build(model={"model_family": "gptj", "use_parallel_residual": False})
 
 
 @pytest.mark.parametrize(

@@ -130,6 +130,9 @@ def build_model(body: dict, source: str) -> ModelConfig:
     if family != "neox" and body.get("use_untied_layer_norm"):
         why = f"two layer norms per block are GPT-NeoX's; set model_family neox, not {family}"
         bad(source, "model.use_untied_layer_norm", True, why)
+    if family != "neox" and body.get("use_parallel_residual") is False:
+        why = f"only GPT-NeoX has a sequential variant; set model_family neox, not {family}"
+        bad(source, "model.use_parallel_residual", False, why)
     init_range = coerce(
         body.get("initializer_range", 0.02), float, "model.initializer_range", source
     )
