@@ -210,6 +210,14 @@ def test_override_edits_a_list_form_initializer_in_place():
     assert (spec.name, spec.scale, spec.distribution) == ("variance_scaling", 1.0, "normal")
 
 
+def test_truncated_normal_default_bounds_are_absolute():
+    """Cerebras PyTorch: trunc_normal_(mean, std, a=-2*std, b=2*std): with mean 0.01 and std
+    0.01 the samples lie in [-0.02, 0.02], so the upper bound is 1 std above the mean."""
+    x = _sample(InitSpec("truncated_normal", std=0.01, mean=0.01))
+    assert x.min() >= -0.02 - 1e-7 and x.max() <= 0.02 + 1e-7
+    assert x.max() > 0.0199 and x.min() < -0.0099  # both bounds are reached at 2**17 samples
+
+
 def test_untruncated_normal_is_a_plain_normal():
     cfg = load_config(CORPUS / "r1_tf_gpt_neox_20B.yaml")
     spec = cfg.model.initializer

@@ -58,7 +58,11 @@ def make_initializer(
     if name == "ones":
         return lambda key, shape, dtype=jnp.float32: jnp.ones(shape, dtype)
     if name == "truncated_normal":
-        return _truncated_normal(spec.mean, std, spec.a, spec.b)
+        # Cerebras PyTorch create_initializer: trunc_normal_(mean, std, a=-2*std, b=2*std), the
+        # default bounds absolute (around 0, not around the mean).
+        low = -2.0 * std if spec.a is None else spec.a
+        high = 2.0 * std if spec.b is None else spec.b
+        return _truncated_normal(spec.mean, std, low, high)
     if name == "wang_init":
         return _normal(spec.mean, 2.0 / (num_layers * math.sqrt(hidden_size)))
     if name == "small_init":
