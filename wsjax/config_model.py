@@ -106,16 +106,16 @@ def _rotary_dim_from_pct(body: dict, source: str) -> None:
 def build_model(body: dict, source: str) -> ModelConfig:
     body = dict(body)
     dropout = coerce(body.pop("dropout_rate", None), float | None, "model.dropout_rate", source)
-    use_pos = {k: body.pop(k) for k in ("use_position_embedding", "use_position_embeddings")
-               if k in body}  # fmt: skip
+    pos_keys = ("use_position_embedding", "use_position_embeddings")
+    use_pos = {k: body.pop(k) for k in pos_keys if k in body}
     family, _ = infer_family(body, source)
     _rotary_dim_from_pct(body, source)
     body = {**FAMILY_DEFAULTS[family], **body, "family": family}
     position = FAMILY_DEFAULTS[family]["position_embedding_type"]
     given = body.get("position_embedding_type")
     if given is not None and str(given).lower() != position:
-        bad(source, "model.position_embedding_type", given,
-             f"model_family {family} uses {position} positions")  # fmt: skip
+        why = f"model_family {family} uses {position} positions"
+        bad(source, "model.position_embedding_type", given, why)
     body["position_embedding_type"] = position
     for key, value in use_pos.items():
         if value is False and position == "learned":
@@ -124,8 +124,8 @@ def build_model(body: dict, source: str) -> ModelConfig:
         body.setdefault("residual_dropout_rate", dropout)
         body.setdefault("embedding_dropout_rate", dropout)
     if position == "learned" and body.get("rotary_dim") is not None:
-        logger.warning("%s: model.rotary_dim ignored: model_family gpt2 has learned positions",
-                       source)  # fmt: skip
+        why = "model_family gpt2 has learned positions"
+        logger.warning("%s: model.rotary_dim ignored: %s", source, why)
         body["rotary_dim"] = None
     if family != "neox" and body.get("use_untied_layer_norm"):
         why = f"two layer norms per block are GPT-NeoX's; set model_family neox, not {family}"

@@ -80,8 +80,8 @@ def _derive_from_inputs(raw: dict[str, dict[str, Any]], source: str) -> None:
             vocab = raw.get(section, {}).get("vocab_size")
             if vocab is not None:
                 model["vocab_size"] = vocab
-                logger.info("%s: model.vocab_size=%s taken from %s.vocab_size", source, vocab,
-                            section)  # fmt: skip
+                msg = "%s: model.vocab_size=%s taken from %s.vocab_size"
+                logger.info(msg, source, vocab, section)
                 break
 
 
