@@ -139,8 +139,8 @@ def _build_optimizer(body: dict, source: str) -> OptimizerConfig:
         if value is not None and value <= 0:
             bad(source, f"optimizer.{name}", value, "must be > 0 (omit it to disable clipping)")
     if o.max_gradient_norm is not None and o.max_gradient_value is not None:
-        bad(source, "optimizer.max_gradient_value", o.max_gradient_value,
-             "give max_gradient_norm or max_gradient_value, not both")  # fmt: skip
+        why = "give max_gradient_norm or max_gradient_value, not both"
+        bad(source, "optimizer.max_gradient_value", o.max_gradient_value, why)
     return o
 
 
@@ -221,8 +221,8 @@ def _build_input(body: dict, section: str, model: ModelConfig, source: str) -> I
     body.setdefault("repeat", section == "train_input")  # Cerebras: train repeats, eval does not
     if body.get("max_sequence_length") is None:
         body["max_sequence_length"] = model.max_position_embeddings
-        logger.info("%s: %s.max_sequence_length=%d derived from model.max_position_embeddings",
-                    source, section, model.max_position_embeddings)  # fmt: skip
+        msg = "%s: %s.max_sequence_length=%d derived from model.max_position_embeddings"
+        logger.info(msg, source, section, model.max_position_embeddings)
     given = {}
     if isinstance(body.get("data_dir"), list):
         dirs = body["data_dir"]
