@@ -162,6 +162,8 @@ def test_loss_normalizer_num_tokens_and_batch_size_with_weight():
     assert float(loss_normalizer(m, mask)) == 8.0
     with pytest.raises(ConfigError, match="loss_scaling"):
         build(model={"loss_scaling": "per_token"})
+    # Cerebras GPT-2/3: loss_weight != 1 with num_tokens falls back to batch_size
+    assert build(model={"loss_weight": 0.25}).model.loss_scaling == "batch_size"
 
 
 # ---------------------------------------------------------------- initializers

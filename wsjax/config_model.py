@@ -149,6 +149,12 @@ def build_model(body: dict, source: str) -> ModelConfig:
         body["nonlinearity"] = "gelu" if act == "gelu_new" else act
     if isinstance(body.get("loss_scaling"), str):
         body["loss_scaling"] = body["loss_scaling"].lower()
+    weight = coerce(body.get("loss_weight", 1.0), float, "model.loss_weight", source)
+    if weight != 1.0 and body.get("loss_scaling", "num_tokens") == "num_tokens":
+        # Cerebras GPT-2/3 model.py: a loss_weight with num_tokens falls back to batch_size
+        msg = "%s: model.loss_weight=%g with loss_scaling num_tokens: using batch_size, as Cerebras"
+        logger.warning(msg, source, weight)
+        body["loss_scaling"] = "batch_size"
     m = build_section(ModelConfig, body, "model", source, **inits)
     check_min(m, "model", source, 1, "vocab_size", "hidden_size", "num_heads")
     check_min(m, "model", source, 1, "num_hidden_layers", "filter_size", "max_position_embeddings")
