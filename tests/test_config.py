@@ -169,9 +169,12 @@ def test_aliases():
 
 
 def test_fixed_value_keys():
-    assert build(model={"loss_scaling": "num_tokens", "loss_weight": 1.0}).model.vocab_size == 256
+    """attention_type is accepted at Cerebras' scaled_dot_product only: unscaled dot-product
+    attention would change the logits, so it is refused rather than ignored."""
+    assert build(model={"attention_type": "scaled_dot_product"}).model.vocab_size == 256
     raises(
-        r"model.loss_scaling='batch_size' is not supported", model={"loss_scaling": "batch_size"}
+        r"model.attention_type='dot_product' is not supported",
+        model={"attention_type": "dot_product"},
     )
 
 
@@ -181,7 +184,7 @@ def test_fixed_value_keys():
 def test_family_inference_and_defaults(caplog):
     with caplog.at_level(logging.INFO, logger="wsjax"):
         j = build()
-    assert j.model.family == "gptj" and "inferred gptj" in caplog.text
+    assert j.model.family == "gptj" and "model_family gptj inferred from" in caplog.text
     assert j.model.rotary_dim == j.model.head_dim == 16
     assert not j.model.share_embedding_weights and j.model.use_bias_in_output
     assert not j.model.use_projection_bias_in_attention and not j.model.use_ffn_bias_in_attention
@@ -217,9 +220,12 @@ def test_dropout_rate_sets_residual_and_embedding():
     )
 
 
-def test_rotary_dim_with_learned_positions_is_dropped(caplog):
+def test_rotary_dim_with_learned_positions_is_ambiguous_unless_family_given(caplog):
+    msg = raises("ambiguous", model={"position_embedding_type": "learned", "rotary_dim": 8})
+    assert "model.model_family" in msg
     with caplog.at_level(logging.WARNING, logger="wsjax"):
-        m = build(model={"position_embedding_type": "learned", "rotary_dim": 8}).model
+        m = build(model={"model_family": "gpt2", "position_embedding_type": "learned",
+                         "rotary_dim": 8}).model  # fmt: skip
     assert m.rotary_dim is None and "rotary_dim ignored" in caplog.text
 
 
@@ -281,7 +287,7 @@ def test_invalid_values_name_the_key(sections, key):
 @pytest.mark.parametrize(
     ("phase", "key"),
     [
-        ({"scheduler": "Polynomial", "initial_learning_rate": 1.0, "steps": 5}, "scheduler"),
+        ({"scheduler": "Sawtooth", "initial_learning_rate": 1.0, "steps": 5}, "scheduler"),
         ({"scheduler": "Linear", "initial_learning_rate": 1.0, "end_learning_rate": 0.0}, "steps"),
         (
             {"scheduler": "Linear", "initial_learning_rate": 1, "end_learning_rate": 0, "steps": 0},
@@ -289,9 +295,15 @@ def test_invalid_values_name_the_key(sections, key):
         ),
         ({"scheduler": "Constant", "steps": 5}, "learning_rate"),
         (
-            {"scheduler": "Exponential", "initial_learning_rate": 1.0, "decay_rate": 0.5},
-            "decay_steps",
-        ),
+            {
+                "scheduler": "InverseExponentialTimeDecay",
+                "initial_learning_rate": 1.0,
+                "decay_rate": 0.5,
+                "decay_steps": 4,
+            },
+            "step_exponent",
+        ),  # fmt: skip
+        ({"scheduler": "PiecewiseConstant", "values": [1.0, 0.5], "boundaries": [3, 4]}, "values"),
         ({"scheduler": "Cosine", "initial_learning_rate": 1.0}, "decay_steps"),
     ],
 )
@@ -478,7 +490,9 @@ def test_initializers_std():
     assert _std(InitSpec("normal", std=0.05)) == pytest.approx(0.05, rel=0.02)
     assert _std(InitSpec("wang_init")) == pytest.approx(2 / (8 * math.sqrt(256)), rel=0.02)
     assert _std(InitSpec("small_init")) == pytest.approx(math.sqrt(2 / (5 * 256)), rel=0.02)
-    scaled = InitSpec("scaled_init_normal", std=0.02, key="num_hidden_layers")
+    scaled = InitSpec(
+        "scaled_init_normal", std=0.02, key="num_hidden_layers", distribution="normal"
+    )
     assert _std(scaled) == pytest.approx(0.02 / math.sqrt(16), rel=0.02)
     vs = InitSpec("variance_scaling", scale=2.0, mode="fan_out", distribution="normal")
     assert _std(vs) == pytest.approx(math.sqrt(2.0 / 512), rel=0.02)

@@ -1,16 +1,38 @@
-"""wsjax: weight-streaming training of GPT-J / GPT-2 / GPT-3 in JAX.
+"""wsjax: weight-streaming training of GPT-J / GPT-2 / GPT-NeoX in JAX.
 
     import wsjax
     cfg = wsjax.load_config("configs/params_gptj_6B.yaml")
     wsjax.get_model(cfg.model).num_params()          # 6,050,882,784, nothing allocated
 
 The engine (``wsjax.streaming.StreamingEngine``), the run (``wsjax.train.run``) and the
-HuggingFace interop (``wsjax.hf``) are imported from their modules.
+HuggingFace interop (``wsjax.hf``) are imported from their modules. The names below are loaded
+on first use, so ``import wsjax.config`` (and tools that only read params files) never import jax.
 """
 
-from wsjax.config import Config, config_from_dict, load_config
-from wsjax.errors import WsjaxError
-from wsjax.models import get_model
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __all__ = ["Config", "WsjaxError", "config_from_dict", "get_model", "load_config"]
 __version__ = "0.1.0"
+
+_HOMES = {
+    "Config": "wsjax.config",
+    "config_from_dict": "wsjax.config",
+    "load_config": "wsjax.config",
+    "WsjaxError": "wsjax.errors",
+    "get_model": "wsjax.models",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """The names above, or a submodule (``wsjax.models``, ``wsjax.hf``, ...), on first use."""
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name]), name)
+    try:
+        return importlib.import_module(f"wsjax.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"wsjax.{name}":
+            raise
+        raise AttributeError(f"module 'wsjax' has no attribute {name!r}") from None

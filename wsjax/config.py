@@ -1,9 +1,11 @@
-"""Params YAML (Cerebras-style sections) -> a validated, frozen `Config`.
+"""Params YAML (Cerebras 1.x sections or the 2.x `trainer:` layout) -> a validated, frozen `Config`.
 
-Owns reading the file, key normalisation (aliases, unknown keys with a suggestion, the ONE warning
-listing ignored Cerebras hardware keys) and dotted `section.key=value` overrides. The dataclasses
-and key tables live in `wsjax.config_schema`; building and validating each section (types,
-family inference and defaults, ranges, cross-section checks) in `wsjax.config_sections`.
+Owns reading the file (safe loader; a duplicated key is refused), key normalisation (aliases,
+unknown keys with a suggestion, the ONE warning line naming the accepted-and-ignored Cerebras
+keys) and dotted `section.key=value` overrides. Where the rest lives: the dataclasses and derived
+quantities in `wsjax.config_schema`, the Cerebras key tables in `wsjax.config_keys`, the 2.x
+layout in `wsjax.config_layout`, the model section (family inference, NeoX, initializers) in
+`wsjax.config_model`, the other sections and cross-section checks in `wsjax.config_sections`.
 Every user error is a one-line `ConfigError` naming the file, the key, the value and what is valid.
 """
 
@@ -17,10 +19,9 @@ from typing import Any
 
 import yaml
 
+from wsjax.config_keys import ALIASES, FIXED_VALUE_KEYS, IGNORED_KEYS
+from wsjax.config_layout import from_trainer_layout
 from wsjax.config_schema import (
-    ALIASES,
-    FIXED_VALUE_KEYS,
-    IGNORED_KEYS,
     SECTION_CLASSES,
     SECTIONS,
     Config,
@@ -33,14 +34,8 @@ from wsjax.config_schema import (
     StreamingConfig,
     section_fields,
 )
-from wsjax.config_sections import (
-    build_config,
-    field_names,
-    field_types,
-    options,
-    suggest,
-    type_name,
-)
+from wsjax.config_sections import build_config
+from wsjax.config_types import field_names, field_types, options, suggest, type_name
 from wsjax.errors import ConfigError
 
 __all__ = [
@@ -60,7 +55,10 @@ logger = logging.getLogger(__name__)
 
 # Keys read by the loader that are not fields of their section's dataclass.
 _EXTRA_KEYS = {
-    "model": ("dropout_rate",),  # Cerebras GPT-2: residual + embedding dropout
+    # dropout_rate: Cerebras GPT-2 residual + embedding dropout; rotary_pct: HF/NeoX fraction
+    # of the head that rotates; use_position_embedding(s): Cerebras GPT-2 switch, checked.
+    "model": ("dropout_rate", "rotary_pct", "use_position_embedding", "use_position_embeddings"),
+    "optimizer": ("betas",),  # PyTorch spelling of beta1 / beta2
     "runconfig": ("grad_accum_steps",),  # alias of optimizer.grad_accum_steps
     "train_input": ("micro_batch_size",),  # alias of streaming.micro_batch_size
 }
@@ -69,14 +67,38 @@ _BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True}
 _BOOL_WORDS |= {"false": False, "no": False, "off": False, "0": False}
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping key given twice (PyYAML keeps the last silently,
+    so a duplicated `learning_rate:` would quietly drop the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen and key != "<<":
+                line = key_node.start_mark.line + 1
+                raise ConfigError(f"{self.name}: line {line}: key {key!r} given twice")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
-    """Read a params YAML file (yaml.safe_load), apply overrides, validate."""
+    """Read a params YAML file (safe loader, duplicate keys refused), apply overrides, validate.
+
+    Both Cerebras layouts load: the 1.x sections (train_input, model, optimizer, ...) and the
+    2.x `trainer:` layout (see `wsjax.config_layout`).
+    """
     try:
         text = Path(path).read_text()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read params file ({e.strerror or e})") from None
     try:
-        data = yaml.safe_load(text)
+        loader = _UniqueKeyLoader(text)
+        loader.name = str(path)
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -93,6 +115,8 @@ def config_from_dict(
         raise ConfigError(f"{source}: expected a mapping of sections {', '.join(SECTIONS)}")
     raw: dict[str, dict[str, Any]] = {}
     ignored: list[str] = []
+    if "trainer" in d:
+        d = from_trainer_layout(d, source, ignored)
     for name, body in d.items():
         if name not in SECTIONS:
             raise ConfigError(f"{source}: unknown section {name}{suggest(name, SECTIONS)}")
@@ -102,8 +126,12 @@ def config_from_dict(
     _move_cross_section_aliases(raw, source, ignored)
     for override in overrides:
         _apply_override(raw, override, source)
-    if ignored:
-        logger.warning("%s: ignoring keys with no meaning in wsjax: %s", source, ", ".join(ignored))
+    if ignored:  # ONE line for all of them, so a stock Cerebras file logs one warning
+        logger.warning(
+            "%s: accepted and ignored (no meaning in wsjax: hardware, runtime, logging): %s",
+            source,
+            ", ".join(ignored),
+        )
     return build_config(raw, source)
 
 
@@ -186,7 +214,10 @@ def _apply_override(raw: dict, override: str, source: str) -> None:
         if not is_init or sub not in field_names(InitSpec):
             raise ConfigError(f"{where}: {section}.{key} has no sub-key {sub}")
         tp = field_types(InitSpec)[sub]
-        target = body.get(key) if isinstance(body.get(key), dict) else {}
+        current = body.get(key)
+        if isinstance(current, list) and len(current) == 1:  # Cerebras TF list form
+            current = current[0]
+        target = dict(current) if isinstance(current, dict) else {}
         target[sub] = _parse_override_value(text.strip(), tp, where)
         body[key] = target
         return

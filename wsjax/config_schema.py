@@ -1,9 +1,12 @@
-"""The typed run configuration: frozen dataclasses, their defaults and the key tables.
+"""The typed run configuration: frozen dataclasses, their defaults, and the derived quantities.
 
 `wsjax.config` builds these from a Cerebras-style params YAML (and validates them); this file owns
-what the sections contain, the accepted aliases, and the Cerebras keys that mean nothing here.
-Field names are the Cerebras key names; `model_family` is stored as `family`. The maths of the
-initializers lives with the models (`wsjax.models.init`); here an `InitSpec` is only data.
+what the sections contain, the choices each key allows, the per-family defaults, and every
+quantity derived from the config, each computed once by name (`Config.micro_batches`,
+`Config.train_micro_batches`, `Config.eval_micro_batches`, `Config.eval_batches`,
+`OptimizerConfig.phase_boundaries`, `LRPhase.length`). Field names are the Cerebras key names;
+`model_family` is stored as `family`. The initializer maths lives with the models
+(`wsjax.models.init`); here an `InitSpec` is only data. Importing this module never imports jax.
 """
 
 from __future__ import annotations
@@ -13,14 +16,21 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from wsjax.errors import ConfigError
+
 logger = logging.getLogger("wsjax.config")
 
 SECTIONS = ("train_input", "eval_input", "model", "optimizer", "runconfig", "streaming")
-FAMILIES = ("gptj", "gpt2")
+FAMILIES = ("gptj", "gpt2", "neox")
 POSITION_EMBEDDINGS = ("rotary", "learned")
 NONLINEARITIES = ("gelu", "gelu_exact", "relu")
 OPTIMIZERS = ("adamw", "adam", "sgd")
-SCHEDULERS = ("linear", "constant", "cosine", "cosinedecay", "exponential")
+# Cerebras LR schedulers (lower-cased; 2.x names with an "LR" suffix map onto these).
+SCHEDULERS = (
+    "linear", "constant", "cosine", "cosinedecay", "exponential", "polynomial",
+    "piecewiseconstant", "inverseexponentialtimedecay",
+)  # fmt: skip
+LOSS_SCALINGS = ("num_tokens", "batch_size")
 DATA_PROCESSORS = (
     "GptTokenShardsProcessor",
     "GptHDF5DataProcessor",
@@ -30,102 +40,6 @@ DATA_PROCESSORS = (
 SPLITS = ("train", "eval")
 OPTIMIZER_PLACEMENTS = ("host", "device")
 HOST_MEMORY_KINDS = ("pinned_host", "unpinned_host", "device")
-
-# Cerebras keys that select hardware / runtime behaviour of the CS system or of its PyTorch
-# loaders and have no meaning in wsjax. They are accepted so Cerebras params files load
-# unchanged, and reported in ONE warning line per load.
-IGNORED_KEYS: dict[str, frozenset[str]] = {
-    "model": frozenset(
-        {
-            "precision_opt_level",
-            "fp16_type",
-            "boundary_casting",
-            "tf_summary",
-            "attention_softmax_fp32",
-            "attention_module",
-            "use_position_embedding",
-            "compute_eval_metrics",
-            "layer_norm_type",
-        }
-    ),  # fmt: skip
-    "optimizer": frozenset(
-        {
-            "log_summaries",
-            "initial_loss_scale",
-            "steps_per_increase",
-            "min_loss_scale",
-            "max_loss_scale",
-            "disable_lr_steps_reset",
-            "adjust_learning_rate",
-        }
-    ),  # fmt: skip
-    "runconfig": frozenset(
-        {
-            "precision_opt_level",
-            "use_cs_grad_accum",
-            "num_workers_per_csx",
-            "num_csx",
-            "num_wgt_servers",
-            "num_act_servers",
-            "compile_dir",
-            "log_summaries",
-            "save_losses",
-            "enable_distributed",
-            "autogen_policy",
-            "checkpoint_path",
-            "is_pretrained_checkpoint",
-            "load_checkpoint_states",
-            "cs_config",
-            "mode",
-            "save_initial_checkpoint",
-            "validate_only",
-            "compile_only",
-            "execute_crd_memory_gi",
-            "wgt_server_mem",
-            "act_memory_gi",
-            "cmd_memory_gi",
-            "wrk_memory_gi",
-            "job_labels",
-            "mgmt_address",
-            "credentials_path",
-            "mount_dirs",
-            "python_paths",
-            "transfer_processes",
-            "dist_backend",
-            "init_method",
-            "sync_batchnorm",
-            "target_device",
-            "disable_version_check",
-            "enable_summaries",
-            "experimental_api",
-        }
-    ),  # fmt: skip
-    "train_input": frozenset(
-        {
-            "persistent_workers",
-            "use_worker_cache",
-            "shuffle_buffer",
-            "drop_last",
-            "n_gpus",
-            "mixed_precision",
-            "fp16_type",
-        }
-    ),  # fmt: skip
-}
-IGNORED_KEYS["eval_input"] = IGNORED_KEYS["train_input"]
-
-# Cerebras keys accepted only at the value that matches what wsjax does.
-FIXED_VALUE_KEYS: dict[str, dict[str, Any]] = {
-    "model": {"loss_scaling": "num_tokens", "loss_weight": 1.0},
-}
-
-# Alternative spellings: section -> {alias: field}.
-ALIASES: dict[str, dict[str, str]] = {
-    "model": {"model_family": "family"},
-    "optimizer": {"eps": "epsilon", "correct_bias": "use_bias_correction"},
-    "runconfig": {"checkpoint_steps": "save_checkpoints_steps"},
-}
-LR_PHASE_ALIASES = {"total_iters": "steps"}
 
 
 @dataclass(frozen=True)
@@ -137,10 +51,16 @@ class InitSpec:
     mean: float = 0.0
     a: float | None = None  # truncation bounds (absolute values, torch trunc_normal_ style)
     b: float | None = None
-    scale: float = 1.0
+    scale: float | None = None  # variance_scaling; None: 1.0, or what scale_type sets
     mode: str = "fan_in"  # variance_scaling: fan_in | fan_out | fan_avg
-    distribution: str = "truncated_normal"  # variance_scaling: truncated_normal | normal | uniform
-    key: str | None = None  # scaled_init_normal: "num_hidden_layers" scales std by 1/sqrt(2L)
+    # variance_scaling: truncated_normal | normal (= untruncated_normal) | uniform
+    distribution: str = "truncated_normal"
+    # scaled_init_normal: std = sigma / sqrt(2 L) ("num_hidden_layers") or sigma / sqrt(V)
+    # ("vocab_size"); no key: std = sigma.
+    key: str | None = None
+    # variance_scaling: "small_init" (scale 2/5) or "wang_init" (scale 4 / L^2), Cerebras TF.
+    scale_type: str | None = None
+    sigma: float | None = None  # scaled_init_normal's base std (Cerebras default 1.0)
 
 
 KNOWN_INITIALIZERS = (
@@ -177,6 +97,15 @@ class ModelConfig:
     embedding_initializer: InitSpec = InitSpec()
     output_layer_initializer: InitSpec = InitSpec()
     initializer_range: float = 0.02
+    # GPT-NeoX (contract 2): two layer norms per block; parallel residual; rotary base.
+    use_untied_layer_norm: bool = False
+    use_parallel_residual: bool = True
+    rope_theta: float = 10000.0
+    # The loss of a batch is sum(token losses) * loss_weight / count, where count is the
+    # number of loss tokens ("num_tokens") or of sequences ("batch_size"): Cerebras semantics,
+    # see wsjax.losses.loss_normalizer.
+    loss_scaling: str = "num_tokens"
+    loss_weight: float = 1.0
 
     @property
     def head_dim(self) -> int:
@@ -199,6 +128,15 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "use_projection_bias_in_attention": True,
         "use_ffn_bias_in_attention": True,
     },
+    "neox": {
+        "position_embedding_type": "rotary",
+        "share_embedding_weights": False,
+        "use_bias_in_output": False,
+        "use_projection_bias_in_attention": True,
+        "use_ffn_bias_in_attention": True,
+        "use_untied_layer_norm": True,
+        "use_parallel_residual": True,
+    },
 }
 
 
@@ -213,6 +151,16 @@ class LRPhase:
     decay_steps: int | None = None
     decay_rate: float | None = None
     staircase: bool = False
+    power: float = 1.0  # polynomial
+    cycle: bool = False  # polynomial
+    step_exponent: float | None = None  # inverseexponentialtimedecay
+    values: tuple[float, ...] | None = None  # piecewiseconstant
+    boundaries: tuple[int, ...] | None = None  # piecewiseconstant
+
+    @property
+    def length(self) -> int | None:
+        """Steps this phase lasts: `steps`, else `decay_steps` (Cerebras accepts either)."""
+        return self.steps if self.steps is not None else self.decay_steps
 
 
 @dataclass(frozen=True)
@@ -225,9 +173,25 @@ class OptimizerConfig:
     weight_decay_rate: float = 0.0
     momentum: float = 0.0
     max_gradient_norm: float | None = None
+    max_gradient_value: float | None = None  # clip each gradient element to [-v, v]
     grad_accum_steps: int = 1
     loss_scaling_factor: float | str | None = None
     use_bias_correction: bool = True
+    # True: every LR phase sees the global step instead of the steps since its own start.
+    disable_lr_steps_reset: bool = False
+    # Cerebras muP: {"decoder_kernel": factor} multiplies the LR of the blocks' kernels.
+    adjust_learning_rate: tuple[tuple[str, float], ...] | None = None
+
+    @property
+    def phase_boundaries(self) -> tuple[int, ...]:
+        """Global steps at which LR phase 2, 3, ... start (empty for a constant LR)."""
+        if not isinstance(self.learning_rate, tuple):
+            return ()
+        ends, total = [], 0
+        for phase in self.learning_rate[:-1]:
+            total += phase.length
+            ends.append(total)
+        return tuple(ends)
 
 
 @dataclass(frozen=True)
@@ -235,11 +199,17 @@ class RunConfig:
     max_steps: int = 1000
     save_summary_steps: int = 10
     save_checkpoints_steps: int = 500
-    keep_checkpoint_max: int = 5
+    keep_checkpoint_max: int = 5  # 0 keeps every checkpoint (Cerebras)
     log_steps: int = 10
     eval_steps: int = 10
     seed: int = 1
     model_dir: str | None = None
+
+    @property
+    def checkpoints_to_keep(self) -> int | None:
+        """How many checkpoints pruning keeps: keep_checkpoint_max, None (all) for 0 (Cerebras);
+        None is what orbax's CheckpointManagerOptions(max_to_keep=...) reads as keep all."""
+        return self.keep_checkpoint_max or None
 
 
 @dataclass(frozen=True)
@@ -258,14 +228,14 @@ class StreamingConfig:
 @dataclass(frozen=True)
 class InputConfig:
     data_dir: str | tuple[str, ...]
-    max_sequence_length: int
+    max_sequence_length: int  # when absent, derived from model.max_position_embeddings
     batch_size: int
     split: str = "train"  # load_config defaults eval_input to "eval"
     data_processor: str = "GptTokenShardsProcessor"
     vocab_size: int | None = None
     shuffle: bool = False
     shuffle_seed: int = 0
-    repeat: bool = True
+    repeat: bool = True  # eval_input defaults to False, as on Cerebras
     num_workers: int = 1
     prefetch_factor: int = 2
 
@@ -280,6 +250,49 @@ class Config:
     eval_input: InputConfig | None
     source: str = "<dict>"
 
+    # ---- derived quantities: decided here once; engine, runner and plan call these ----
+    def micro_batches(self, batch_size: int, train: bool = True) -> int:
+        """Micro-batches a batch of `batch_size` sequences is split into.
+
+        Train: batch / streaming.micro_batch_size, else optimizer.grad_accum_steps (the two are
+        reconciled when the config is built). Eval: the training micro-batch size when it divides
+        the eval batch (it bounds activation memory), else the whole batch at once.
+        """
+        micro = self.streaming.micro_batch_size
+        if not train:
+            return batch_size // micro if micro and batch_size % micro == 0 else 1
+        count = batch_size // micro if micro else self.optimizer.grad_accum_steps
+        if count < 1 or batch_size % count or (micro and batch_size % micro):
+            raise ConfigError(
+                f"{self.source}: batch_size {batch_size} is not divisible into {count} "
+                "micro-batches (optimizer.grad_accum_steps / streaming.micro_batch_size)"
+            )
+        return count
+
+    def micro_batch_size(self, batch_size: int, train: bool = True) -> int:
+        """Sequences per micro-batch for a batch of `batch_size` (see `micro_batches`)."""
+        return batch_size // self.micro_batches(batch_size, train)
+
+    @property
+    def train_micro_batches(self) -> int:
+        """Micro-batches per training step for train_input.batch_size (1 without train_input)."""
+        if self.train_input is None:
+            return 1
+        return self.micro_batches(self.train_input.batch_size, train=True)
+
+    @property
+    def eval_micro_batches(self) -> int:
+        """Micro-batches per eval batch for eval_input.batch_size (1 without eval_input)."""
+        if self.eval_input is None:
+            return 1
+        return self.micro_batches(self.eval_input.batch_size, train=False)
+
+    def eval_batches(self, batches_per_pass: int | None = None) -> int | None:
+        """Batches one evaluation draws: runconfig.eval_steps; <= 0 means one full pass over
+        the eval data (Cerebras), i.e. `batches_per_pass` (None when unknown)."""
+        steps = self.runconfig.eval_steps
+        return batches_per_pass if steps is None or steps <= 0 else steps
+
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML-safe dict in params-file form; `config_from_dict` rebuilds this Config."""
         out: dict[str, Any] = {}
@@ -288,6 +301,9 @@ class Config:
             if value is not None:
                 out[section] = _plain(value)
         out["model"]["model_family"] = out["model"].pop("family")
+        adjust = out["optimizer"].get("adjust_learning_rate")
+        if adjust is not None:
+            out["optimizer"]["adjust_learning_rate"] = {k: v for k, v in adjust}
         return out
 
 

@@ -7,8 +7,13 @@ exact.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from wsjax.config_schema import ModelConfig
 
 
 def token_loss_sum(
@@ -30,14 +35,14 @@ def token_correct_sum(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> 
     return jnp.sum(hit * mask.astype(jnp.float32))
 
 
-def loss_normalizer(model_cfg, loss_mask):
+def loss_normalizer(model_cfg: ModelConfig, loss_mask: np.ndarray | jax.Array) -> Any:
     """The denominator of a global batch's loss (numpy or jax ``loss_mask`` of shape (B, T)).
 
     Cerebras ``loss_scaling: num_tokens`` (the default): the number of loss tokens;
     ``batch_size``: the number of sequences. Either is divided by ``loss_weight``, so the loss is
-    ``sum(token losses) * loss_weight / normaliser-count``. Engine and reference both call this.
+    ``sum(token losses) * loss_weight / count`` (Cerebras GPT files pair ``batch_size`` with
+    ``loss_weight: 1/max_sequence_length``: the per-token mean of full sequences). Engine and
+    reference both call this; the result has the mask's array type.
     """
-    scaling = getattr(model_cfg, "loss_scaling", "num_tokens")
-    weight = getattr(model_cfg, "loss_weight", 1.0)
-    count = loss_mask.shape[0] if scaling == "batch_size" else loss_mask.sum()
-    return count / weight
+    count = loss_mask.shape[0] if model_cfg.loss_scaling == "batch_size" else loss_mask.sum()
+    return count / model_cfg.loss_weight

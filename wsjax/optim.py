@@ -35,45 +35,76 @@ DECAY_LEAF_NAMES = frozenset({"kernel", "wte", "wpe"})
 def learning_rate_schedule(opt_cfg: OptimizerConfig) -> optax.Schedule:
     """The LR as a function of the update count (0 for the first update).
 
-    Phases run one after another, each seeing the steps since its own start (optax
-    join_schedules at the cumulative `steps` boundaries); the last phase may omit `steps`.
+    Cerebras semantics (modelzoo common/pytorch/PyTorchBaseModel._configure_lr_scheduler and
+    common/pytorch/optim/lr_scheduler.py): phases run one after another; a phase lasts `steps`,
+    else `decay_steps` (so a non-final Cosine phase given only decay_steps ends there); the
+    boundaries are `OptimizerConfig.phase_boundaries`. Each phase sees the steps since its own
+    start, or the global step when `disable_lr_steps_reset` is set.
     """
     lr = opt_cfg.learning_rate
     if not isinstance(lr, tuple):
         return optax.constant_schedule(float(lr))
     schedules = [_phase_schedule(p) for p in lr]
+    boundaries = list(opt_cfg.phase_boundaries)
+    if opt_cfg.disable_lr_steps_reset:  # no reset: phase i is evaluated at the global step
+        starts = [0, *boundaries]
+        schedules = [
+            (lambda step, fn=fn, start=start: fn(step + start))
+            for fn, start in zip(schedules, starts, strict=True)
+        ]
     if len(schedules) == 1:
         return schedules[0]
-    boundaries = [sum(p.steps for p in lr[: i + 1]) for i in range(len(lr) - 1)]
     return optax.join_schedules(schedules, boundaries)
 
 
 def _phase_schedule(p: LRPhase) -> optax.Schedule:
-    """One Cerebras scheduler; each holds its end value once its steps are done."""
+    """One Cerebras scheduler of the step t since its phase start; each holds its end value once
+    its decay steps are done (formulas of Cerebras' lr_scheduler.py, cited per branch)."""
     if p.scheduler == "constant":
         value = float(p.learning_rate)
         return lambda step: jnp.full((), value, jnp.float32)
+    if p.scheduler == "piecewiseconstant":  # values[i] while boundaries[i-1] <= t < boundaries[i]
+        values = jnp.asarray(p.values, jnp.float32)
+        bounds = jnp.asarray(p.boundaries, jnp.float32)
+        return lambda step: values[jnp.sum(_f32(step) >= bounds)]
     initial = float(p.initial_learning_rate)
-    if p.scheduler == "linear":  # initial -> end over `steps`
-        end, n = float(p.end_learning_rate), p.steps
-        return lambda step: initial + (end - initial) * (_f32(step).clip(0, n) / n)
+    n = p.length or 1  # Cerebras: `steps` overrides decay_steps; Exponential defaults to 1
+    if p.scheduler in ("linear", "polynomial"):
+        # Polynomial: (initial - end) * (1 - t / T) ** power + end for t < T, end after.
+        # Linear is power 1. Cerebras' `cycle` divides by T * ceil((t + 1) / T), which is T for
+        # every t < T, and t >= T gives `end` first: it never changes the value, nor here.
+        end, power = float(p.end_learning_rate), 1.0 if p.scheduler == "linear" else p.power
+
+        def polynomial(step):
+            frac = jnp.clip(_f32(step) / n, 0.0, 1.0)
+            return (initial - end) * jnp.power(1.0 - frac, power) + end
+
+        return polynomial
     if p.scheduler in ("cosine", "cosinedecay"):
-        # Cerebras CosineDecay: end + (initial - end) * (1 + cos(pi * t / T)) / 2, t <= T.
-        # TF-style Cosine gives alpha instead of end: end = alpha * initial.
+        # CosineDecay: end + (initial - end) * (1 + cos(pi * min(t, T) / T)) / 2.
+        # TF Cosine gives alpha instead of end: end = alpha * initial (tf cosine_decay).
         end = p.end_learning_rate
         end = initial * (p.alpha or 0.0) if end is None else float(end)
-        n = p.decay_steps or p.steps
         return lambda step: (
             end + (initial - end) * 0.5 * (1.0 + jnp.cos(math.pi * _f32(step).clip(0, n) / n))
         )
-    if p.scheduler == "exponential":  # initial * rate ** (t / decay_steps), floored if staircase
-        rate, n, stair = float(p.decay_rate), p.decay_steps, p.staircase
+    rate, stair = float(p.decay_rate), p.staircase
+    if p.scheduler == "exponential":  # initial * rate ** (t / T), the exponent floored if staircase
 
         def exponential(step):
             t = _f32(step) / n
             return initial * jnp.power(rate, jnp.floor(t) if stair else t)
 
         return exponential
+    if p.scheduler == "inverseexponentialtimedecay":
+        # initial / (1 + rate * (t ** step_exponent / T)), the ratio floored if staircase
+        exponent = float(p.step_exponent)
+
+        def inverse_time(step):
+            alpha = jnp.power(_f32(step), exponent) / n
+            return initial / (1.0 + rate * (jnp.floor(alpha) if stair else alpha))
+
+        return inverse_time
     raise ConfigError(f"optimizer.learning_rate scheduler={p.scheduler!r} is not supported")
 
 
@@ -99,13 +130,20 @@ def _leaf_name(path: tuple) -> str | None:
 
 
 def make_optimizer(opt_cfg: OptimizerConfig) -> optax.GradientTransformation:
-    """AdamW / Adam / SGD with the LR schedule and masked weight decay; no clipping.
+    """AdamW / Adam / SGD with the LR schedule and masked weight decay; no global-norm clipping.
 
     adamw: decoupled decay, lr-scaled (torch AdamW, Cerebras AdamW): u = -lr * (adam + wd * p).
     adam, sgd: L2 decay added to the gradient first (torch Adam / SGD `weight_decay`).
+    max_gradient_value clips each gradient element to [-v, v] first (Cerebras GradientClipper;
+    element-wise, so applying it per segment is exact). adjust_learning_rate scales the update
+    of the blocks' kernels (Cerebras muP "decoder_kernel": non-embedding kernels).
     """
     b1, b2, eps = opt_cfg.beta1, opt_cfg.beta2, opt_cfg.epsilon
     lr = optax.scale_by_learning_rate(learning_rate_schedule(opt_cfg))
+    clip = [] if opt_cfg.max_gradient_value is None else [optax.clip(opt_cfg.max_gradient_value)]
+    adjust = dict(opt_cfg.adjust_learning_rate or ())
+    if "decoder_kernel" in adjust:
+        lr = optax.chain(lr, _scale_where(decoder_kernel_mask, adjust["decoder_kernel"]))
     wd = opt_cfg.weight_decay_rate
     decay = [optax.add_decayed_weights(wd, mask=weight_decay_mask)] if wd > 0 else []
     kind = opt_cfg.optimizer_type
@@ -120,7 +158,29 @@ def make_optimizer(opt_cfg: OptimizerConfig) -> optax.GradientTransformation:
         steps = [*decay, *momentum, lr]
     else:
         raise ConfigError(f"optimizer.optimizer_type={kind!r} is invalid; use adamw | adam | sgd")
-    return optax.chain(*steps)
+    return optax.chain(*clip, *steps)
+
+
+def decoder_kernel_mask(params: Any) -> Any:
+    """True for "kernel" leaves under "blocks" (the decoder's matrices, not embeddings/head)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: _leaf_name(path) == "kernel" and _under(path, "blocks"), params
+    )
+
+
+def _under(path: tuple, name: str) -> bool:
+    return any(getattr(k, "key", None) == name for k in path)
+
+
+def _scale_where(mask_fn, factor: float) -> optax.GradientTransformation:
+    """Multiply the updates of leaves selected by `mask_fn` by `factor` (stateless)."""
+
+    def update(updates, state, params=None):
+        del params
+        mask = mask_fn(updates)
+        return jax.tree.map(lambda u, m: u * factor if m else u, updates, mask), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update)
 
 
 def make_optimizer_with_clipping(opt_cfg: OptimizerConfig) -> optax.GradientTransformation:
