@@ -15,7 +15,8 @@ one generator per thread: 24 GB of fp32 in seconds), compiles, runs a warm-up st
 - ``host_peak_rss_bytes`` (VmHWM) against the plan's host total;
 - h2d bytes/s through the engine's path (``jax.device_put`` of a block's stream copy, where the
   engine keeps it) against a raw copy of a ``pinned_host`` array of the same size;
-- the result of ``pytest -m gpu tests/test_gpu.py``.
+- the result of ``pytest -m gpu tests/test_gpu.py`` (run first, in a child process; the exit
+  code is 1 when they fail).
 
 Progress lines go to stdout as it runs (flushed), so a run cut short shows how far it got.
 """
@@ -146,14 +147,18 @@ def plan_for(model, cfg, engine, shape, records, dev):
     )
 
 
-def run_gpu_tests(smoke: bool) -> dict:
+def run_gpu_tests() -> dict:
     """``pytest -m gpu`` on the gpu tests; their summary line and exit code."""
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"]
     cmd.append(str(REPO / "tests" / "test_gpu.py"))
     path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "PYTHONPATH": path}
+    env = {**os.environ, "PYTHONPATH": path, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
     say("running: " + " ".join(cmd[1:]))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=400)
+    except subprocess.TimeoutExpired as e:
+        say(f"gpu tests timed out after {e.timeout} s")
+        return {"returncode": None, "summary": f"timed out after {e.timeout} s"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
     for ln in lines[-15:]:
         print("    " + ln, flush=True)
@@ -162,6 +167,9 @@ def run_gpu_tests(smoke: bool) -> dict:
 
 def main() -> int:
     args = C.parse_args(__doc__, _args)
+    # The gpu tests first, in their own process, before this one takes the accelerator: JAX
+    # preallocates 75% of GPU memory per process, so a child started later would find none.
+    tests = None if args.no_tests else run_gpu_tests()
     dev = jax.devices()[0]
     say(f"jax {jax.__version__}, {jax.device_count()} x {dev.platform} {dev.device_kind}")
     if dev.platform == "cpu" and not args.smoke:
@@ -179,6 +187,7 @@ def main() -> int:
         f"compute {np.dtype(model.compute_dtype).name}"
     )
     record = {"benchmark": "gpu_check", "smoke": args.smoke, "machine": C.machine()}
+    record["gpu_tests"] = tests
     record["config"] = {"file": Path(args.config).name, "overrides": overrides}
     record["shape"] = {"layers": model.num_layers, "hidden": cfg.model.hidden_size}
     record["shape"] |= {"batch": shape[0], "seq": shape[1], "params": model.num_params()}
@@ -189,11 +198,9 @@ def main() -> int:
         record["error"] = f"{type(e).__name__}: {e}"[:2000]
         C.emit(record, out)
         raise
-    if not args.no_tests:
-        record["gpu_tests"] = run_gpu_tests(args.smoke)
     say("result:")
     C.emit(record, out)
-    return 0
+    return 0 if tests is None or tests["returncode"] == 0 else 1  # the tests' verdict
 
 
 def measure(args, cfg, model, shape, dev, record: dict) -> None:
