@@ -40,6 +40,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from wsjax.config import load_config  # noqa: E402
+from wsjax.errors import PlanError  # noqa: E402
 from wsjax.metrics import model_flops_per_token  # noqa: E402
 from wsjax.models import get_model  # noqa: E402
 from wsjax.streaming import StreamingEngine, make_plan, num_micro_batches  # noqa: E402
@@ -194,6 +195,10 @@ def main() -> int:
     out = Path(args.results_dir) / "gpu_check.jsonl"
     try:
         measure(args, cfg, model, shape, dev, record)
+    except PlanError as e:  # refused before allocating: the plan says why
+        record["error"] = str(e)
+        C.emit(record, out)
+        return e.exit_code
     except Exception as e:  # still record how far it got
         record["error"] = f"{type(e).__name__}: {e}"[:2000]
         C.emit(record, out)
