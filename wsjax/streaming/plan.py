@@ -45,13 +45,14 @@ DEVICE_KNOBS = {
     "weights_in_flight": "lower streaming.prefetch_depth",
     "activations": "lower train_input.batch_size or max_sequence_length",
 }
+_MORE_HOSTS = "a host with more RAM, or more hosts (the host store is sharded across processes)"
 HOST_KNOBS = {
     "offloaded_activations": "set streaming.activation_offload: false (keep block inputs on "
     "the device) or lower train_input.batch_size",
-    "optimizer_state": "run more processes (the host store is sharded across processes) or "
-    "use a host with more RAM",
-    "gradients": "run more processes or use a host with more RAM",
-    "master_fp32": "run more processes or use a host with more RAM",
+    "optimizer_state": _MORE_HOSTS,
+    "gradients": _MORE_HOSTS,
+    "master_fp32": _MORE_HOSTS,
+    "stream_copy": _MORE_HOSTS,
 }
 
 
@@ -117,9 +118,13 @@ class MemoryPlan:
 
 
 def _knobs(terms: dict[str, int], knobs: dict[str, str]) -> str:
-    """The knobs of the two largest terms that have one, each with the term's size."""
+    """The knobs of the two largest terms that have one, each with the terms it reduces."""
     ranked = sorted(((v, k) for k, v in terms.items() if k in knobs), reverse=True)
-    return "; ".join(f"{knobs[k]} ({k} {v / GiB:.2f} GiB)" for v, k in ranked[:2])
+    named: dict[str, list[str]] = {}
+    for v, k in ranked:
+        if knobs[k] in named or len(named) < 2:
+            named.setdefault(knobs[k], []).append(f"{k} {v / GiB:.2f} GiB")
+    return "; ".join(f"{knob} ({', '.join(sizes)})" for knob, sizes in named.items())
 
 
 def _short(what: str, need: int, avail: int, knob: str) -> str:
