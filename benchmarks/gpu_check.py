@@ -24,7 +24,6 @@ Progress lines go to stdout as it runs (flushed), so a run cut short shows how f
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import time
@@ -73,12 +72,6 @@ def _args(p) -> None:
     p.add_argument("--config", default=str(REPO / "configs" / "params_gptj_6B.yaml"))
     p.add_argument("--no_tests", action="store_true", help="skip pytest -m gpu")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
-
-
-def rss(field: str = "VmHWM") -> int:
-    """Bytes of this process's resident memory (VmRSS now, VmHWM its peak)."""
-    status = Path("/proc/self/status").read_text()
-    return int(re.search(rf"{field}:\s+(\d+)", status).group(1)) * 1024
 
 
 def random_params(model, seed: int = 0) -> dict:
@@ -237,16 +230,17 @@ def measure(args, cfg, model, shape, dev, record: dict) -> None:
         m = engine.train_step(batch)
         steps.append(m)
         what = "warm-up" if i == 0 else f"step {i}/{args.steps}"
+        rss_now = C.rss_bytes("VmRSS") / GiB
         say(
             f"{what}: {m['step_seconds']:.2f} s, loss {m['train/loss']:.4f}, h2d wait "
             f"{m['stream/h2d_wait_seconds']:.2f} s, update wait "
-            f"{m['stream/update_wait_seconds']:.2f} s, host RSS {rss('VmRSS') / GiB:.1f} GiB"
+            f"{m['stream/update_wait_seconds']:.2f} s, host RSS {rss_now:.1f} GiB"
         )
     timed = sorted(m["step_seconds"] for m in steps[1:]) or [steps[0]["step_seconds"]]
     step_s = timed[len(timed) // 2]
     stats = dev.memory_stats() or {}
     device_peak = stats.get("peak_bytes_in_use")
-    host_peak = rss("VmHWM")
+    host_peak = C.rss_bytes("VmHWM")
 
     say("measuring the bf16 matmul peak and the raw pinned_host copy")
     n = 1024 if args.smoke else 8192
