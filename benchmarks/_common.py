@@ -184,7 +184,8 @@ class LivePeak:
 
     def __init__(self, engine):
         self.peak_total = 0
-        self.peak_by_kind: dict[str, int] = {}
+        self.peak_by_kind: dict[str, int] = {}  # the split of the total at its peak
+        self.kind_peaks: dict[str, int] = {}  # each memory kind's own peak
         ledger = engine.residency
         for name in ("add", "drop", "running"):
             original = getattr(ledger, name)
@@ -202,10 +203,12 @@ class LivePeak:
         total = sum(by_kind.values())
         if total > self.peak_total:
             self.peak_total, self.peak_by_kind = total, by_kind
+        for kind, nbytes in by_kind.items():
+            self.kind_peaks[kind] = max(self.kind_peaks.get(kind, 0), nbytes)
         return total
 
     def reset(self) -> None:
-        self.peak_total, self.peak_by_kind = 0, {}
+        self.peak_total, self.peak_by_kind, self.kind_peaks = 0, {}, {}
 
 
 # ---- the models under test ----------------------------------------------------------------
