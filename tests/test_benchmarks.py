@@ -48,6 +48,9 @@ EXPECTED = {
     "bench_input.py": {
         "shards_w1_p2": ("tokens_per_sec", "train_tokens_per_sec", "ratio"),
     },
+    "bench_default_run.py": {
+        "smoke": ("wall_seconds", "final_train_loss"),
+    },
 }
 
 
