@@ -152,6 +152,65 @@ def memory_bandwidth(nbytes: int = 256 << 20, reps: int = 5) -> dict:
     }
 
 
+# ---- memory as allocated (never the engine's own ledger) ----------------------------------
+def rss_bytes(field: str = "VmRSS") -> int:
+    """This process's resident memory from /proc/self/status: VmRSS now, VmHWM its peak."""
+    status = Path("/proc/self/status").read_text()
+    for line in status.splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def live_bytes_by_kind() -> dict[str, int]:
+    """Bytes of every array JAX holds now (``jax.live_arrays()``), by memory kind."""
+    out: dict[str, int] = {}
+    for a in jax.live_arrays():
+        if a.is_deleted():
+            continue
+        kind = getattr(a.sharding, "memory_kind", None) or "device"
+        out[kind] = out.get(kind, 0) + a.nbytes
+    return out
+
+
+class LivePeak:
+    """The peak of ``jax.live_arrays()`` bytes while an engine steps.
+
+    It samples whenever the engine touches its residency ledger (a fetch issued, weights
+    released, an executable dispatched, kept values stored or dropped): the ledger's hooks say
+    only WHEN to look; the number is what JAX really holds at that moment, plus one sample per
+    :meth:`sample` call (e.g. after each step).
+    """
+
+    def __init__(self, engine):
+        self.peak_total = 0
+        self.peak_by_kind: dict[str, int] = {}  # the split of the total at its peak
+        self.kind_peaks: dict[str, int] = {}  # each memory kind's own peak
+        ledger = engine.residency
+        for name in ("add", "drop", "running"):
+            original = getattr(ledger, name)
+            setattr(ledger, name, self._sampling(original))
+
+    def _sampling(self, original):
+        def call(*args, **kwargs):
+            self.sample()
+            return original(*args, **kwargs)
+
+        return call
+
+    def sample(self) -> int:
+        by_kind = live_bytes_by_kind()
+        total = sum(by_kind.values())
+        if total > self.peak_total:
+            self.peak_total, self.peak_by_kind = total, by_kind
+        for kind, nbytes in by_kind.items():
+            self.kind_peaks[kind] = max(self.kind_peaks.get(kind, 0), nbytes)
+        return total
+
+    def reset(self) -> None:
+        self.peak_total, self.peak_by_kind, self.kind_peaks = 0, {}, {}
+
+
 # ---- the models under test ----------------------------------------------------------------
 def gptj_dict(
     layers: int,

@@ -184,6 +184,7 @@ def test_validate_only_plans_gptj_6b_without_allocating(tmp_path):
 
     md = tmp_path / "md"
     argv = ["-p", str(REPO / "configs" / "params_gptj_6B.yaml"), "-o", str(md), "--validate_only"]
+    argv += ["streaming.device_memory_gb=80", "streaming.host_memory_gb=128"]  # its target
     # The child prints its own peak RSS (KiB) as its last stderr line: VmHWM belongs to the
     # process image (ru_maxrss would carry over the forking parent's size across exec).
     code = (

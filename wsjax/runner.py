@@ -84,9 +84,10 @@ class Runner:
             jax.device_count(),
             jax.devices()[0].platform,
         )
-        plan = self._plan(None, strict=not (validate_only or compile_only))
+        # validate_only: a plan that does not fit is the verdict (PlanError, exit 3)
+        plan = self._plan(None, strict=not compile_only)
         if validate_only:
-            self.result.message = "validate_only: config and shapes valid, plan written"
+            self.result.message = "validate_only: config and shapes valid, the plan fits"
             log.info("%s", self.result.message)
             return self.result
         shapes = {"train" if self.training else "eval": self.shape}
@@ -116,25 +117,44 @@ class Runner:
         return self._train(start)
 
     def _plan(self, records, *, strict: bool):
+        """The memory plan of this run's step, against ``streaming.device_memory_gb`` /
+        ``host_memory_gb`` when given (a GPU target: separate device and host memory), else
+        against this machine. ``strict``: raise PlanError (exit 3) when it does not fit."""
         import jax
 
         from wsjax.streaming import make_plan, num_micro_batches
-        from wsjax.streaming.plan import available_device_bytes, available_host_bytes
+        from wsjax.streaming.engine import _eval_micro as eval_micro
+        from wsjax.streaming.plan import GiB, available_device_bytes, available_host_bytes
 
-        dev = jax.devices()[0]
+        s, dev = self.config.streaming, jax.devices()[0]
+        target = s.device_memory_gb is not None or s.host_memory_gb is not None
+        if target:  # one accelerator of the target, whatever this machine is
+            platform, n_devices = "gpu", (jax.device_count() if dev.platform != "cpu" else 1)
+            device_avail = int(s.device_memory_gb * GiB) if s.device_memory_gb else None
+            host_avail = int(s.host_memory_gb * GiB) if s.host_memory_gb else None
+        else:
+            platform, n_devices = dev.platform, jax.device_count()
+            device_avail, host_avail = available_device_bytes(dev), available_host_bytes()
+        batch = self.shape[0]
+        micro_batches = num_micro_batches if self.training else eval_micro
+        n_micro = micro_batches(self.config, batch)
         plan = make_plan(
             self.model,
             self.config,
             self.optimizer,
             batch_size=self.shape[0],
             seq=self.shape[1],
-            n_micro=num_micro_batches(self.config, self.shape[0]),
-            n_devices=jax.device_count(),
-            platform=dev.platform,
+            n_micro=n_micro,
+            n_devices=n_devices,
+            platform=platform,
             compile_records=records,
-            host_available=available_host_bytes(),
-            device_available=available_device_bytes(dev),
+            host_available=host_avail,
+            device_available=device_avail,
+            train=self.training,
+            input_prefetch=int(self.input.prefetch_factor) * int(self.input.num_workers),
         )
+        if target:
+            plan.notes.append("planned against streaming.device_memory_gb / host_memory_gb")
         plan.write(self.md.plan_json)
         self.result.plan_path = self.md.plan_json
         if records is None:
@@ -144,7 +164,7 @@ class Runner:
         except WsjaxError as e:
             if strict:
                 raise
-            log.warning("on this machine: %s", e)
+            log.warning("%s: %s", "on the target" if target else "on this machine", e)
         return plan
 
     def _compile(self, engine) -> list[dict]:

@@ -1,17 +1,23 @@
 """Memory plan: host and device bytes of a streamed run, computed before anything is allocated.
 
-Host: fp32 master, optimizer state, compute-dtype streaming copy, gradient buffers (the whole
-model when clipping needs the global norm before any update), offloaded activations.
+Host (per process): fp32 master, optimizer state, compute-dtype streaming copy, the fp32
+gradients of every segment (the step holds them until the global norm is known and the updates
+have run), offloaded block inputs, one segment's update scratch, the loader's prefetched
+batches, and the process itself (Python, the JAX/XLA runtime, on a GPU the CUDA libraries).
 Device (per device of the data mesh): weights in flight ((prefetch_depth + 1) segments), kept
-block inputs (L x batch x seq x hidden unless offloaded), the activations flowing through the
-current layer, one segment's fp32 gradient accumulator, the batch, and the largest scratch of
-the compiled executables (their memory analysis when compiled, else an estimate).
+block inputs (L x batch x seq x hidden, or a (prefetch_depth + 1)-layer window when offloaded),
+the activations flowing through the current layer, gradient accumulators (one summing, one
+draining to the host), the batch, and the largest scratch of the compiled executables (their
+memory analysis when compiled, else an estimate).
+
+An evaluation plan (``train=False``) has no optimizer state, no gradients and keeps nothing for
+a backward pass. Every term is an upper bound of what the engine allocates: the memory tests
+compare the plan against live arrays and process RSS.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,20 +26,34 @@ import jax
 import jax.numpy as jnp
 
 from wsjax.errors import PlanError
+from wsjax.streaming.store import tree_bytes
 
 GiB = 1024**3
 
-# Which knob reduces which device term.
-KNOBS = {
-    "kept_activations": "set streaming.activation_offload: true",
+# Host memory of the process itself before any model state: Python, NumPy, the JAX/XLA
+# runtime and its compiler. Measured VmRSS of a tiny CPU training run here: ~0.45 GiB (the
+# plan-vs-RSS test checks this bound). A CUDA process adds the driver context, cuBLAS/cuDNN and
+# the XLA GPU compiler, ~2-3 GiB of host memory; benchmarks/gpu_check.py records it.
+PROCESS_OVERHEAD = {"cpu": 1 * GiB, "gpu": 4 * GiB}
+BATCH_BYTES_PER_TOKEN = 12  # input_ids and labels int32, loss_mask float32
+
+# Which knob reduces which term; the refusal names the two largest terms that have one.
+DEVICE_KNOBS = {
+    "kept_activations": "lower train_input.batch_size (tokens per weight pass) or set "
+    "streaming.activation_offload: true",
     "executable_temp": "lower streaming.micro_batch_size (or raise optimizer.grad_accum_steps)",
     "weights_in_flight": "lower streaming.prefetch_depth",
     "activations": "lower train_input.batch_size or max_sequence_length",
 }
-
-
-def _bytes(tree) -> int:
-    return sum(math.prod(s.shape) * jnp.dtype(s.dtype).itemsize for s in jax.tree.leaves(tree))
+_MORE_HOSTS = "a host with more RAM, or more hosts (the host store is sharded across processes)"
+HOST_KNOBS = {
+    "offloaded_activations": "set streaming.activation_offload: false (keep block inputs on "
+    "the device) or lower train_input.batch_size",
+    "optimizer_state": _MORE_HOSTS,
+    "gradients": _MORE_HOSTS,
+    "master_fp32": _MORE_HOSTS,
+    "stream_copy": _MORE_HOSTS,
+}
 
 
 @dataclass
@@ -62,45 +82,57 @@ class MemoryPlan:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     def summary(self) -> str:
-        lines = ["Memory plan (per device for device terms):"]
+        lines = ["Memory plan (host per process, device per device):"]
         for title, terms, total, avail in (
             ("host", self.host, self.host_total, self.host_available),
             ("device", self.device, self.device_total, self.device_available),
         ):
-            have = f" of {avail / GiB:.2f} GiB available" if avail else ""
+            have = f" of {avail / GiB:.2f} GiB available" if avail else " (not checked)"
             lines.append(f"  {title}: {total / GiB:.3f} GiB{have}")
-            lines += [f"    {k:<20} {v / GiB:10.3f} GiB" for k, v in terms.items()]
+            lines += [f"    {k:<22} {v / GiB:10.3f} GiB" for k, v in terms.items()]
         if self.shared_memory:
             lines.append("  (CPU backend: device memory is host memory; checked together)")
-        return "\n".join(lines + [f"  note: {n}" for n in self.notes])
+        lines += [f"  note: {n}" for n in self.notes]
+        try:
+            self.check()
+            lines.append("  verdict: fits")
+        except PlanError as e:
+            lines.append(f"  verdict: {e}")
+        return "\n".join(lines)
 
     def check(self) -> None:
         """Raise :class:`PlanError` naming the shortfall and the knob that helps."""
         if self.shared_memory:
             need, avail = self.host_total + self.device_total, self.host_available
             if avail is not None and need > avail:
-                raise PlanError(self._short("host+device", need, avail, self._knob()))
+                terms = {**self.host, **self.device}
+                knobs = _knobs(terms, {**HOST_KNOBS, **DEVICE_KNOBS})
+                raise PlanError(_short("host+device", need, avail, knobs))
             return
         if self.host_available is not None and self.host_total > self.host_available:
-            raise PlanError(
-                self._short("host", self.host_total, self.host_available, "a host with more RAM")
-            )
+            knobs = _knobs(self.host, HOST_KNOBS)
+            raise PlanError(_short("host", self.host_total, self.host_available, knobs))
         if self.device_available is not None and self.device_total > self.device_available:
-            raise PlanError(
-                self._short("device", self.device_total, self.device_available, self._knob())
-            )
+            knobs = _knobs(self.device, DEVICE_KNOBS)
+            raise PlanError(_short("device", self.device_total, self.device_available, knobs))
 
-    def _knob(self) -> str:
-        terms = sorted(((v, k) for k, v in self.device.items() if k in KNOBS), reverse=True)
-        return "; ".join(f"{KNOBS[k]} ({k} {v / GiB:.2f} GiB)" for v, k in terms[:2])
 
-    @staticmethod
-    def _short(what: str, need: int, avail: int, knob: str) -> str:
-        return (
-            f"the run does not fit: it needs {need / GiB:.2f} GiB of {what} memory, "
-            f"{avail / GiB:.2f} GiB available (short by {(need - avail) / GiB:.2f} GiB); "
-            f"to fit: {knob}"
-        )
+def _knobs(terms: dict[str, int], knobs: dict[str, str]) -> str:
+    """The knobs of the two largest terms that have one, each with the terms it reduces."""
+    ranked = sorted(((v, k) for k, v in terms.items() if k in knobs), reverse=True)
+    named: dict[str, list[str]] = {}
+    for v, k in ranked:
+        if knobs[k] in named or len(named) < 2:
+            named.setdefault(knobs[k], []).append(f"{k} {v / GiB:.2f} GiB")
+    return "; ".join(f"{knob} ({', '.join(sizes)})" for knob, sizes in named.items())
+
+
+def _short(what: str, need: int, avail: int, knob: str) -> str:
+    return (
+        f"the run does not fit: it needs {need / GiB:.2f} GiB of {what} memory, "
+        f"{avail / GiB:.2f} GiB available (short by {(need - avail) / GiB:.2f} GiB); "
+        f"to fit: {knob}"
+    )
 
 
 def available_host_bytes() -> int | None:
@@ -138,58 +170,69 @@ def make_plan(
     compile_records: list | None = None,
     host_available: int | None = None,
     device_available: int | None = None,
+    train: bool = True,
+    input_prefetch: int = 2,
 ) -> MemoryPlan:
-    """The plan of a training step on ``batch_size`` x ``seq`` tokens; allocates nothing."""
+    """The plan of a training (or, ``train=False``, evaluation) step on ``batch_size`` x ``seq``
+    tokens, with ``input_prefetch`` batches queued by the loader; allocates nothing."""
     cfg, s = model.cfg, config.streaming
     shapes = model.param_shapes()
     dt = jnp.dtype(model.compute_dtype).itemsize
     n_params = model.num_params()
     layer = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), shapes["blocks"])
     seg_params = {
-        "embed": _bytes(shapes["embed"]) // 4,
-        "block": _bytes(layer) // 4,
-        "head": _bytes(shapes["head"]) // 4
-        + (_bytes(shapes["embed"]["wte"]) // 4 if model.tied else 0),
+        "embed": tree_bytes(shapes["embed"]) // 4,
+        "block": tree_bytes(layer) // 4,
+        "head": tree_bytes(shapes["head"]) // 4
+        + (tree_bytes(shapes["embed"]["wte"]) // 4 if model.tied else 0),
     }
     largest = max(seg_params.values())
-    d, L = cfg.hidden_size, model.num_layers
+    L = model.num_layers
     per_dev_batch = max(1, batch_size // n_devices)
-    act = per_dev_batch * seq * d * dt  # one (B, T, D) activation tensor, whole batch
+    act = per_dev_batch * seq * cfg.hidden_size * dt  # one (B, T, D) activation, whole batch
     micro_dev = max(1, per_dev_batch // n_micro)
+    gpu = platform != "cpu"
 
-    opt_bytes = _bytes(jax.eval_shape(optimizer.init, shapes))
-    clipping = config.optimizer.max_gradient_norm is not None
-    host = {
-        "master_fp32": 4 * n_params,
-        "optimizer_state": opt_bytes,
-        "stream_copy": dt * n_params,
-        "gradients": 4 * (n_params if clipping else largest),
-    }
+    host = {"master_fp32": 4 * n_params, "stream_copy": dt * n_params}
+    if train:
+        host["optimizer_state"] = tree_bytes(jax.eval_shape(optimizer.init, shapes))
+        # the step keeps every segment's fp32 gradient on the host until its end: with clipping
+        # the updates need the global norm first, and without it they are held all the same
+        host["gradients"] = 4 * n_params
+        # one segment's update: the new stream copy and the update's fp32 scratch
+        host["update_scratch"] = (4 + dt) * largest
+    host["input_batches"] = (input_prefetch + 2) * batch_size * seq * BATCH_BYTES_PER_TOKEN
+    host["process_overhead"] = PROCESS_OVERHEAD["gpu" if gpu else "cpu"]
 
-    temp = _estimate_temp(cfg, micro_dev, seq)
     notes = []
     if compile_records:
-        temp = max(
-            r["temp_bytes"] if isinstance(r, dict) else r.temp_bytes for r in compile_records
-        )
+        temps = (r["temp_bytes"] if isinstance(r, dict) else r.temp_bytes for r in compile_records)
+        temp = max(temps)
         notes.append("executable_temp from the compiled executables' memory analysis")
     else:
+        temp = _estimate_temp(cfg, micro_dev, seq, train)
         notes.append("executable_temp estimated (not compiled yet)")
-    kept = act if s.recompute else _residual_bytes(model, layer, per_dev_batch, seq)
-    if s.activation_offload:
-        host["offloaded_activations"] = L * kept * n_devices
+
     device = {
         "weights_in_flight": (s.prefetch_depth + 1) * largest * dt,
-        "kept_activations": (s.prefetch_depth + 1) * kept if s.activation_offload else L * kept,
         "activations": 2 * act,
-        "gradient_accumulator": 4 * largest,
         "batch": 3 * per_dev_batch * seq * 4,
         "executable_temp": temp,
     }
-    if s.optimizer_placement == "device":
-        device["optimizer_update"] = 2 * (4 * largest + opt_bytes * largest // max(1, n_params))
-    shared = platform == "cpu"
-    return MemoryPlan(host, device, host_available, device_available, shared, notes)
+    if train:
+        kept = act if s.recompute else _residual_bytes(model, layer, per_dev_batch, seq)
+        if s.activation_offload:
+            host["offloaded_activations"] = L * kept * n_devices
+            device["kept_activations"] = (s.prefetch_depth + 1) * kept
+        else:
+            device["kept_activations"] = L * kept
+        device["gradient_accumulators"] = 2 * 4 * largest  # one summing, one draining to host
+        if s.optimizer_placement == "device":
+            opt_per_param = host["optimizer_state"] / max(1, n_params)
+            device["optimizer_update"] = int(2 * (4 + opt_per_param) * largest)
+    else:
+        notes.append("evaluation: no optimizer state, no gradients, nothing kept for a backward")
+    return MemoryPlan(host, device, host_available, device_available, not gpu, notes)
 
 
 def _residual_bytes(model, layer, batch: int, seq: int) -> int:
@@ -201,12 +244,16 @@ def _residual_bytes(model, layer, batch: int, seq: int) -> int:
     w = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dt), layer)
     x = jax.ShapeDtypeStruct((batch, seq, model.cfg.hidden_size), dt)
     key, idx = jax.ShapeDtypeStruct((2,), jnp.uint32), jax.ShapeDtypeStruct((2,), jnp.int32)
-    return _bytes(jax.eval_shape(fns.block_fwd_save, w, x, key, idx)[1])
+    return tree_bytes(jax.eval_shape(fns.block_fwd_save, w, x, key, idx)[1])
 
 
-def _estimate_temp(cfg, micro: int, seq: int) -> int:
-    """Rough scratch of the largest executable (block backward or the head's logits)."""
+def _estimate_temp(cfg, micro: int, seq: int, train: bool) -> int:
+    """Scratch of the largest executable (block backward or the head's logits) at fp32: the
+    MLP's (T, F) intermediates, and up to 4 score- or logit-sized tensors (scores, softmax,
+    their gradient, a cast). XLA CPU's memory analysis for GPT-J 6B at micro-batch 4: block
+    backward 5.25 GiB (this estimate: 6.25), head 6.01 GiB = 3.9 logit tensors (6.16)."""
     d, f, h, v = cfg.hidden_size, cfg.filter_size, cfg.num_heads, cfg.vocab_size
-    block = micro * seq * (6 * d + 3 * f) * 4 + 3 * micro * h * seq * seq * 4
-    head = 3 * micro * seq * v * 4
+    copies = 4 if train else 1
+    block = micro * seq * (6 * d + 3 * f) * 4 + copies * micro * h * seq * seq * 4
+    head = copies * micro * seq * v * 4
     return max(block, head)
