@@ -10,17 +10,21 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from wsjax.precision import at_least_f32
+
 
 def token_loss_sum(
     logits: jax.Array, labels: jax.Array, mask: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """Sum of cross-entropy over tokens with ``mask`` != 0, and the number of such tokens.
 
-    logits: (B, T, V) any float dtype (upcast to fp32); labels: (B, T) int; mask: (B, T) float.
+    logits: (B, T, V) any float dtype (upcast to fp32, float64 stays); labels: (B, T) int;
+    mask: (B, T) float.
     """
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # (B, T, V)
+    dtype = at_least_f32(logits.dtype)
+    logp = jax.nn.log_softmax(logits.astype(dtype), axis=-1)  # (B, T, V)
     nll = -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    mask = mask.astype(jnp.float32)
+    mask = mask.astype(dtype)
     return jnp.sum(nll * mask), jnp.sum(mask)
 
 

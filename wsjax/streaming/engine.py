@@ -17,13 +17,13 @@ from __future__ import annotations
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
 from wsjax.errors import ConfigError
 from wsjax.losses import loss_normalizer
 from wsjax.optim import learning_rate_schedule, make_optimizer
+from wsjax.precision import at_least_f32
 from wsjax.reference import step_key
 from wsjax.streaming.compile_cache import ExecutableCache, source_digest
 from wsjax.streaming.executables import SegmentFunctions, StepExecutables
@@ -80,7 +80,7 @@ class StreamingEngine:
         self.training = train
         # fp32 master and gradients whatever the compute dtype (float64 under jax_enable_x64
         # with a float64 model: the exactness tests)
-        self.master_dtype = jnp.promote_types(model.compute_dtype, jnp.float32)
+        self.master_dtype = at_least_f32(model.compute_dtype)
         self.optimizer = make_optimizer(config.optimizer)
         self.lr_schedule = learning_rate_schedule(config.optimizer)
         self.placement = Placement.create(self.mesh, config.streaming)
