@@ -86,64 +86,6 @@ def drive(items: list[StreamItem], stream: WeightStream, dispatch: Callable) -> 
     stream.release()
 
 
-def split_batch(batch: dict, exes: StepExecutables, placement: Placement, stats: StepStats):
-    """(input_ids, labels, loss_mask), each a list of per-micro-batch device arrays."""
-    micro, n = exes.micro, exes.n_micro
-
-    def split(values, dtype):
-        values = np.asarray(values, dtype)
-        parts = [values[i * micro : (i + 1) * micro] for i in range(n)]
-        return [jax.device_put(part, placement.data) for part in parts]
-
-    stats.h2d_bytes += 3 * n * micro * exes.seq * 4
-    return (
-        split(batch["input_ids"], np.int32),
-        split(batch["labels"], np.int32),
-        split(batch["loss_mask"], np.float32),
-    )
-
-
-def _index(micro_batch: int, item: StreamItem) -> np.ndarray:
-    return np.asarray([micro_batch, item.index], np.int32)
-
-
-def _zeros(abstract_tree):
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype, device=s.sharding), abstract_tree)
-
-
-class _Streamer:
-    """What train and eval steps share: the executables, placement, and weight fetches."""
-
-    def __init__(self, exes: StepExecutables, placement: Placement, residency: Residency, depth):
-        self.exes, self.placement, self.residency = exes, placement, residency
-        self.prefetch_depth = depth
-
-    def weight_fetch(self, item: StreamItem, store: HostStore, kept_back=None) -> Fetch:
-        """Fetch of ``item``'s weights (+ the tied wte for the head); ``kept_back`` =
-        (host kept values list, abstract kept value) fetches the block's kept values too."""
-        name, rep = item.segment, self.placement.replicated
-        with_wte = name == "head" and self.exes.tied
-        nbytes = self.exes.seg_bytes[segment_kind(name)]
-        nbytes += self.exes.seg_bytes["embed"] if with_wte else 0
-        data_exist = None
-        if kept_back is not None:
-            kept_host, kept_abstract = kept_back
-            device = jax.tree.map(lambda s: s.sharding, kept_abstract)
-            nbytes += self.exes.n_micro * tree_bytes(kept_abstract)
-            data_exist = lambda: kept_host[item.layer] is not None  # noqa: E731
-
-        def issue():
-            weights = jax.device_put(store.stream[name], rep)
-            wte = jax.device_put(store.stream["embed"]["wte"], rep) if with_wte else None
-            kept = None
-            if kept_back is not None:
-                kept = [jax.device_put(k, device) for k in kept_host[item.layer]]
-            return weights, wte, kept
-
-        pending = (lambda: store.stream[name]) if item.first_use else None
-        return Fetch(name, nbytes, issue, pending_update=pending, data_exist=data_exist)
-
-
 @dataclass
 class _TrainState:
     """What one training step carries from item to item (no reference to the stream)."""
@@ -162,14 +104,20 @@ class _TrainState:
     sq_norms: dict = field(default_factory=dict)
 
 
-class TrainStep(_Streamer):
+class TrainStep:
     """Forward, head, backward and updates of one training step, for one batch shape."""
 
     def __init__(
-        self, exes: StepExecutables, placement: Placement, residency: Residency, *, streaming_cfg,
+        self,
+        exes: StepExecutables,
+        placement: Placement,
+        residency: Residency,
+        *,
+        streaming_cfg,
         max_norm: float | None,
-    ):  # fmt: skip
-        super().__init__(exes, placement, residency, int(streaming_cfg.prefetch_depth))
+    ):
+        self.exes, self.placement, self.residency = exes, placement, residency
+        self.prefetch_depth = int(streaming_cfg.prefetch_depth)
         self.recompute = bool(streaming_cfg.recompute)
         self.offload = bool(streaming_cfg.activation_offload)
         self.max_norm = max_norm
@@ -197,10 +145,10 @@ class TrainStep(_Streamer):
         kept: list = [None] * self.num_layers
         state = _TrainState(ids, labels, mask, step_key, denom_device, kept, stats)
         kept_back = (kept, self.compiled.kept) if self.offload else None
-        fetches = [
-            self.weight_fetch(item, store, kept_back if item.phase == "block_backward" else None)
-            for item in self.order
-        ]
+        fetches = []
+        for item in self.order:
+            back = kept_back if item.phase == "block_backward" else None
+            fetches.append(weight_fetch(item, store, self.exes, self.placement, back))
         stream = WeightStream(fetches, self.prefetch_depth, stats, self.residency)
         self.residency.add("activations", 2 * self.exes.n_micro * tree_bytes(self.exes.activation))
         drive(self.order, stream, functools.partial(self._dispatch, state))
@@ -331,18 +279,19 @@ class TrainStep(_Streamer):
         )
 
 
-class EvalStep(_Streamer):
+class EvalStep:
     """Forward-only evaluation of one batch shape: summed loss, token count, correct tokens."""
 
     def __init__(self, exes: StepExecutables, placement, residency, *, streaming_cfg):
-        super().__init__(exes, placement, residency, int(streaming_cfg.prefetch_depth))
+        self.exes, self.placement, self.residency = exes, placement, residency
+        self.prefetch_depth = int(streaming_cfg.prefetch_depth)
         self.compiled = exes.evaluation(recompute=bool(streaming_cfg.recompute))
         self.order = eval_order(exes.functions.model.num_layers)
 
     def run(self, store: HostStore, batch: dict, step_key: jax.Array) -> dict:
         stats = StepStats()
         ids, labels, mask = split_batch(batch, self.exes, self.placement, stats)
-        fetches = [self.weight_fetch(item, store) for item in self.order]
+        fetches = [weight_fetch(item, store, self.exes, self.placement) for item in self.order]
         stream = WeightStream(fetches, self.prefetch_depth, stats, self.residency)
         n, compiled = self.exes.n_micro, self.compiled
         forward = {"embed_forward": compiled.embed_fwd, "block_forward": compiled.block_fwd}
@@ -364,3 +313,60 @@ class EvalStep(_Streamer):
             "count": sum(float(r[1]) for r in results),
             "correct": sum(float(r[2]) for r in results),
         }
+
+
+# ---- helpers of both steps --------------------------------------------------------------
+
+
+def weight_fetch(
+    item: StreamItem, store: HostStore, exes: StepExecutables, placement: Placement, kept_back=None
+) -> Fetch:
+    """The fetch of ``item``'s weights (+ the tied wte for the head). ``kept_back`` = (the
+    step's list of host kept values, the abstract kept value) fetches the block's kept values
+    too, once they exist. The closures hold the store and that list, never the step's state,
+    so a finished step is freed by reference counting."""
+    name, rep = item.segment, placement.replicated
+    with_wte = name == "head" and exes.tied
+    nbytes = exes.seg_bytes[segment_kind(name)] + (exes.seg_bytes["embed"] if with_wte else 0)
+    data_exist = None
+    if kept_back is not None:
+        kept_host, kept_abstract = kept_back
+        device = jax.tree.map(lambda s: s.sharding, kept_abstract)
+        nbytes += exes.n_micro * tree_bytes(kept_abstract)
+        data_exist = lambda: kept_host[item.layer] is not None  # noqa: E731
+
+    def issue():
+        weights = jax.device_put(store.stream[name], rep)
+        wte = jax.device_put(store.stream["embed"]["wte"], rep) if with_wte else None
+        kept = None
+        if kept_back is not None:
+            kept = [jax.device_put(k, device) for k in kept_host[item.layer]]
+        return weights, wte, kept
+
+    pending = (lambda: store.stream[name]) if item.first_use else None
+    return Fetch(name, nbytes, issue, pending_update=pending, data_exist=data_exist)
+
+
+def split_batch(batch: dict, exes: StepExecutables, placement: Placement, stats: StepStats):
+    """(input_ids, labels, loss_mask), each a list of per-micro-batch device arrays."""
+    micro, n = exes.micro, exes.n_micro
+
+    def split(values, dtype):
+        values = np.asarray(values, dtype)
+        parts = [values[i * micro : (i + 1) * micro] for i in range(n)]
+        return [jax.device_put(part, placement.data) for part in parts]
+
+    stats.h2d_bytes += 3 * n * micro * exes.seq * 4
+    return (
+        split(batch["input_ids"], np.int32),
+        split(batch["labels"], np.int32),
+        split(batch["loss_mask"], np.float32),
+    )
+
+
+def _index(micro_batch: int, item: StreamItem) -> np.ndarray:
+    return np.asarray([micro_batch, item.index], np.int32)
+
+
+def _zeros(abstract_tree):
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype, device=s.sharding), abstract_tree)
