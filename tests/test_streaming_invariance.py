@@ -65,7 +65,7 @@ def test_activation_offload_is_bitwise_invariant(runs, depth):
 
 
 def _alive(cls) -> int:
-    return sum(1 for o in gc.get_objects() if isinstance(o, cls))
+    return sum(1 for o in gc.get_objects() if type(o) is cls)
 
 
 @pytest.mark.parametrize("streaming", [{"activation_offload": True, "prefetch_depth": 3}, {}])
