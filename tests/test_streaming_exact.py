@@ -34,17 +34,6 @@ MAX_NORM = 0.5  # below the observed global gradient norms (~1-2), so clipping i
 STEPS = 3
 
 
-@contextlib.contextmanager
-def float64():
-    """jax_enable_x64 inside the block only (the rest of the session stays 32-bit)."""
-    before = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_x64", before)
-
-
 def init_params(model, seed: int = 0, dtype=np.float32) -> dict:
     return jax.tree.map(lambda a: np.asarray(a, dtype), model.init(jax.random.PRNGKey(seed)))
 
@@ -89,9 +78,10 @@ class Runs:
     float64 (compute dtype and master weights), run with jax_enable_x64.
     """
 
-    def __init__(self, tiny_config, make_batches):
+    def __init__(self, tiny_config, make_batches, x64):
         self.tiny_config = tiny_config
         self.batches = make_batches(STEPS, seed=0)
+        self.x64 = x64
 
     @functools.cache  # noqa: B019 (one object per module-scoped fixture)
     def model(self, family: str, precision: str):
@@ -111,7 +101,7 @@ class Runs:
         return self.tiny_config(family, **sections)
 
     def _precision(self, precision: str):
-        return float64() if precision == "f64" else contextlib.nullcontext()
+        return self.x64() if precision == "f64" else contextlib.nullcontext()
 
     @functools.cache  # noqa: B019 (one object per module-scoped fixture)
     def reference(self, family: str, precision: str, knob: tuple = ()):
@@ -127,8 +117,8 @@ class Runs:
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_config, make_batches):
-    return Runs(tiny_config, make_batches)
+def runs(tiny_config, make_batches, x64):
+    return Runs(tiny_config, make_batches, x64)
 
 
 def assert_close(rel_err, a, b, tol, what):
@@ -266,12 +256,12 @@ def test_fp32_engine_as_accurate_as_fp32_reference(runs, rel_err, family):
             )
 
 
-def test_eval_matches_reference(runs, make_batches):
+def test_eval_matches_reference(runs, make_batches, x64):
     """float64: the eval step's loss sum, count and correct tokens equal the reference's."""
     engine, _ = runs.engine("gptj", "f64")
     ref, state, _ = runs.reference("gptj", "f64")
     batch = make_batches(1, seed=7)[0]
-    with float64():
+    with x64():
         got = engine.eval_step(batch)
         want = {k: float(v) for k, v in ref.eval_step(state.params, batch).items()}
     assert got["count"] == want["count"] == float(batch["loss_mask"].sum())

@@ -116,7 +116,7 @@ class StreamingEngine:
         c = self.config
         devices = [(d.platform, d.device_kind) for d in self.mesh.devices.flat]
         parts = (c.model, c.optimizer, c.streaming, c.runconfig.seed, devices, jax.__version__)
-        parts += (str(self.master_dtype), self.training)
+        parts += (str(self.master_dtype),)
         return f"{parts!r}|{source_digest()}"
 
     # ---- public API ----------------------------------------------------------------------
