@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 from wsjax.config import config_from_dict  # noqa: E402
 from wsjax.models import get_model  # noqa: E402
 from wsjax.streaming import StreamingEngine  # noqa: E402
+from wsjax.streaming.store import segment_shapes  # noqa: E402
 
 
 def _args(p) -> None:
@@ -40,18 +41,17 @@ def engine_update(hidden: int, mixed: bool, reps: int) -> dict:
     cfg = config_from_dict(C.gptj_dict(1, hidden, 1, 8, vocab=256, mixed_precision=mixed))
     model = get_model(cfg.model)
     eng = StreamingEngine(model, cfg, allocate=False)
-    exe = eng.program((1, 8), train=True)._exe("update/block")
-    shapes = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), model.param_shapes()["blocks"]
-    )
+    exe = eng.program((1, 8), train=True).update("block")
+    shapes = segment_shapes(model)["block"]
     rng = np.random.default_rng(0)
+    on_host = eng.placement.host
     host = lambda: jax.tree.map(  # noqa: E731
-        lambda s: jax.device_put(rng.standard_normal(s.shape, np.float32) * 0.02, eng.host),
+        lambda s: jax.device_put(rng.standard_normal(s.shape, np.float32) * 0.02, on_host),
         shapes,
     )
     master, grads = host(), host()
-    opt = jax.jit(eng.optimizer.init, out_shardings=eng.host)(master)
-    scale = jax.device_put(np.float32(0.5), eng.host)
+    opt = jax.jit(eng.optimizer.init, out_shardings=on_host)(master)
+    scale = jax.device_put(np.float32(0.5), on_host)
     box = [master, opt]
 
     def step():

@@ -82,8 +82,8 @@ def main() -> None:
     common = {
         "bench": "transfer",
         **C.machine(),
-        "stream_memory_kind": eng.stream_sharding.memory_kind,
-        "act_host_memory_kind": eng.act_host.memory_kind,
+        "stream_memory_kind": eng.placement.stream.memory_kind,
+        "act_host_memory_kind": eng.placement.activation_memory_kind,
     }
     for mb in (int(x) for x in args.sizes_mb.split(",")):
         C.emit({**common, **measure_size(eng, mb << 20, args.reps)}, out)
@@ -91,20 +91,21 @@ def main() -> None:
 
 def measure_size(eng, nbytes: int, reps: int) -> dict:
     src = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8).view(np.float32)
-    stream = jax.device_put(src, eng.stream_sharding)  # where the engine keeps the copy
-    on_dev = jax.device_put(src, eng.replicated)
+    stream = jax.device_put(src, eng.placement.stream)  # where the engine keeps the copy
+    act_host = eng.placement.offloaded(eng.placement.data)  # where offloaded activations go
+    on_dev = jax.device_put(src, eng.placement.replicated)
     jax.block_until_ready((stream, on_dev))
     secs = {
-        "h2d": best_seconds(lambda: jax.device_put(stream, eng.replicated), reps),
-        "d2h_act": best_seconds(lambda: jax.device_put(on_dev, eng.act_host), reps),
-        "d2h_grads": best_seconds(lambda: jax.device_put(on_dev, eng.host), reps),
+        "h2d": best_seconds(lambda: jax.device_put(stream, eng.placement.replicated), reps),
+        "d2h_act": best_seconds(lambda: jax.device_put(on_dev, act_host), reps),
+        "d2h_grads": best_seconds(lambda: jax.device_put(on_dev, eng.placement.host), reps),
         # candidate gradient paths (a GPU's device -> CPU-client copy is slow): through the
         # accelerator's pinned host memory, and through numpy (jax.device_get)
         "d2h_grads_via_pinned": best_seconds(
-            lambda: jax.device_put(jax.device_put(on_dev, eng.act_host), eng.host), reps
+            lambda: jax.device_put(jax.device_put(on_dev, act_host), eng.placement.host), reps
         ),
         "d2h_grads_via_numpy": best_seconds(
-            lambda: jax.device_put(jax.device_get(on_dev), eng.host), reps
+            lambda: jax.device_put(jax.device_get(on_dev), eng.placement.host), reps
         ),
         "d2h_device_get": best_seconds(lambda: jax.device_get(on_dev), reps),
     }

@@ -140,3 +140,23 @@ def rel_err():
         return key, errs[key]
 
     return worst
+
+
+@pytest.fixture(scope="session")
+def x64():
+    """Context-manager factory: ``with x64(): ...`` runs with jax_enable_x64, then restores it
+    (the exactness tests compare engine and reference in float64 inside such a block)."""
+    import contextlib
+
+    import jax
+
+    @contextlib.contextmanager
+    def enabled():
+        before = jax.config.jax_enable_x64
+        jax.config.update("jax_enable_x64", True)
+        try:
+            yield
+        finally:
+            jax.config.update("jax_enable_x64", before)
+
+    return enabled

@@ -1,6 +1,10 @@
 """Streaming engine vs the resident reference under dropout and under bf16 mixed precision.
 
 Errors are norm-wise relative per leaf (``||a - b|| / ||b||``), as in test_streaming_exact.py.
+Dropout is compared in float64 (same masks, same maths: agreement to float64 rounding, on any
+CPU). Mixed precision cannot be: there both steps round activations to bf16, and which
+elements round differently depends on summation order, so the engine is checked against the
+float64 truth to be as accurate as the resident bf16 step.
 """
 
 from __future__ import annotations
@@ -19,9 +23,7 @@ DROPOUT = {
     "attention_dropout_rate": 0.1,
     "residual_dropout_rate": 0.1,
 }
-# Mixed precision, 3 steps: measured loss 2.7e-8, params 5.0e-8 (engine vs resident bf16 step).
-MP_LOSS_TOL = 1.5e-7
-MP_PARAM_TOL = 2.5e-7
+TOL64 = 1e-10  # float64: ~1e-15 rounding, read back through (p0 - p1) / lr (see SGD_LR)
 SGD_LR = 1e4  # grads read back as (p0 - p1) / lr: a large lr keeps p0 - p1 free of cancellation
 
 
@@ -36,21 +38,25 @@ def engine_grads(model, cfg, params, batch, step):
 
 
 @pytest.fixture(scope="module")
-def dropout_setup(tiny_config, make_batches):
+def dropout_setup(tiny_config, make_batches, x64):
+    """float64 engine and reference gradients of one batch under dropout, at steps 0 and 1."""
     sgd = {"optimizer_type": "sgd", "learning_rate": SGD_LR, "weight_decay_rate": 0.0}
     cfg = tiny_config("gptj", model=DROPOUT, optimizer=sgd)
     model = get_model(cfg.model)
-    params = jax.tree.map(np.asarray, model.init(jax.random.PRNGKey(0)))
-    ref = ResidentTrainer(model, cfg.optimizer, seed=cfg.runconfig.seed)
+    model.compute_dtype = jnp.float64  # the segment protocol's compute dtype
+    params = jax.tree.map(lambda a: np.asarray(a, np.float64), model.init(jax.random.PRNGKey(0)))
     batch = make_batches(1, seed=5)[0]
-    out = {"ref_nodrop": float(ref.grad_fn(jax.tree.map(jnp.asarray, params), batch, None)[0])}
-    for step in (0, 1):
-        rng = jax.random.fold_in(step_key(cfg.runconfig.seed, step), 0)
-        loss, grads = ref.grad_fn(jax.tree.map(jnp.asarray, params), batch, rng)
-        out[step] = {
-            "engine": engine_grads(model, cfg, params, batch, step),
-            "ref": (float(loss), grads),
-        }
+    with x64():
+        ref = ResidentTrainer(model, cfg.optimizer, seed=cfg.runconfig.seed)
+        on_device = jax.tree.map(jnp.asarray, params)
+        out = {"ref_nodrop": float(ref.grad_fn(on_device, batch, None)[0])}
+        for step in (0, 1):
+            rng = jax.random.fold_in(step_key(cfg.runconfig.seed, step), 0)
+            loss, grads = ref.grad_fn(on_device, batch, rng)
+            out[step] = {
+                "engine": engine_grads(model, cfg, params, batch, step),
+                "ref": (float(loss), jax.tree.map(np.asarray, grads)),
+            }
     return out
 
 
@@ -58,10 +64,9 @@ def dropout_setup(tiny_config, make_batches):
 def test_dropout_gradients_match_reference(dropout_setup, rel_err, step):
     """Same rng scheme (fold in step, micro-batch 0, segment): same masks, same gradients."""
     (e_loss, e_grads), (r_loss, r_grads) = dropout_setup[step]["engine"], dropout_setup[step]["ref"]
-    assert abs(e_loss - r_loss) <= 1e-6 * abs(r_loss), (e_loss, r_loss)
+    assert abs(e_loss - r_loss) <= TOL64 * abs(r_loss), (e_loss, r_loss)
     key, err = rel_err(e_grads, r_grads)
-    # without dropout the same readout agrees to ~5e-7 (float summation order only)
-    assert err <= 1e-5, f"{key}: gradient norm-wise relative error {err:.3g}"
+    assert err <= TOL64, f"{key}: gradient norm-wise relative error {err:.3g}"
 
 
 def test_dropout_masks_differ_between_steps(dropout_setup, rel_err):
@@ -73,12 +78,19 @@ def test_dropout_masks_differ_between_steps(dropout_setup, rel_err):
     assert rel_err(g0, g1)[1] > 1e-2
 
 
-def test_mixed_precision_matches_resident_bf16(tiny_config, make_batches, rel_err):
-    """bf16 streaming + fp32 master == the resident bf16-compute / fp32-master reference.
+# bf16 mixed precision: both steps cast the same fp32 master to bf16 and keep layer norm,
+# softmax, loss and update in fp32; they differ only where summation order flips a bf16
+# rounding. Against the float64 truth, each step's error is dominated by bf16 rounding (unit
+# roundoff 2^-9) of the same casts; the engine may be at most MP_FACTOR x less accurate than the
+# resident bf16 step, or below MP_FLOOR = u32 * sqrt(N tokens) * 16 (the fp32 parts' rounding,
+# as in test_streaming_exact.py) on a leaf the resident step happens to round almost exactly.
+MP_FACTOR = 2.0
+MP_FLOOR = 16 * float(np.finfo(np.float32).eps) / 2 * np.sqrt(8 * 16)
 
-    Both cast the fp32 master to bf16 for compute and keep layer norm, softmax, loss and the
-    update in fp32, so only summation order differs; bf16 rounding amplifies it.
-    """
+
+def test_mixed_precision_as_accurate_as_resident_bf16(tiny_config, make_batches, rel_err, x64):
+    """bf16 streaming + fp32 master vs the resident bf16-compute / fp32-master reference, both
+    against the same model in float64: losses and every parameter leaf."""
     cfg = tiny_config("gptj", model={"mixed_precision": True}, optimizer={"max_gradient_norm": 0.5})
     model = get_model(cfg.model)
     assert model.compute_dtype == jnp.bfloat16
@@ -93,8 +105,25 @@ def test_mixed_precision_matches_resident_bf16(tiny_config, make_batches, rel_er
         state, m = ref.train_step(state, b)
         r_loss.append(float(m["loss"]))
     assert all(jax.tree.leaves(jax.tree.map(lambda a: a.dtype == np.float32, engine.params_tree())))
-    loss_err = rel_err(np.asarray(e_loss), np.asarray(r_loss))[1]
-    key, param_err = rel_err(engine.params_tree(), state.params)
-    print(f"mixed precision: loss err {loss_err:.3g}, params err {param_err:.3g} ({key})")
-    assert loss_err <= MP_LOSS_TOL
-    assert param_err <= MP_PARAM_TOL, key
+
+    truth_model = get_model(cfg.model)
+    truth_model.compute_dtype = jnp.float64
+    with x64():
+        truth = ResidentTrainer(truth_model, cfg.optimizer, seed=cfg.runconfig.seed)
+        t_state = truth.init_state(jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params))
+        t_loss = []
+        for b in batches:
+            t_state, m = truth.train_step(t_state, b)
+            t_loss.append(float(m["loss"]))
+        t_params = jax.tree.map(np.asarray, t_state.params)
+
+    pairs = [("loss", np.asarray(e_loss), np.asarray(r_loss), np.asarray(t_loss))]
+    flat = jax.tree_util.tree_flatten_with_path(engine.params_tree())[0]
+    for (path, got), ref_leaf, true_leaf in zip(
+        flat, jax.tree.leaves(state.params), jax.tree.leaves(t_params), strict=True
+    ):
+        pairs.append((jax.tree_util.keystr(path), got, ref_leaf, true_leaf))
+    for what, got, ref_val, true_val in pairs:
+        engine_err, ref_err = rel_err(got, true_val)[1], rel_err(ref_val, true_val)[1]
+        bound = MP_FACTOR * ref_err + MP_FLOOR
+        assert engine_err <= bound, f"{what}: {engine_err:.3g} > {bound:.3g} ({ref_err:.3g})"

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from wsjax.config_schema import ModelConfig
+from wsjax.precision import at_least_f32
 
 
 def token_loss_sum(
@@ -21,11 +22,13 @@ def token_loss_sum(
 ) -> tuple[jax.Array, jax.Array]:
     """Sum of cross-entropy over tokens with ``mask`` != 0, and the number of such tokens.
 
-    logits: (B, T, V) any float dtype (upcast to fp32); labels: (B, T) int; mask: (B, T) float.
+    logits: (B, T, V) any float dtype (upcast to fp32, float64 stays); labels: (B, T) int;
+    mask: (B, T) float.
     """
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # (B, T, V)
+    dtype = at_least_f32(logits.dtype)
+    logp = jax.nn.log_softmax(logits.astype(dtype), axis=-1)  # (B, T, V)
     nll = -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    mask = mask.astype(jnp.float32)
+    mask = mask.astype(dtype)
     return jnp.sum(nll * mask), jnp.sum(mask)
 
 

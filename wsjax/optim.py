@@ -22,6 +22,7 @@ import optax
 
 from wsjax.config_schema import LRPhase, OptimizerConfig
 from wsjax.errors import ConfigError
+from wsjax.precision import at_least_f32
 
 # Weight decay applies to leaves with these names only: matrices ("kernel") and the token /
 # position embedding tables. Biases ("bias") and layer-norm parameters ("scale", "bias") are
@@ -219,12 +220,14 @@ def scale_by_adam_without_bias_correction(
 def sq_norm(tree: Any) -> jax.Array:
     """Sum of squares of all leaves, in fp32 (one segment's share of the global norm)."""
     leaves = jax.tree.leaves(tree)
-    return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves), jnp.float32(0))
+    dtype = at_least_f32(jnp.result_type(*leaves)) if leaves else jnp.float32
+    return sum((jnp.sum(jnp.square(x.astype(dtype))) for x in leaves), jnp.zeros((), dtype))
 
 
 def global_norm_from_sq(sq_norms: Any) -> jax.Array:
     """Global norm from per-segment squared norms (a list or array of scalars)."""
-    return jnp.sqrt(jnp.sum(jnp.stack([jnp.asarray(s, jnp.float32) for s in sq_norms])))
+    stacked = jnp.stack([jnp.asarray(s) for s in sq_norms])
+    return jnp.sqrt(jnp.sum(stacked.astype(at_least_f32(stacked.dtype))))
 
 
 def clip_factor(global_norm: jax.Array | float, max_norm: float | None) -> jax.Array:
@@ -232,10 +235,11 @@ def clip_factor(global_norm: jax.Array | float, max_norm: float | None) -> jax.A
 
     The same trigger as optax.clip_by_global_norm (strict <); None means no clipping.
     """
-    g = jnp.asarray(global_norm, jnp.float32)
+    g = jnp.asarray(global_norm)
+    g = g.astype(at_least_f32(g.dtype))
     if max_norm is None:
-        return jnp.ones((), jnp.float32)
-    return jnp.where(g < max_norm, jnp.float32(1.0), jnp.float32(max_norm) / g)
+        return jnp.ones((), g.dtype)
+    return jnp.where(g < max_norm, jnp.ones((), g.dtype), jnp.asarray(max_norm, g.dtype) / g)
 
 
 def apply_clip_factor(tree: Any, factor: jax.Array) -> Any:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from wsjax.losses import token_correct_sum, token_loss_sum
+from wsjax.losses import loss_normalizer, token_correct_sum, token_loss_sum
 from wsjax.optim import make_optimizer_with_clipping
 
 
@@ -27,7 +27,7 @@ class ReferenceState(NamedTuple):
 
 
 def step_key(seed: int, step: int | jax.Array) -> jax.Array:
-    """The dropout key of training step ``step`` (shared by reference and engine)."""
+    """The dropout key of training step ``step``: the one function reference and engine share."""
     return jax.random.fold_in(jax.random.PRNGKey(seed), step)
 
 
@@ -48,8 +48,8 @@ class ResidentTrainer:
 
     def _loss(self, params: dict, batch: dict, rng) -> jax.Array:
         logits = self.model.logits(params, batch["input_ids"], rng=rng)  # (B, T, V)
-        loss_sum, count = token_loss_sum(logits, batch["labels"], batch["loss_mask"])
-        return loss_sum / count
+        loss_sum, _ = token_loss_sum(logits, batch["labels"], batch["loss_mask"])
+        return loss_sum / loss_normalizer(self.model.cfg, batch["loss_mask"])
 
     def _train_step(self, state: ReferenceState, batch: dict):
         rng = jax.random.fold_in(step_key(self.seed, state.step), 0) if self.dropout else None

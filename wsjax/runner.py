@@ -122,8 +122,7 @@ class Runner:
         against this machine. ``strict``: raise PlanError (exit 3) when it does not fit."""
         import jax
 
-        from wsjax.streaming import make_plan, num_micro_batches
-        from wsjax.streaming.engine import _eval_micro as eval_micro
+        from wsjax.streaming import make_plan
         from wsjax.streaming.plan import GiB, available_device_bytes, available_host_bytes
 
         s, dev = self.config.streaming, jax.devices()[0]
@@ -136,8 +135,7 @@ class Runner:
             platform, n_devices = dev.platform, jax.device_count()
             device_avail, host_avail = available_device_bytes(dev), available_host_bytes()
         batch = self.shape[0]
-        micro_batches = num_micro_batches if self.training else eval_micro
-        n_micro = micro_batches(self.config, batch)
+        n_micro = self.config.micro_batches(batch, train=self.training)
         plan = make_plan(
             self.model,
             self.config,

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from wsjax.models.layers import dense, layer_norm
 from wsjax.models.spec import ParamSpec, dense_spec, norm_spec
+from wsjax.precision import at_least_f32
 
 
 def head_spec(cfg) -> dict:
@@ -24,4 +24,4 @@ def head_apply(cfg, p: dict, x: jax.Array, wte: jax.Array | None) -> jax.Array:
     head = dict(p.get("lm_head", {}))
     if cfg.share_embedding_weights:
         head["kernel"] = wte.T  # (D, V)
-    return dense(head, h).astype(jnp.float32)
+    return dense(head, h).astype(at_least_f32(h.dtype))

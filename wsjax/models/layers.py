@@ -1,7 +1,8 @@
 """Pure layer functions shared by the GPT families: layer norm, dense, attention, rotary, MLP.
 
 Every function takes its parameters as a plain dict and computes in the dtype of its input
-activations (fp32, or bf16 under mixed precision); layer norm, softmax and the loss run in fp32.
+activations (fp32, or bf16 under mixed precision); layer norm, softmax and the loss run in fp32
+(``at_least_f32``: float64 where the activations are float64, for the exactness tests).
 Shapes: B batch, T sequence, D hidden, H heads, K head dim, F filter size.
 """
 
@@ -12,16 +13,19 @@ import math
 import jax
 import jax.numpy as jnp
 
+from wsjax.precision import at_least_f32
+
 F32 = jnp.float32
 
 
 def layer_norm(p: dict, x: jax.Array, eps: float) -> jax.Array:
     """LayerNorm over the last axis, computed in fp32, returned in ``x.dtype``."""
-    x32 = x.astype(F32)  # (B, T, D)
+    acc = at_least_f32(x.dtype)
+    x32 = x.astype(acc)  # (B, T, D)
     mean = x32.mean(-1, keepdims=True)
     var = jnp.square(x32 - mean).mean(-1, keepdims=True)
     y = (x32 - mean) * jax.lax.rsqrt(var + eps)
-    y = y * p["scale"].astype(F32) + p["bias"].astype(F32)
+    y = y * p["scale"].astype(acc) + p["bias"].astype(acc)
     return y.astype(x.dtype)
 
 
@@ -52,10 +56,10 @@ def dropout(rng: jax.Array | None, rate: float, x: jax.Array) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-def rotary_sin_cos(seq_len: int, rotary_dim: int) -> tuple[jax.Array, jax.Array]:
+def rotary_sin_cos(seq_len: int, rotary_dim: int, dtype=F32) -> tuple[jax.Array, jax.Array]:
     """GPT-J's sinusoid table: (T, rotary_dim // 2) sines and cosines, as HF builds them."""
-    inv_freq = 1.0 / (10000 ** (jnp.arange(0, rotary_dim, 2, dtype=F32) / rotary_dim))
-    angles = jnp.arange(seq_len, dtype=F32)[:, None] * inv_freq[None, :]  # (T, R/2)
+    inv_freq = 1.0 / (10000 ** (jnp.arange(0, rotary_dim, 2, dtype=dtype) / rotary_dim))
+    angles = jnp.arange(seq_len, dtype=dtype)[:, None] * inv_freq[None, :]  # (T, R/2)
     return jnp.sin(angles), jnp.cos(angles)
 
 
@@ -65,11 +69,12 @@ def apply_rotary(x: jax.Array, rotary_dim: int) -> jax.Array:
     x: (B, T, H, K). Pairs (x[2i], x[2i+1]) are rotated by angle pos * inv_freq[i].
     """
     t = x.shape[1]
-    sin, cos = rotary_sin_cos(t, rotary_dim)  # (T, R/2)
+    acc = at_least_f32(x.dtype)
+    sin, cos = rotary_sin_cos(t, rotary_dim, acc)  # (T, R/2)
     sin = jnp.repeat(sin, 2, axis=-1)[None, :, None, :]  # (1, T, 1, R)
     cos = jnp.repeat(cos, 2, axis=-1)[None, :, None, :]
     rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
-    rot32 = rot.astype(F32)
+    rot32 = rot.astype(acc)
     # rotate_every_two: (x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)
     pairs = rot32.reshape(*rot32.shape[:-1], rotary_dim // 2, 2)
     rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(rot32.shape)
@@ -85,10 +90,11 @@ def causal_attention(
     q, k, v: (B, T, H, K) -> (B, T, H, K)
     """
     t, k_dim = q.shape[1], q.shape[-1]
-    scores = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=F32)  # (B, H, T, T)
+    acc = at_least_f32(q.dtype)
+    scores = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=acc)  # (B, H, T, T)
     scores = scores / math.sqrt(k_dim)
     causal = jnp.tril(jnp.ones((t, t), dtype=bool))
-    scores = jnp.where(causal, scores, jnp.finfo(F32).min)
+    scores = jnp.where(causal, scores, jnp.finfo(acc).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     probs = dropout(rng, dropout_rate, probs)
     return jnp.einsum("bhqs,bshk->bqhk", probs, v)  # (B, T, H, K)

@@ -1,6 +1,9 @@
 """The weight-streaming engine (model-agnostic: it streams segments).
 
-Public API: :class:`StreamingEngine`, :func:`default_mesh`, :func:`make_plan`.
+Public API: :class:`StreamingEngine` (``train=False``: eval only), :func:`default_mesh`,
+:func:`num_micro_batches`, :func:`make_plan`. Read a training step in three files:
+``engine.py`` (builds the parts), ``step.py`` (the stream order and driver),
+``executables.py`` (the compiled functions); ``placement.py`` says where things live.
 """
 
 from wsjax.streaming.engine import StreamingEngine, default_mesh, num_micro_batches

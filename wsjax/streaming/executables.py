@@ -1,56 +1,59 @@
-"""The per-segment compiled functions of a streamed step, compiled once (AOT) and reused.
+"""The compiled executables of a streamed step: one method per executable, for one batch shape.
 
-Distinct executables, whatever the depth: ``embed_fwd``, ``block_fwd``, ``head_train``
-(forward + loss + backward), ``block_bwd`` (recompute + VJP), ``embed_bwd``, ``head_eval``,
-and one ``update/<segment kind>`` per distinct segment shape (embed, block, head). Each is
-lowered from abstract shapes, so everything can be compiled with no weights allocated
-(``--compile_only``); the compile log keeps seconds, FLOPs, bytes and memory analysis of each.
+:class:`SegmentFunctions` holds the pure functions (a segment's forward, its backward, the head's
+loss and gradients, the optimizer update); :class:`StepExecutables` lowers each from abstract
+shapes and compiles it once through the :class:`~wsjax.streaming.compile_cache.ExecutableCache`
+(so ``--compile_only`` needs no weights). Distinct executables, whatever the depth:
+
+    embed_fwd   block_fwd       head_train   block_bwd        embed_bwd   update/<kind>
+                block_fwd_save               block_bwd_saved              (recompute off)
+    embed_eval  block_eval      head_eval                                 (eval, when it differs)
 """
 
 from __future__ import annotations
 
-import collections
-import hashlib
-import json
-import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
-from jax.experimental.serialize_executable import deserialize_and_load, serialize
 
 from wsjax.losses import token_correct_sum, token_loss_sum
 from wsjax.models import segment_rng
-
-F32 = jnp.float32
+from wsjax.optim import sq_norm
+from wsjax.streaming.compile_cache import ExecutableCache
+from wsjax.streaming.placement import Placement
+from wsjax.streaming.store import segment_shapes, tree_bytes
 
 # With ``streaming.recompute: false`` the block forward keeps every residual its backward needs
-# (no recompute at all). Measured on CPU (width 256, 1024 tokens): backward 47 ms from all
-# residuals vs 60 ms keeping only the weight matmuls' outputs (dots policy) vs 62 ms recomputing
-# from the block input; the price is ~45x the kept bytes of recompute. Set a policy here (e.g.
-# jax.checkpoint_policies.dots_with_no_batch_dims_saveable) to trade between the two.
+# (no recompute at all), at many times the kept bytes of recompute. A policy here (e.g.
+# jax.checkpoint_policies.dots_with_no_batch_dims_saveable) trades between the two.
 SAVE_POLICY = None
 
 
-def _sqnorm(tree) -> jax.Array:
-    return sum((jnp.sum(jnp.square(g.astype(F32))) for g in jax.tree.leaves(tree)), F32(0))
+def dropout_key(step_key: jax.Array, index: jax.Array) -> jax.Array:
+    """Dropout key of (micro-batch, segment) = index[0], index[1] under this step's key."""
+    return segment_rng(jax.random.fold_in(step_key, index[0]), index[1])
 
 
 def _accumulate(acc, grads):
-    return jax.tree.map(lambda a, g: a + g.astype(F32), acc, grads)
+    return jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc, grads)
 
 
-def _key(step_key, idx):
-    """Dropout key of (micro-batch, segment) = idx[0], idx[1] under this step's key."""
-    return segment_rng(jax.random.fold_in(step_key, idx[0]), idx[1])
+@dataclass(frozen=True)
+class ResidualLayout:
+    """How a block's VJP closure is rebuilt: its tree structure and, per leaf, the index of the
+    block weight it is (supplied again by the backward) or -1 (a kept residual)."""
+
+    treedef: Any
+    weight_positions: tuple[int, ...]
 
 
 class SegmentFunctions:
     """The pure functions of one streamed step, built from a model and an optimizer."""
 
-    def __init__(self, model, optimizer: optax.GradientTransformation, compute_dtype):
+    def __init__(self, model, optimizer: optax.GradientTransformation | None, compute_dtype):
         self.model = model
         self.optimizer = optimizer
         self.compute_dtype = compute_dtype
@@ -59,46 +62,66 @@ class SegmentFunctions:
             for k in ("embedding_dropout_rate", "attention_dropout_rate", "residual_dropout_rate")
         )
 
-    def _rng(self, step_key, idx, train: bool):
-        return _key(step_key, idx) if (train and self.dropout) else None
+    def _rng(self, step_key, index, train: bool):
+        return dropout_key(step_key, index) if (train and self.dropout) else None
 
-    def embed_fwd(self, w, tokens, step_key, idx, train=True):
-        return self.model.embed_apply(w, tokens, self._rng(step_key, idx, train))
+    def embed_fwd(self, w, tokens, step_key, index, train=True):
+        return self.model.embed_apply(w, tokens, self._rng(step_key, index, train))
 
-    def block_fwd(self, w, x, step_key, idx, train=True):
-        return self.model.block_apply(w, x, self._rng(step_key, idx, train))
+    def block_fwd(self, w, x, step_key, index, train=True):
+        return self.model.block_apply(w, x, self._rng(step_key, index, train))
 
-    def block_fwd_save(self, w, x, step_key, idx):
-        """Block forward that also returns the residuals its backward needs (weights excluded).
-
-        The VJP closure's leaves are split into the block's own weights (supplied again by the
-        backward, so no weight copy is kept per layer) and the rest, which are returned.
-        """
-        rng = self._rng(step_key, idx, True)
+    def _block_vjp(self, w, x, step_key, index):
+        """(y, VJP leaves, their ResidualLayout) of one block's forward."""
+        rng = self._rng(step_key, index, True)
         fn = lambda w, x: self.model.block_apply(w, x, rng)
         if SAVE_POLICY is not None:
             fn = jax.checkpoint(fn, policy=SAVE_POLICY)
         y, vjp = jax.vjp(fn, w, x)
         leaves, treedef = jax.tree.flatten(vjp)
         weight_pos = {id(t): i for i, t in enumerate(jax.tree.leaves(w))}
-        layout = [weight_pos.get(id(leaf), -1) for leaf in leaves]
-        self._vjp_layout = (treedef, layout)
-        return y, [leaf for leaf, pos in zip(leaves, layout) if pos < 0]
+        positions = tuple(weight_pos.get(id(leaf), -1) for leaf in leaves)
+        return y, leaves, ResidualLayout(treedef, positions)
 
-    def block_bwd_saved(self, w, residuals, dy, g_acc):
-        """Backward from the residuals of :meth:`block_fwd_save` (traced after it)."""
-        treedef, layout = self._vjp_layout
+    def block_fwd_save(self, w, x, step_key, index):
+        """Block forward that also returns the residuals its backward needs (weights excluded:
+        the backward gets them again, so no weight copy is kept per layer)."""
+        y, leaves, layout = self._block_vjp(w, x, step_key, index)
+        return y, [leaf for leaf, pos in zip(leaves, layout.weight_positions) if pos < 0]
+
+    def residual_layout(self, w, x, step_key, index) -> ResidualLayout:
+        """The layout of :meth:`block_fwd_save`'s residuals, from one abstract trace."""
+        layouts = []
+
+        def trace(w, x, step_key, index):
+            y, _, layout = self._block_vjp(w, x, step_key, index)
+            layouts.append(layout)  # static data of this trace, returned below
+            return y
+
+        jax.eval_shape(trace, w, x, step_key, index)
+        return layouts[0]
+
+    def block_bwd_saved(self, layout: ResidualLayout, w, residuals, dy, g_acc):
+        """Backward from the residuals of :meth:`block_fwd_save`."""
         weights, rest = jax.tree.leaves(w), iter(residuals)
-        vjp = jax.tree.unflatten(treedef, [weights[p] if p >= 0 else next(rest) for p in layout])
+        leaves = [weights[p] if p >= 0 else next(rest) for p in layout.weight_positions]
+        dw, dx = jax.tree.unflatten(layout.treedef, leaves)(dy)
+        g_acc = _accumulate(g_acc, dw)
+        return dx, g_acc, sq_norm(g_acc)
+
+    def block_bwd(self, w, x, dy, step_key, index, g_acc):
+        """Recompute the block forward from its kept input (same dropout key), then VJP."""
+        rng = self._rng(step_key, index, True)
+        _, vjp = jax.vjp(lambda w, x: self.model.block_apply(w, x, rng), w, x)
         dw, dx = vjp(dy)
         g_acc = _accumulate(g_acc, dw)
-        return dx, g_acc, _sqnorm(g_acc)
+        return dx, g_acc, sq_norm(g_acc)
 
     def head_train(self, w, wte, x, labels, mask, denom, g_acc, g_wte):
         """Loss of one micro-batch (as a share of the global batch) and its gradients."""
 
         def loss_fn(w, wte, x):
-            logits = self.model.head_apply(w, x, wte)  # (b, T, V) fp32
+            logits = self.model.head_apply(w, x, wte)  # (b, T, V)
             loss_sum, _ = token_loss_sum(logits, labels, mask)
             return loss_sum / denom, loss_sum
 
@@ -107,210 +130,28 @@ class SegmentFunctions:
         )(w, wte, x)
         g_acc = _accumulate(g_acc, dw)
         if g_wte is not None:
-            g_wte = g_wte + dwte.astype(F32)
-        return loss_sum, dx, g_acc, g_wte, _sqnorm(g_acc)
+            g_wte = g_wte + dwte.astype(g_wte.dtype)
+        return loss_sum, dx, g_acc, g_wte, sq_norm(g_acc)
 
     def head_eval(self, w, wte, x, labels, mask):
         logits = self.model.head_apply(w, x, wte)
         loss_sum, count = token_loss_sum(logits, labels, mask)
         return loss_sum, count, token_correct_sum(logits, labels, mask)
 
-    def block_bwd(self, w, x, dy, step_key, idx, g_acc):
-        """Recompute the block forward from its kept input (same dropout key), then VJP."""
-        rng = self._rng(step_key, idx, True)
-        _, vjp = jax.vjp(lambda w, x: self.model.block_apply(w, x, rng), w, x)
-        dw, dx = vjp(dy)
-        g_acc = _accumulate(g_acc, dw)
-        return dx, g_acc, _sqnorm(g_acc)
-
-    def embed_bwd(self, w, tokens, dx, step_key, idx, g_acc):
-        rng = self._rng(step_key, idx, True)
+    def embed_bwd(self, w, tokens, dx, step_key, index, g_acc):
+        rng = self._rng(step_key, index, True)
         _, vjp = jax.vjp(lambda w: self.model.embed_apply(w, tokens, rng), w)
         (dw,) = vjp(dx)
         g_acc = _accumulate(g_acc, dw)
-        return g_acc, _sqnorm(g_acc)
+        return g_acc, sq_norm(g_acc)
 
     def update(self, master, opt_state, grads, scale):
         """Clip-scale the gradients, apply the optax update; also emit the streaming copy."""
-        grads = jax.tree.map(lambda g: g * scale, grads)
+        grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
         updates, opt_state = self.optimizer.update(grads, opt_state, master)
         master = optax.apply_updates(master, updates)
         stream = jax.tree.map(lambda a: a.astype(self.compute_dtype), master)
         return master, opt_state, stream
-
-
-@dataclass
-class CompileRecord:
-    name: str
-    seconds: float
-    flops: float
-    bytes_accessed: float
-    temp_bytes: int
-    argument_bytes: int
-    output_bytes: int
-    generated_code_bytes: int
-    extra: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def _cost(compiled) -> tuple[float, float]:
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:  # some backends do not implement it
-        return 0.0, 0.0
-    if isinstance(cost, list | tuple):
-        cost = cost[0] if cost else {}
-    cost = cost or {}
-    return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
-
-
-def _memory(compiled) -> dict:
-    try:
-        m = compiled.memory_analysis()
-    except Exception:
-        m = None
-    get = lambda k: int(getattr(m, k, 0) or 0) if m is not None else 0
-    return {
-        "temp_bytes": get("temp_size_in_bytes"),
-        "argument_bytes": get("argument_size_in_bytes"),
-        "output_bytes": get("output_size_in_bytes"),
-        "generated_code_bytes": get("generated_code_size_in_bytes"),
-    }
-
-
-class ExecutableCache:
-    """Compiles each (name, abstract signature) once and keeps the compile log.
-
-    When JAX's persistent compilation cache is on (the run's ``compile_<checksum>/``), compiled
-    executables are also serialized there (``wsjax-executables/``) and a later process loads
-    them without tracing or lowering, which is what remains of a cached compile otherwise
-    (~0.1 s an executable). The key covers ``context`` (model, optimizer and streaming config,
-    the wsjax sources, JAX version, devices), the name, the abstract signature, the output
-    shardings and the donation; an executable whose output structure cannot be rebuilt from
-    ``out_tree`` is never serialized, and a file that fails to load is compiled again.
-    """
-
-    def __init__(self, context: str = ""):
-        self._compiled: dict = {}
-        self.records: list[CompileRecord] = []
-        self.context = context
-
-    def get(self, name: str, fn, abstract_args: tuple, *, out_shardings, donate=(), out_tree=None):
-        """``out_tree(num_output_leaves) -> PyTreeDef`` enables the on-disk executable cache."""
-        sig = _signature(abstract_args)
-        key = (name, sig)
-        hit = self._compiled.get(key)
-        if hit is not None:
-            return hit
-        t0 = time.perf_counter()
-        path = self._path(name, sig, out_shardings, donate) if out_tree else None
-        compiled, info = self._load(path, abstract_args, out_tree) if path else (None, None)
-        if compiled is None:
-            jitted = jax.jit(fn, out_shardings=out_shardings, donate_argnums=donate)
-            before = dict(_CACHE_EVENTS)
-            compiled = jitted.lower(*abstract_args).compile()
-            flops, nbytes = _cost(compiled)
-            info = {"flops": flops, "bytes_accessed": nbytes, **_memory(compiled)}
-            if path and _freshly_compiled(before):
-                self._save(path, compiled, out_tree, info)
-            info["_compiled"] = True
-        seconds = time.perf_counter() - t0
-        source = {"source": "compiled" if path is None or info.get("_compiled") else "disk"}
-        info.pop("_compiled", None)
-        self.records.append(CompileRecord(name, seconds, **info, extra=source))
-        self._compiled[key] = compiled
-        return compiled
-
-    def _path(self, name, sig, out_shardings, donate) -> Path | None:
-        root = jax.config.jax_compilation_cache_dir
-        if not root:
-            return None
-        text = repr((self.context, name, sig, str(out_shardings), tuple(donate)))
-        digest = hashlib.sha256(text.encode()).hexdigest()[:32]
-        return Path(root) / "wsjax-executables" / f"{name.replace('/', '_')}-{digest}"
-
-    @staticmethod
-    def _load(path: Path, abstract_args, out_tree):
-        meta = path.with_suffix(".json")
-        if not meta.is_file():
-            return None, None
-        try:
-            info = json.loads(meta.read_text())
-            in_tree = jax.tree.structure((tuple(abstract_args), {}))
-            payload = path.with_suffix(".bin").read_bytes()
-            compiled = deserialize_and_load(payload, in_tree, out_tree(info.pop("num_outputs")))
-        except Exception:  # stale, truncated or from another runtime: compile instead
-            return None, None
-        return compiled, info
-
-    @staticmethod
-    def _save(path: Path, compiled, out_tree, info: dict) -> None:
-        n_out = len(jax.tree.leaves(compiled.out_info))
-        if out_tree(n_out) != jax.tree.structure(compiled.out_info):
-            return  # the rebuilt structure would not match: leave it to the XLA cache
-        try:
-            payload, _, _ = serialize(compiled)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".bin.tmp")
-            tmp.write_bytes(payload)
-            tmp.replace(path.with_suffix(".bin"))
-            # written last: a .json names a complete .bin
-            meta = json.dumps({**info, "num_outputs": n_out})
-            path.with_suffix(".json.tmp").write_text(meta)
-            path.with_suffix(".json.tmp").replace(path.with_suffix(".json"))
-        except Exception:  # a backend that cannot serialize: the XLA cache still serves
-            return
-
-    def record(self, name: str) -> CompileRecord | None:
-        for r in reversed(self.records):
-            if r.name == name:
-                return r
-        return None
-
-    @property
-    def count(self) -> int:
-        return len(self._compiled)
-
-    @property
-    def compile_seconds(self) -> float:
-        return sum(r.seconds for r in self.records)
-
-
-# JAX's persistent-cache events. An executable that XLA CPU restored from that cache serializes
-# incompletely (it fails at run time: "Function ... not found"), so only an executable that JAX
-# says it really compiled (the cache was asked and missed) is written to disk.
-_ASKED, _HIT = (
-    "/jax/compilation_cache/compile_requests_use_cache",
-    "/jax/compilation_cache/cache_hits",
-)
-_CACHE_EVENTS: collections.Counter = collections.Counter()
-
-
-def _count_cache_event(event: str, **_) -> None:
-    if event in (_ASKED, _HIT):
-        _CACHE_EVENTS[event] += 1
-
-
-jax.monitoring.register_event_listener(_count_cache_event)
-
-
-def _freshly_compiled(before: dict) -> bool:
-    asked = _CACHE_EVENTS[_ASKED] > before.get(_ASKED, 0)
-    hit = _CACHE_EVENTS[_HIT] > before.get(_HIT, 0)
-    return asked and not hit
-
-
-def _signature(args) -> tuple:
-    leaves, treedef = jax.tree.flatten(args)
-    sig = tuple(
-        (tuple(a.shape), str(a.dtype), str(getattr(a, "sharding", None)))
-        if hasattr(a, "shape")
-        else repr(a)
-        for a in leaves
-    )
-    return (str(treedef), sig)
 
 
 def abstract(tree, sharding, dtype=None):
@@ -318,3 +159,195 @@ def abstract(tree, sharding, dtype=None):
     return jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, dtype or a.dtype, sharding=sharding), tree
     )
+
+
+def _structure(tree) -> Any:
+    """Output tree structure with leaves elided (to rebuild a serialized executable)."""
+    return jax.tree.map(lambda _: 0, tree)
+
+
+@dataclass(frozen=True)
+class TrainExecutables:
+    """What a training step runs, resolved once per batch shape."""
+
+    embed_fwd: Any
+    block_fwd: Any  # recompute: x -> y; else x -> (y, residuals)
+    head: Any
+    block_bwd: Any  # recompute: from the kept input; else from the kept residuals
+    embed_bwd: Any
+    update: dict  # segment kind -> update executable
+    kept: Any  # abstract value kept per block and micro-batch: its input, or its residuals
+    temp_bytes: dict  # executable attribute name above -> compiled scratch bytes
+
+
+@dataclass(frozen=True)
+class EvalExecutables:
+    embed_fwd: Any
+    block_fwd: Any
+    head: Any
+
+
+class StepExecutables:
+    """The executables of a step on ``n_micro`` micro-batches of ``micro`` x ``seq`` tokens."""
+
+    def __init__(
+        self,
+        functions: SegmentFunctions,
+        cache: ExecutableCache,
+        placement: Placement,
+        *,
+        n_micro: int,
+        micro: int,
+        seq: int,
+        master_dtype,
+    ):
+        self.functions, self.cache, self.placement = functions, cache, placement
+        self.n_micro, self.micro, self.seq = n_micro, micro, seq
+        model, compute_dtype = functions.model, functions.compute_dtype
+        self.tied, self.master_dtype = model.tied, master_dtype
+        self.master_shapes = segment_shapes(model, master_dtype)
+        rep, data = placement.replicated, placement.data
+        self.weights = {k: abstract(v, rep, compute_dtype) for k, v in self.master_shapes.items()}
+        self.grads = {k: abstract(v, rep) for k, v in self.master_shapes.items()}
+        self.seg_bytes = {k: tree_bytes(v) for k, v in self.weights.items()}
+        hidden = model.cfg.hidden_size
+        self.activation = jax.ShapeDtypeStruct((micro, seq, hidden), compute_dtype, sharding=data)
+        self.tokens = jax.ShapeDtypeStruct((micro, seq), jnp.int32, sharding=data)
+        self.mask = jax.ShapeDtypeStruct((micro, seq), jnp.float32, sharding=data)
+        self.step_key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)
+        self.index = jax.ShapeDtypeStruct((2,), jnp.int32, sharding=rep)  # (micro-batch, seg)
+        self.denom = jax.ShapeDtypeStruct((), master_dtype, sharding=rep)
+        self.wte = self.weights["embed"]["wte"] if self.tied else None
+        self.g_wte = self.grads["embed"]["wte"] if self.tied else None
+
+    def _get(self, name, fn, args, out_shardings, out_tree, donate=()):
+        return self.cache.get(
+            name, fn, args, out_shardings=out_shardings, donate=donate, out_tree=out_tree
+        )
+
+    # ---- forward ---------------------------------------------------------------------------
+    def embed_forward(self, *, train: bool):
+        fn = lambda w, x, k, i: self.functions.embed_fwd(w, x, k, i, train)
+        args = (self.weights["embed"], self.tokens, self.step_key, self.index)
+        name = "embed_fwd" if train else "embed_eval"
+        return self._get(name, fn, args, self.placement.data, lambda n: jax.tree.structure(0))
+
+    def block_forward(self, *, train: bool):
+        fn = lambda w, x, k, i: self.functions.block_fwd(w, x, k, i, train)
+        args = (self.weights["block"], self.activation, self.step_key, self.index)
+        name = "block_fwd" if train else "block_eval"
+        return self._get(name, fn, args, self.placement.data, lambda n: jax.tree.structure(0))
+
+    def block_forward_keep(self):
+        """(block forward that also emits its residuals, the residuals' abstract values as
+        the compiled executable lays them out: batch-sharded where they carry the batch)."""
+        args = (self.weights["block"], self.activation, self.step_key, self.index)
+        out_tree = lambda n: jax.tree.structure((0, [0] * (n - 1)))
+        exe = self._get(
+            "block_fwd_save", self.functions.block_fwd_save, args, (self.placement.data, None),
+            out_tree,
+        )  # fmt: skip
+        outs, shardings = exe.out_info[1], exe.output_shardings[1]
+        kept = [
+            jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=s)
+            for o, s in zip(outs, shardings, strict=True)
+        ]
+        return exe, kept
+
+    # ---- head ------------------------------------------------------------------------------
+    def head_train(self):
+        args = (self.weights["head"], self.wte, self.activation, self.tokens, self.mask)
+        args += (self.denom, self.grads["head"], self.g_wte)
+        rep = self.placement.replicated
+        g_wte = 0 if self.tied else None
+        out_tree = lambda n: jax.tree.structure((0, 0, _structure(self.grads["head"]), g_wte, 0))
+        out_shardings = (rep, self.placement.data, rep, rep, rep)
+        return self._get(
+            "head_train", self.functions.head_train, args, out_shardings, out_tree, donate=(6, 7)
+        )
+
+    def head_eval(self):
+        args = (self.weights["head"], self.wte, self.activation, self.tokens, self.mask)
+        rep = self.placement.replicated
+        out_tree = lambda n: jax.tree.structure((0, 0, 0))
+        return self._get("head_eval", self.functions.head_eval, args, (rep, rep, rep), out_tree)
+
+    # ---- backward --------------------------------------------------------------------------
+    def block_backward(self):
+        """Recompute from the kept block input, then the VJP."""
+        args = (self.weights["block"], self.activation, self.activation, self.step_key)
+        args += (self.index, self.grads["block"])
+        return self._block_bwd("block_bwd", self.functions.block_bwd, args)
+
+    def block_backward_kept(self, kept: list):
+        """The VJP from ``kept``, the residuals :meth:`block_forward_keep` emitted."""
+        fwd_args = (self.weights["block"], self.activation, self.step_key, self.index)
+        layout = self.functions.residual_layout(*fwd_args)
+        fn = lambda w, res, dy, g: self.functions.block_bwd_saved(layout, w, res, dy, g)
+        args = (self.weights["block"], kept, self.activation, self.grads["block"])
+        return self._block_bwd("block_bwd_saved", fn, args)
+
+    def _block_bwd(self, name, fn, args):
+        rep = self.placement.replicated
+        out_tree = lambda n: jax.tree.structure((0, _structure(self.grads["block"]), 0))
+        donate = (len(args) - 1,)  # the gradient accumulator
+        return self._get(name, fn, args, (self.placement.data, rep, rep), out_tree, donate)
+
+    def embed_backward(self):
+        args = (self.weights["embed"], self.tokens, self.activation, self.step_key, self.index)
+        args += (self.grads["embed"],)
+        rep = self.placement.replicated
+        out_tree = lambda n: jax.tree.structure((_structure(self.grads["embed"]), 0))
+        return self._get(
+            "embed_bwd", self.functions.embed_bwd, args, (rep, rep), out_tree, donate=(5,)
+        )
+
+    # ---- update ----------------------------------------------------------------------------
+    def update(self, kind: str):
+        """The optimizer update of one segment kind, where the placement says it runs."""
+        optimizer, where = self.functions.optimizer, self.placement.update
+        if optimizer is None:
+            raise ValueError("this engine was built with train=False: it has no optimizer")
+        master = abstract(self.master_shapes[kind], where)
+        opt_state = abstract(jax.eval_shape(optimizer.init, self.master_shapes[kind]), where)
+        scale = jax.ShapeDtypeStruct((), self.master_dtype, sharding=where)
+        out_tree = lambda n: jax.tree.structure(
+            (_structure(master), _structure(opt_state), _structure(master))
+        )
+        name = f"update/{kind}" + ("" if self.placement.optimizer_on_host else "@device")
+        out_shardings = (where, where, self.placement.update_output)
+        return self._get(
+            name, self.functions.update, (master, opt_state, master, scale), out_shardings,
+            out_tree, donate=(0, 1),
+        )  # fmt: skip
+
+    # ---- what a step runs ------------------------------------------------------------------
+    def training(self, *, recompute: bool) -> TrainExecutables:
+        """Every executable of a training step, compiled (or loaded) now."""
+        if recompute:
+            block_fwd, kept = self.block_forward(train=True), self.activation
+            block_bwd = self.block_backward()
+        else:
+            block_fwd, kept = self.block_forward_keep()
+            block_bwd = self.block_backward_kept(kept)
+        exes = {
+            "embed_fwd": self.embed_forward(train=True),
+            "block_fwd": block_fwd,
+            "head": self.head_train(),
+            "block_bwd": block_bwd,
+            "embed_bwd": self.embed_backward(),
+        }
+        update = {kind: self.update(kind) for kind in ("embed", "block", "head")}
+        # scratch of each, from the compile log (also for executables loaded from disk)
+        temp = {name: self.cache.record_of(exe).temp_bytes for name, exe in exes.items()}
+        return TrainExecutables(**exes, update=update, kept=kept, temp_bytes=temp)
+
+    def evaluation(self, *, recompute: bool) -> EvalExecutables:
+        """Forward-only executables; the training forward serves where it is the same function
+        (no dropout) and a training step compiles it anyway (recompute)."""
+        train_fwd = recompute and not self.functions.dropout
+        return EvalExecutables(
+            embed_fwd=self.embed_forward(train=train_fwd),
+            block_fwd=self.block_forward(train=train_fwd),
+            head=self.head_eval(),
+        )

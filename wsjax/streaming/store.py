@@ -16,23 +16,29 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 
 def segment_names(num_layers: int) -> list[str]:
     return ["embed", *[f"block/{i}" for i in range(num_layers)], "head"]
 
 
-def segment_index(name: str, num_layers: int) -> int:
-    """embed 0, block i -> i + 1, head L + 1 (also the dropout fold-in of the segment)."""
-    if name == "embed":
-        return 0
-    if name == "head":
-        return num_layers + 1
-    return int(name.split("/")[1]) + 1
+def segment_kind(name: str) -> str:
+    """``embed`` / ``block`` / ``head``: segments of one kind share shapes and executables."""
+    return name.split("/")[0]
+
+
+def segment_shapes(model, dtype=jnp.float32) -> dict:
+    """Abstract parameters of each segment kind; ``block`` is one layer (no layer axis)."""
+    shapes = model.param_shapes(dtype)
+    layer = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), shapes["blocks"])
+    return {"embed": shapes["embed"], "block": layer, "head": shapes["head"]}
 
 
 def tree_bytes(tree) -> int:
+    """Bytes of a pytree of arrays or ShapeDtypeStructs."""
     return sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
 
 
@@ -45,7 +51,7 @@ def stack_trees(trees: list):
 
 
 class HostStore:
-    """Per-segment host state. Build with :meth:`create`; the engine owns updating it."""
+    """Per-segment host state. Build with :meth:`create`; the step's updates replace entries."""
 
     def __init__(self, num_layers: int, master: dict, opt_state: dict, stream: dict):
         self.num_layers = num_layers
@@ -59,7 +65,7 @@ class HostStore:
         cls,
         params: dict,
         num_layers: int,
-        optimizer,
+        optimizer: optax.GradientTransformation | None,
         host_sharding,
         stream_sharding,
         compute_dtype,
@@ -68,11 +74,14 @@ class HostStore:
         """Place ``params`` ({"embed", "blocks" (stacked), "head"}) and optimizer state on the host.
 
         ``opt_state`` (optional) is in the :meth:`opt_state_tree` layout, e.g. from a checkpoint.
+        ``optimizer=None`` (an eval-only engine): no optimizer state at all.
         """
         # Copies (may_alias=False): updates donate these buffers, the caller's arrays stay valid.
         place = lambda t: jax.device_put(t, host_sharding, may_alias=False)
         master = {n: place(p) for n, p in _split_segments(params, num_layers).items()}
-        if opt_state is None:
+        if optimizer is None:
+            opt = {}
+        elif opt_state is None:
             init = jax.jit(optimizer.init, out_shardings=host_sharding)
             opt = {n: init(p) for n, p in master.items()}
         else:
@@ -89,6 +98,8 @@ class HostStore:
 
     def opt_state_tree(self) -> dict:
         """Optimizer state {"embed", "blocks" (stacked per leaf), "head"} (numpy, host)."""
+        if not self.opt_state:
+            raise ValueError("this engine was built with train=False: it has no optimizer state")
         return self._join(self.opt_state)
 
     def _join(self, per_seg: dict) -> dict:
@@ -97,13 +108,6 @@ class HostStore:
             "embed": jax.tree.map(np.asarray, per_seg["embed"]),
             "blocks": stack_trees(blocks),
             "head": jax.tree.map(np.asarray, per_seg["head"]),
-        }
-
-    def bytes_per_tier(self) -> dict[str, int]:
-        return {
-            "master": sum(tree_bytes(t) for t in self.master.values()),
-            "optimizer": sum(tree_bytes(t) for t in self.opt_state.values()),
-            "stream": sum(tree_bytes(t) for t in self.stream.values()),
         }
 
 

@@ -1,9 +1,11 @@
-"""Streaming with a bounded window: weights for the next ``depth`` segments in flight.
+"""Streaming with a bounded window: weights for the next ``depth`` items in flight.
 
-:class:`WeightStream` issues transfers in order and hands them out one by one; the scheduler
-calls :meth:`advance` only after the computation that used the previous item has finished, so
-at most ``depth + 1`` items are ever resident on the device. :class:`Residency` tracks the bytes
-the engine has placed on the device and their peak (plus executables' temporaries).
+:class:`WeightStream` issues host-to-device transfers in order and hands them out one by one
+(:meth:`~WeightStream.take`); the step driver calls :meth:`~WeightStream.release` only after the
+computation that used an item has finished, so at most ``depth + 1`` items are ever resident on
+the device. An item whose host data do not exist yet (an offloaded kept value its own forward
+has not produced) is not issued until they do. :class:`Residency` tracks the bytes the engine
+has placed on the device and their peak (plus executables' temporaries).
 """
 
 from __future__ import annotations
@@ -65,42 +67,54 @@ class Fetch:
     name: str
     nbytes: int
     issue: Callable[[], object]
-    ready: Callable[[], object] | None = None  # host-side dependency (a pending update)
+    pending_update: Callable[[], object] | None = None  # host update that must finish first
+    data_exist: Callable[[], bool] | None = None  # host data that must exist before issuing
 
 
 class WeightStream:
+    """Issues ``fetches`` in order, at most ``depth + 1`` on the device at a time."""
+
     def __init__(self, fetches: list[Fetch], depth: int, stats: StepStats, residency: Residency):
         self._fetches = fetches
-        self._depth = depth
+        self._window = depth + 1  # the item computed now, plus ``depth`` ahead of it
         self._stats = stats
-        self._res = residency
-        self._queue: deque = deque()
+        self._residency = residency
+        self._issued: deque = deque()  # (residency key, device arrays), not yet taken
+        self._taken: deque = deque()  # residency keys of taken, unreleased items
         self._next = 0
-        for _ in range(depth + 1):  # the item computed next, plus ``depth`` ahead of it
-            self._issue()
+        self._top_up()
 
-    def _issue(self) -> None:
-        if self._next >= len(self._fetches):
-            return
-        f = self._fetches[self._next]
-        self._next += 1
-        if f.ready is not None:  # the host update of this segment must have produced its copy
-            t0 = time.perf_counter()
-            jax.block_until_ready(f.ready())
-            self._stats.update_wait += time.perf_counter() - t0
-        self._res.add(f"weights:{f.name}:{self._next}", f.nbytes)
-        self._stats.h2d_bytes += f.nbytes
-        self._queue.append((f"weights:{f.name}:{self._next}", f.issue()))
+    def _top_up(self) -> None:
+        while self._next < len(self._fetches) and len(self._issued) + len(self._taken) < (
+            self._window
+        ):
+            fetch = self._fetches[self._next]
+            if fetch.data_exist is not None and not fetch.data_exist():
+                return  # issued once its data exist (the next take or release tries again)
+            self._next += 1
+            if fetch.pending_update is not None:  # this segment's host update must be done
+                t0 = time.perf_counter()
+                jax.block_until_ready(fetch.pending_update())
+                self._stats.update_wait += time.perf_counter() - t0
+            key = f"weights:{fetch.name}:{self._next}"
+            self._residency.add(key, fetch.nbytes)
+            self._stats.h2d_bytes += fetch.nbytes
+            self._issued.append((key, fetch.issue()))
 
     def take(self):
         """The next item's device arrays, waiting (measured) until they have arrived."""
-        key, arrays = self._queue.popleft()
+        self._top_up()
+        if not self._issued:
+            name = self._fetches[self._next].name
+            raise RuntimeError(f"stream item {name} taken before its host data exist")
+        key, arrays = self._issued.popleft()
         t0 = time.perf_counter()
         jax.block_until_ready(arrays)
         self._stats.h2d_wait += time.perf_counter() - t0
-        return key, arrays
+        self._taken.append(key)
+        return arrays
 
-    def release(self, key: str) -> None:
-        """The computation that used ``key`` has finished: free it and issue the next fetch."""
-        self._res.drop(key)
-        self._issue()
+    def release(self) -> None:
+        """The computation that used the oldest taken item has finished: free its weights."""
+        self._residency.drop(self._taken.popleft())
+        self._top_up()
