@@ -94,7 +94,8 @@ def measure_size(eng, nbytes: int, reps: int) -> dict:
     stream = jax.device_put(src, eng.placement.stream)  # where the engine keeps the copy
     act_host = eng.placement.offloaded(eng.placement.data)  # where offloaded activations go
     on_dev = jax.device_put(src, eng.placement.replicated)
-    jax.block_until_ready((stream, on_dev))
+    on_host = jax.device_put(src, eng.placement.host)  # where the host update writes its output
+    jax.block_until_ready((stream, on_dev, on_host))
     secs = {
         "h2d": best_seconds(lambda: jax.device_put(stream, eng.placement.replicated), reps),
         "d2h_act": best_seconds(lambda: jax.device_put(on_dev, act_host), reps),
@@ -108,6 +109,8 @@ def measure_size(eng, nbytes: int, reps: int) -> dict:
             lambda: jax.device_put(jax.device_get(on_dev), eng.placement.host), reps
         ),
         "d2h_device_get": best_seconds(lambda: jax.device_get(on_dev), reps),
+        # the host update's fresh stream copy moving into the accelerator's host memory kind
+        "host_to_stream": best_seconds(lambda: jax.device_put(on_host, eng.placement.stream), reps),
     }
     dst = np.empty_like(src)
     plain = nbytes / best_seconds(lambda: np.copyto(dst, src), reps)
