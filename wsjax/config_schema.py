@@ -16,7 +16,7 @@ from typing import Any
 logger = logging.getLogger("wsjax.config")
 
 SECTIONS = ("train_input", "eval_input", "model", "optimizer", "runconfig", "streaming")
-FAMILIES = ("gptj", "gpt2")
+FAMILIES = ("gptj", "gpt2", "neox")
 POSITION_EMBEDDINGS = ("rotary", "learned")
 NONLINEARITIES = ("gelu", "gelu_exact", "relu")
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -177,6 +177,11 @@ class ModelConfig:
     embedding_initializer: InitSpec = InitSpec()
     output_layer_initializer: InitSpec = InitSpec()
     initializer_range: float = 0.02
+    # GPT-NeoX (shared contract 2): two layer norms per block (ln_1 -> attention, ln_2 -> MLP);
+    # parallel residual x + attn(ln_1 x) + mlp(ln_2 x), else sequential; the rotary base.
+    use_untied_layer_norm: bool = False
+    use_parallel_residual: bool = True
+    rope_theta: float = 10000.0
 
     @property
     def head_dim(self) -> int:
@@ -198,6 +203,14 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "use_bias_in_output": False,
         "use_projection_bias_in_attention": True,
         "use_ffn_bias_in_attention": True,
+    },
+    "neox": {
+        "position_embedding_type": "rotary",
+        "share_embedding_weights": False,
+        "use_bias_in_output": False,
+        "use_projection_bias_in_attention": True,
+        "use_ffn_bias_in_attention": True,
+        "use_untied_layer_norm": True,
     },
 }
 
