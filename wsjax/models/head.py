@@ -27,11 +27,12 @@ class Head(nnx.Module):
             self.lm_head = OutputBias(v)
 
     def __call__(self, x: jax.Array, wte: jax.Array | None = None) -> jax.Array:
-        """(B, T, D) -> fp32 logits (B, T, V). ``wte`` (V, D) is the embedding when tied."""
+        """(B, T, D) -> fp32 logits (B, T, V); ``wte`` (V, D) is the embedding when tied."""
         h = self.ln_f(x)  # (B, T, D)
+        out = jnp.promote_types(h.dtype, jnp.float32)  # fp32 (float64 for a float64 model)
         if not self.tied:
-            return self.lm_head(h).astype(jnp.float32)
+            return self.lm_head(h).astype(out)
         logits = h @ wte.T.astype(h.dtype)  # (B, T, V)
         if hasattr(self, "lm_head"):
             logits = logits + self.lm_head.bias[...].astype(h.dtype)
-        return logits.astype(jnp.float32)
+        return logits.astype(out)

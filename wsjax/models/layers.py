@@ -2,7 +2,9 @@
 pure maths (attention, rotary, dropout, activation) with shape comments.
 
 Layers compute in the dtype of the parameters they are given (the engine streams a compute-dtype
-copy: fp32, or bf16 under mixed precision); layer norm statistics, softmax and the logits are fp32.
+copy: fp32, or bf16 under mixed precision); layer norm statistics, rotary, softmax and the logits
+run in at least fp32 (``promote_types(dtype, F32)``: float64 for a float64 model, which the
+exactness tests use).
 Shapes: B batch, T sequence, D hidden, H heads, K head dim, R rotary dims, V vocabulary.
 """
 
@@ -93,10 +95,10 @@ def apply_rotary(
     x: (B, T, H, K). ``interleaved`` (GPT-J, rotate-every-two) rotates the pairs
     (x[2i], x[2i+1]); otherwise (GPT-NeoX, rotate-half) the pairs (x[i], x[i + R/2]).
     """
-    t = x.shape[1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=F32) / rotary_dim))  # (R/2,)
-    angles = jnp.arange(t, dtype=F32)[:, None] * inv_freq[None, :]  # (T, R/2)
-    rot, rest = x[..., :rotary_dim].astype(F32), x[..., rotary_dim:]  # (B, T, H, R), (.., K - R)
+    t, acc = x.shape[1], jnp.promote_types(x.dtype, F32)
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=acc) / rotary_dim))  # (R/2,)
+    angles = jnp.arange(t, dtype=acc)[:, None] * inv_freq[None, :]  # (T, R/2)
+    rot, rest = x[..., :rotary_dim].astype(acc), x[..., rotary_dim:]  # (B, T, H, R), (.., K - R)
     if interleaved:  # (x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)
         angles = jnp.repeat(angles, 2, axis=-1)  # (T, R): each angle for its pair
         pairs = rot.reshape(*rot.shape[:-1], rotary_dim // 2, 2)
@@ -117,11 +119,11 @@ def causal_attention(
 
     q, k, v: (B, T, H, K) -> (B, T, H, K)
     """
-    t, k_dim = q.shape[1], q.shape[-1]
-    scores = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=F32)  # (B, H, T, T)
+    t, k_dim, acc = q.shape[1], q.shape[-1], jnp.promote_types(q.dtype, F32)
+    scores = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=acc)  # (B, H, T, T)
     scores = scores / math.sqrt(k_dim)
     causal = jnp.tril(jnp.ones((t, t), dtype=bool))
-    scores = jnp.where(causal, scores, jnp.finfo(F32).min)
+    scores = jnp.where(causal, scores, jnp.finfo(acc).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     probs = dropout(rng, dropout_rate, probs)
     return jnp.einsum("bhqs,bshk->bqhk", probs, v)  # (B, T, H, K)
