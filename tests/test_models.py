@@ -290,3 +290,31 @@ def test_neox_engine_matches_reference(config_dict, make_batches, rel_err, paral
     delta = lambda p: jax.tree.map(lambda a, b: np.asarray(a) - b, p, init)  # noqa: E731
     key, err = rel_err(delta(engine.params_tree()), delta(state.params))
     assert err <= ENGINE_RTOL, f"{key}: update relative error {err:.3g}"
+
+
+def test_gptj_honours_untied_norm_and_sequential_residual():
+    """The NeoX wiring knobs on GPT-J: ln_2 feeds the MLP; sequential feeds attn's output on."""
+    base_cfg = _model_cfg("gptj")
+    params = _random_params(get_model(base_cfg))
+    tokens = _tokens()
+    ref = jax.jit(get_model(base_cfg).logits)(params, tokens)
+
+    untied = get_model(dataclasses.replace(base_cfg, use_untied_layer_norm=True))
+    assert "ln_2" in untied.param_shapes()["blocks"]
+    blocks = params["blocks"]
+    same = {**params, "blocks": {**blocks, "ln_2": blocks["ln_1"]}}
+    got = jax.jit(untied.logits)(same, tokens)  # ln_2 = ln_1: the GPT-J model again
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+    moved = {
+        **params,
+        "blocks": {**blocks, "ln_2": jax.tree.map(lambda a: a + 0.5, blocks["ln_1"])},
+    }
+    assert np.abs(jax.jit(untied.logits)(moved, tokens) - ref).max() > 1e-3
+
+    seq = get_model(dataclasses.replace(base_cfg, use_parallel_residual=False))
+    assert np.abs(jax.jit(seq.logits)(params, tokens) - ref).max() > 1e-3
+    # with the attention output zeroed both wirings are x + mlp(ln_1 x): equal again
+    attn = {**blocks["attn"], "out_proj": jax.tree.map(jnp.zeros_like, blocks["attn"]["out_proj"])}
+    no_attn = {**params, "blocks": {**blocks, "attn": attn}}
+    par = jax.jit(get_model(base_cfg).logits)(no_attn, tokens)
+    np.testing.assert_allclose(jax.jit(seq.logits)(no_attn, tokens), par, rtol=1e-6, atol=1e-6)

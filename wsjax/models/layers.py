@@ -149,8 +149,10 @@ class PreLNBlock(nnx.Module):
     def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
         r_attn, r_out, r_mlp = split_rng(rng, 3)
         ln_2 = self.ln_2 if self.untied_norms else self.ln_1
-        attn_out = dropout(r_out, self.rate, self.attn(self.ln_1(x), r_attn))  # (B, T, D)
-        if self.parallel:
-            return x + attn_out + dropout(r_mlp, self.rate, self.mlp(ln_2(x)))
-        h = x + attn_out
-        return h + dropout(r_mlp, self.rate, self.mlp(ln_2(h)))
+        h = self.ln_1(x)  # (B, T, D)
+        attn_out = dropout(r_out, self.rate, self.attn(h, r_attn))  # (B, T, D)
+        if self.parallel:  # tied norms: reuse h, so the backward pass has one norm, not two
+            h_mlp = ln_2(x) if self.untied_norms else h
+            return x + attn_out + dropout(r_mlp, self.rate, self.mlp(h_mlp))
+        x = x + attn_out
+        return x + dropout(r_mlp, self.rate, self.mlp(ln_2(x)))
