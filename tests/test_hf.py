@@ -75,7 +75,8 @@ def _torch_model(family: str, tied: bool | None = None, seed: int = 0, parallel:
     ln_scales = {
         f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)
     }
-    assert len(ln_scales) == 2 * 2 + 1  # two norms per block + the final one: all randomised
+    norms_per_block = 1 if family == "gptj" else 2
+    assert len(ln_scales) == 2 * norms_per_block + 1  # the blocks' + the final one: all random
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_((1.0 if name in ln_scales else 0.0) + 0.3 * torch.randn_like(p))
