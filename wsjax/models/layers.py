@@ -22,7 +22,7 @@ F32 = jnp.float32
 
 
 # ---- parameterised layers (flax NNX) ----------------------------------------------------------
-def initializer(cfg, kind: str, fan_in: int, fan_out: int):
+def _initializer(cfg, kind: str, fan_in: int, fan_out: int):
     """The config's initializer for a weight of ``kind``: embedding | kernel | output.
 
     ``output`` is the residual-branch output projection (Cerebras ``output_layer_initializer``).
@@ -44,7 +44,7 @@ def initializer(cfg, kind: str, fan_in: int, fan_out: int):
 
 def linear(cfg, d_in: int, d_out: int, bias: bool, rngs: nnx.Rngs, kind="kernel") -> nnx.Linear:
     """``x @ kernel (+ bias)``; kernel (in, out) is the transpose of torch's Linear.weight."""
-    init = initializer(cfg, kind, d_in, d_out)
+    init = _initializer(cfg, kind, d_in, d_out)
     return nnx.Linear(d_in, d_out, use_bias=bias, kernel_init=init, rngs=rngs)
 
 
@@ -56,8 +56,37 @@ def layer_norm(cfg, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 def embedding(cfg, rows: int, rngs: nnx.Rngs) -> nnx.Param:
     """A (rows, D) table as a bare parameter, so the tree keeps the HF-like leaf name (``wte``)."""
-    init = initializer(cfg, "embedding", cfg.hidden_size, cfg.hidden_size)
+    init = _initializer(cfg, "embedding", cfg.hidden_size, cfg.hidden_size)
     return nnx.Param(init(rngs.params(), (rows, cfg.hidden_size), F32))
+
+
+class PreLNBlock(nnx.Module):
+    """One pre-LN block: ln_1 -> attn, ln_2 (ln_1 when the norms are tied) -> mlp.
+
+    parallel (GPT-J, NeoX): x + attn(ln_1 x) + mlp(ln_2 x); sequential (GPT-2, NeoX with
+    use_parallel_residual false): h = x + attn(ln_1 x), then h + mlp(ln_2 h). A family's
+    ``Block`` passes its own ``attn(h, rng)`` and ``mlp(h)`` modules, which name their weights.
+    """
+
+    def __init__(self, cfg, attn, mlp, rngs: nnx.Rngs, *, untied_norms: bool, parallel: bool):
+        self.ln_1 = layer_norm(cfg, rngs)
+        self.attn = attn
+        if untied_norms:
+            self.ln_2 = layer_norm(cfg, rngs)
+        self.mlp = mlp
+        self.untied_norms, self.parallel = untied_norms, parallel
+        self.rate = cfg.residual_dropout_rate
+
+    def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        r_attn, r_out, r_mlp = split_rng(rng, 3)
+        ln_2 = self.ln_2 if self.untied_norms else self.ln_1
+        h = self.ln_1(x)  # (B, T, D)
+        attn_out = dropout(r_out, self.rate, self.attn(h, r_attn))  # (B, T, D)
+        if self.parallel:  # tied norms: reuse h, so the backward pass has one norm, not two
+            h_mlp = ln_2(x) if self.untied_norms else h
+            return x + attn_out + dropout(r_mlp, self.rate, self.mlp(h_mlp))
+        x = x + attn_out
+        return x + dropout(r_mlp, self.rate, self.mlp(ln_2(x)))
 
 
 # ---- pure maths ------------------------------------------------------------------------------
@@ -127,32 +156,3 @@ def causal_attention(
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     probs = dropout(rng, dropout_rate, probs)
     return jnp.einsum("bhqs,bshk->bqhk", probs, v)  # (B, T, H, K)
-
-
-class PreLNBlock(nnx.Module):
-    """One pre-LN block: ln_1 -> attn, ln_2 (ln_1 when the norms are tied) -> mlp.
-
-    parallel (GPT-J, NeoX): x + attn(ln_1 x) + mlp(ln_2 x); sequential (GPT-2, NeoX with
-    use_parallel_residual false): h = x + attn(ln_1 x), then h + mlp(ln_2 h). A family's
-    ``Block`` passes its own ``attn(h, rng)`` and ``mlp(h)`` modules, which name their weights.
-    """
-
-    def __init__(self, cfg, attn, mlp, rngs: nnx.Rngs, *, untied_norms: bool, parallel: bool):
-        self.ln_1 = layer_norm(cfg, rngs)
-        self.attn = attn
-        if untied_norms:
-            self.ln_2 = layer_norm(cfg, rngs)
-        self.mlp = mlp
-        self.untied_norms, self.parallel = untied_norms, parallel
-        self.rate = cfg.residual_dropout_rate
-
-    def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
-        r_attn, r_out, r_mlp = split_rng(rng, 3)
-        ln_2 = self.ln_2 if self.untied_norms else self.ln_1
-        h = self.ln_1(x)  # (B, T, D)
-        attn_out = dropout(r_out, self.rate, self.attn(h, r_attn))  # (B, T, D)
-        if self.parallel:  # tied norms: reuse h, so the backward pass has one norm, not two
-            h_mlp = ln_2(x) if self.untied_norms else h
-            return x + attn_out + dropout(r_mlp, self.rate, self.mlp(h_mlp))
-        x = x + attn_out
-        return x + dropout(r_mlp, self.rate, self.mlp(ln_2(x)))
