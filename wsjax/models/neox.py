@@ -27,6 +27,8 @@ __all__ = ["Embed", "Block", "Head"]
 
 class Attention(nnx.Module):
     def __init__(self, cfg, rngs: nnx.Rngs):
+        if cfg.rotary_dim is None:  # the config resolves rotary_pct into rotary_dim
+            raise ValueError("model.rotary_dim (or rotary_pct) is required for model_family neox")
         d = cfg.hidden_size
         self.cfg = cfg
         self.query_key_value = linear(cfg, d, 3 * d, cfg.use_projection_bias_in_attention, rngs)
