@@ -57,7 +57,8 @@ def tiny_config_dict(
     batch: int = BATCH,
     seq: int = SEQ,
 ) -> dict:
-    """A params-YAML dict of a tiny GPT-J (rotary_dim 8 < head_dim) or GPT-2 (tied) model."""
+    """A params-YAML dict of a tiny GPT-J (rotary_dim 8 < head_dim), GPT-2 (tied) or GPT-NeoX
+    (untied layer norms, rotate-half rotary on 8 of 16 head dims) model."""
     m = {
         "hidden_size": hidden,
         "num_heads": 4,
@@ -68,6 +69,8 @@ def tiny_config_dict(
     }
     if family == "gptj":
         m |= {"position_embedding_type": "rotary", "rotary_dim": 8}
+    elif family == "neox":
+        m |= {"model_family": "neox", "position_embedding_type": "rotary", "rotary_dim": 8}
     else:
         m |= {"position_embedding_type": "learned", "share_embedding_weights": True}
     opt = {"optimizer_type": "adamw", "learning_rate": 1e-3, "weight_decay_rate": 0.01}

@@ -1,13 +1,19 @@
-"""Golden tests of wsjax.hf and scripts/convert_hf.py against transformers' PyTorch GPT-J / GPT-2.
+"""Golden tests of wsjax.hf and scripts/convert_hf.py against transformers' PyTorch GPT-J, GPT-2
+and GPT-NeoX.
 
 Tiny models with EVERY tensor randomised (HF init leaves layer norms at 1 and biases at 0, which
-would hide a swapped scale/bias or a dropped bias). Tolerances (fp32, CPU, matmul precision
-"highest"): logits max |ours - torch| <= 1e-5 * max |torch logits| (logits are O(10) here);
-gradients ||ours - torch|| <= 1e-5 * ||torch|| per parameter tensor.
+would hide a swapped scale/bias or a dropped bias). fp32 on CPU, matmul precision "highest".
+Tolerance from the arithmetic: fp32 unit roundoff u = 2^-24 = 6e-8. A logit is the end of a chain
+of 2 blocks x (5 matmuls with dot products of length <= 96, 2 layer norms) + the head, about
+n = 700 accumulated roundings: the worst-case bound n*u = 4e-5, the random-rounding estimate
+sqrt(n)*u = 2e-6, both relative to the size of the values, and torch and XLA each round their
+own way. So logits: max |ours - torch| <= 1e-5 * max |torch logits| (O(10) here); gradients
+(one more pass through the same chain): ||ours - torch|| <= 1e-5 * ||torch|| per tensor.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -35,28 +41,45 @@ LOGIT_RTOL = 1e-5
 GRAD_RTOL = 1e-5
 
 
-def _hf_config(family: str, tied: bool | None = None):
-    common = dict(vocab_size=VOCAB, n_positions=32, n_embd=64, n_layer=2, n_head=4)
-    common.update(attn_implementation="eager", bos_token_id=0, eos_token_id=0)
-    if family == "gptj":  # head_dim 16, rotary on the first 8 dims only
-        cfg = transformers.GPTJConfig(rotary_dim=8, n_inner=96, **common)
+CLASSES = {
+    "gptj": transformers.GPTJForCausalLM,
+    "gpt2": transformers.GPT2LMHeadModel,
+    "neox": transformers.GPTNeoXForCausalLM,
+}
+
+
+def _hf_config(family: str, tied: bool | None = None, parallel: bool = True):
+    tokens = dict(vocab_size=VOCAB, attn_implementation="eager", bos_token_id=0, eos_token_id=0)
+    if family == "neox":  # head_dim 16, rotate-half on 4 dims, a non-default base
+        rope = {"rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 0.25}
+        cfg = transformers.GPTNeoXConfig(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+            max_position_embeddings=32, rope_parameters=rope, use_parallel_residual=parallel,
+            hidden_act="gelu", **tokens,
+        )  # fmt: skip
     else:
-        cfg = transformers.GPT2Config(n_inner=None, **common)
+        common = dict(n_positions=32, n_embd=64, n_layer=2, n_head=4, **tokens)
+        if family == "gptj":  # head_dim 16, rotary on the first 8 dims only
+            cfg = transformers.GPTJConfig(rotary_dim=8, n_inner=96, **common)
+        else:
+            cfg = transformers.GPT2Config(n_inner=None, **common)
     if tied is not None:
         cfg.tie_word_embeddings = tied
     return cfg
 
 
-def _torch_model(family: str, tied: bool | None = None, seed: int = 0):
+def _torch_model(family: str, tied: bool | None = None, seed: int = 0, parallel: bool = True):
     """A tiny HF model in eval mode with every parameter random (LN scales around 1)."""
     torch.manual_seed(seed)
-    cfg = _hf_config(family, tied)
-    cls = transformers.GPTJForCausalLM if family == "gptj" else transformers.GPT2LMHeadModel
-    model = cls(cfg).eval()
+    model = CLASSES[family](_hf_config(family, tied, parallel)).eval()
+    ln_scales = {
+        f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)
+    }
+    norms_per_block = 1 if family == "gptj" else 2
+    assert len(ln_scales) == 2 * norms_per_block + 1  # the blocks' + the final one: all random
     with torch.no_grad():
         for name, p in model.named_parameters():
-            is_ln_scale = ".ln_" in f".{name}" and name.endswith("weight")
-            p.copy_((1.0 if is_ln_scale else 0.0) + 0.3 * torch.randn_like(p))
+            p.copy_((1.0 if name in ln_scales else 0.0) + 0.3 * torch.randn_like(p))
     return model
 
 
@@ -99,30 +122,40 @@ def _random_params(cfg, seed: int = 1) -> dict:
     return jax.tree.unflatten(treedef, out)
 
 
-CASES = [("gptj", None), ("gpt2", None), ("gpt2", False)]  # (family, tie override)
-IDS = ["gptj", "gpt2_tied", "gpt2_untied"]
+# (family, tie override, NeoX use_parallel_residual)
+CASES = [
+    ("gptj", None, True),
+    ("gpt2", None, True),
+    ("gpt2", False, True),
+    ("neox", None, True),
+    ("neox", None, False),
+]
+IDS = ["gptj", "gpt2_tied", "gpt2_untied", "neox_parallel", "neox_sequential"]
 
 
-@pytest.mark.parametrize("family,tied", CASES, ids=IDS)
-def test_import_matches_transformers(tmp_path, family, tied):
-    model = _torch_model(family, tied)
+@pytest.mark.parametrize("family,tied,parallel", CASES, ids=IDS)
+def test_import_matches_transformers(tmp_path, family, tied, parallel):
+    model = _torch_model(family, tied, parallel=parallel)
     cfg, params = import_hf(_save(model, tmp_path / "hf"))
     assert cfg.family == family
     assert cfg.share_embedding_weights == (family == "gpt2" if tied is None else tied)
     if family == "gptj":
         assert (cfg.rotary_dim, cfg.head_dim, cfg.filter_size) == (8, 16, 96)
         assert "bias" in params["head"]["lm_head"]
+    if family == "neox":
+        assert (cfg.rotary_dim, cfg.rope_theta, cfg.filter_size) == (4, 500.0, 96)
+        assert cfg.use_parallel_residual == parallel and cfg.use_untied_layer_norm
+        assert "bias" in params["blocks"]["attn"]["query_key_value"]
     tokens = _tokens()
     _assert_logits_close(_our_logits(cfg, params, tokens), _torch_logits(model, tokens))
 
 
-@pytest.mark.parametrize("family,tied", CASES, ids=IDS)
-def test_export_loads_in_transformers(tmp_path, family, tied):
-    cfg, _ = import_hf(_save(_torch_model(family, tied), tmp_path / "hf"))
+@pytest.mark.parametrize("family,tied,parallel", CASES, ids=IDS)
+def test_export_loads_in_transformers(tmp_path, family, tied, parallel):
+    cfg, _ = import_hf(_save(_torch_model(family, tied, parallel=parallel), tmp_path / "hf"))
     params = _random_params(cfg)
     export_hf(cfg, params, tmp_path / "out")
-    cls = transformers.GPTJForCausalLM if family == "gptj" else transformers.GPT2LMHeadModel
-    loaded = cls.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    loaded = CLASSES[family].from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
     tokens = _tokens(1)
     _assert_logits_close(_our_logits(cfg, params, tokens), _torch_logits(loaded, tokens))
     cfg2, params2 = import_hf(tmp_path / "out")
@@ -130,7 +163,7 @@ def test_export_loads_in_transformers(tmp_path, family, tied):
     jax.tree.map(np.testing.assert_array_equal, params2, params)
 
 
-@pytest.mark.parametrize("family", ["gptj", "gpt2"])
+@pytest.mark.parametrize("family", ["gptj", "gpt2", "neox"])
 def test_sharded_export_round_trip(tmp_path, family):
     cfg, _ = import_hf(_save(_torch_model(family), tmp_path / "hf"))
     params = _random_params(cfg, seed=2)
@@ -144,15 +177,41 @@ def test_sharded_export_round_trip(tmp_path, family):
         assert sum(sizes) <= 40_000 or len(sizes) == 1
     _, back = import_hf(out)
     jax.tree.map(np.testing.assert_array_equal, back, params)
-    cls = transformers.GPTJForCausalLM if family == "gptj" else transformers.GPT2LMHeadModel
-    loaded = cls.from_pretrained(out, attn_implementation="eager").eval()
+    loaded = CLASSES[family].from_pretrained(out, attn_implementation="eager").eval()
     tokens = _tokens(2)
     _assert_logits_close(_our_logits(cfg, params, tokens), _torch_logits(loaded, tokens))
 
 
-@pytest.mark.parametrize("family", ["gptj", "gpt2"])
-def test_loss_gradient_matches_torch(tmp_path, family):
-    model = _torch_model(family, seed=3)
+def test_neox_legacy_config_keys_and_export_refusals(tmp_path):
+    """Hub Pythia files name the rotary fraction and base with the pre-transformers-5 flat keys."""
+    src = _save(_torch_model("neox", seed=9), tmp_path / "hf")
+    want, _ = import_hf(src)
+    hf = json.loads((src / "config.json").read_text())
+    rope = hf.pop("rope_parameters")
+    hf.update(rotary_pct=rope["partial_rotary_factor"], rotary_emb_base=rope["rope_theta"])
+    (src / "config.json").write_text(json.dumps(hf))
+    got, _ = import_hf(src)
+    assert got == want and (got.rotary_dim, got.rope_theta) == (4, 500.0)
+    refused = [
+        (dict(use_untied_layer_norm=False), "use_untied_layer_norm=False cannot be exported"),
+        (dict(use_bias_in_output=True), "use_bias_in_output=True cannot be exported"),
+        # head_dim 44: 44 * (30 / 44) = 29.99.. in floats, and HF would rotate int() = 29 dims
+        (dict(hidden_size=176, rotary_dim=30), r"rotary_dim=30 cannot be exported.*!= 30"),
+    ]
+    for change, match in refused:
+        with pytest.raises(CheckpointError, match=match) as info:
+            export_hf(dataclasses.replace(want, **change), {}, tmp_path / "refused")
+        assert "\n" not in str(info.value)
+
+
+GRAD_CASES = [("gptj", True), ("gpt2", True), ("neox", True), ("neox", False)]
+
+
+@pytest.mark.parametrize(
+    "family,parallel", GRAD_CASES, ids=["gptj", "gpt2", "neox_parallel", "neox_sequential"]
+)
+def test_loss_gradient_matches_torch(tmp_path, family, parallel):
+    model = _torch_model(family, seed=3, parallel=parallel)
     cfg, params = import_hf(_save(model, tmp_path / "hf"))
     tokens = _tokens(3)
     labels = np.roll(tokens, -1, axis=1)
@@ -179,6 +238,9 @@ def test_loss_gradient_matches_torch(tmp_path, family):
     np.testing.assert_allclose(float(loss), t_loss.item(), rtol=1e-6)
 
     t_grads = {n: p.grad.numpy() for n, p in model.named_parameters()}
+    if family == "neox" and "embed_out.weight" not in t_grads:
+        # transformers >= 5 calls NeoX's head lm_head in memory, embed_out in the checkpoint
+        t_grads["embed_out.weight"] = t_grads.pop("lm_head.weight")
     for e in hf_table(cfg):
         g = grads
         for k in e.path:

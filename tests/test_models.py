@@ -1,4 +1,5 @@
-"""Model tests: pinned parameter counts, rotary by hand, causality, dropout, mixed precision."""
+"""Model tests: parameter counts (pinned and by formula), rotary by hand, causality, dropout,
+mixed precision, today's parameter names (checkpoints load), and NeoX trained by the engine."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from wsjax.models.layers import apply_rotary
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 OPTIMIZER = {"optimizer_type": "adamw", "learning_rate": 1e-3}
 VOCAB, SEQ = 64, 10
+FAMILIES = ["gptj", "gpt2", "neox"]
+ROTARY_FAMILIES = ("gptj", "neox")
 
 
 def _model_cfg(family: str, **overrides):
@@ -29,7 +32,7 @@ def _model_cfg(family: str, **overrides):
         "num_hidden_layers": 2,
         "filter_size": 64,
         "max_position_embeddings": 16,
-        **({"rotary_dim": 4} if family == "gptj" else {}),
+        **({"rotary_dim": 4} if family in ROTARY_FAMILIES else {}),
         **overrides,
     }
     return config_from_dict({"model": model, "optimizer": OPTIMIZER}).model
@@ -88,6 +91,76 @@ def test_param_count_by_formula():
             assert count == v * h + p * h + n * per_layer + 2 * h
 
 
+NEOX_COUNTS = [  # published totals: Pythia-160M (HF model card), GPT-NeoX-20B (Black et al. 2022)
+    ("pythia_160m", dict(vocab_size=50304, hidden_size=768, num_heads=12, num_hidden_layers=12,
+                         filter_size=3072, max_position_embeddings=2048, rotary_dim=16),
+     162_322_944),
+    ("neox_20b", dict(vocab_size=50432, hidden_size=6144, num_heads=64, num_hidden_layers=44,
+                      filter_size=24576, max_position_embeddings=2048, rotary_dim=24),
+     20_554_567_680),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name,arch,count", NEOX_COUNTS, ids=[n for n, _, _ in NEOX_COUNTS])
+def test_neox_param_count_by_formula(name, arch, count):
+    """Untied in/out embeddings, no positions; per block two norms, fused qkv, dense, MLP."""
+    model = get_model(_model_cfg("neox", **arch))
+    assert model.num_params() == count
+    v, h, f, n = (
+        arch[k] for k in ("vocab_size", "hidden_size", "filter_size", "num_hidden_layers")
+    )
+    per_layer = 2 * 2 * h + (3 * h * h + 3 * h) + (h * h + h) + (h * f + f) + (f * h + h)
+    assert count == 2 * v * h + n * per_layer + 2 * h
+    blocks = model.param_shapes()["blocks"]
+    assert blocks["attn"]["query_key_value"]["kernel"].shape == (n, h, 3 * h)
+    assert "ln_2" in blocks and "bias" not in model.param_shapes()["head"]["lm_head"]
+
+
+# ---- today's parameter names: checkpoints written before the flax modules still load --------
+def _pre_flax_tree(family: str, d: int, f: int, layers: int) -> dict:
+    """The tree the hand-written (pre-NNX) models built for ``_model_cfg(family)``, by name."""
+    norm = {"scale": (d,), "bias": (d,)}
+
+    def dense(i, o, bias=True):
+        return {"kernel": (i, o), **({"bias": (o,)} if bias else {})}
+
+    if family == "gptj":
+        embed = {"wte": (VOCAB, d)}
+        attn = {n: dense(d, d, False) for n in ("q_proj", "k_proj", "v_proj", "out_proj")}
+        block = {"ln_1": norm, "attn": attn, "mlp": {"fc_in": dense(d, f), "fc_out": dense(f, d)}}
+        head = {"ln_f": norm, "lm_head": dense(d, VOCAB)}
+    else:
+        embed = {"wte": (VOCAB, d), "wpe": (16, d)}
+        attn = {"c_attn": dense(d, 3 * d), "c_proj": dense(d, d)}
+        mlp = {"c_fc": dense(d, f), "c_proj": dense(f, d)}
+        block = {"ln_1": norm, "attn": attn, "ln_2": norm, "mlp": mlp}
+        head = {"ln_f": norm}  # tied: the kernel is wte
+    shaped = lambda t, lead=(): jax.tree.map(  # noqa: E731
+        lambda s: np.random.default_rng(0).normal(size=lead + s).astype(np.float32),
+        t,
+        is_leaf=lambda s: isinstance(s, tuple),
+    )
+    return {"embed": shaped(embed), "blocks": shaped(block, (layers,)), "head": shaped(head)}
+
+
+@pytest.mark.parametrize("family", ["gptj", "gpt2"])
+def test_pre_flax_checkpoint_loads_unchanged(tmp_path, family):
+    from wsjax.checkpoint import Checkpoints, load_start
+
+    cfg = _model_cfg(family)
+    model = get_model(cfg)
+    old = _pre_flax_tree(family, cfg.hidden_size, cfg.filter_size, cfg.num_hidden_layers)
+    shapes = jax.tree.map(lambda s: s.shape, model.param_shapes())
+    assert shapes == jax.tree.map(np.shape, old)  # same names, same shapes, same nesting
+    ckpts = Checkpoints(tmp_path / "run")
+    ckpts.save(1, old, {"count": np.zeros((), np.int32)}, {"step": 1})
+    ckpts.close()
+    start = load_start(tmp_path / "run", model, None, weights_only=True)
+    jax.tree.map(np.testing.assert_array_equal, start.params, old)
+    logits = jax.jit(model.logits)(start.params, _tokens())  # and the model runs on it
+    assert logits.shape == (2, SEQ, VOCAB) and bool(jnp.isfinite(logits).all())
+
+
 # ---- rotary ---------------------------------------------------------------------------------
 def test_rotary_by_hand():
     # (1, T, 1, K): rotary on the first 2 of 4 dims; the pair (1, 0) at position t -> (cos t, sin t)
@@ -98,6 +171,20 @@ def test_rotary_by_hand():
     np.testing.assert_allclose(y[0, :, 0, 1], np.sin(t), atol=1e-6)
     np.testing.assert_array_equal(y[0, :, 0, 2:], x[0, :, 0, 2:])  # dims past rotary_dim: as is
     np.testing.assert_array_equal(y[:, 0], x[:, 0])  # position 0 is the identity
+
+
+def test_rotary_rotate_half_by_hand():
+    """NeoX pairs dim i with dim i + R/2: (x0, x2) turn by t, (x1, x3) by t * theta^(-1/2)."""
+    theta = 100.0
+    x = jnp.tile(jnp.array([1.0, 0.0, 0.0, 1.0, 7.0]), (1, 5, 1, 1))  # (1, T, 1, K=5), R = 4
+    y = apply_rotary(x, rotary_dim=4, theta=theta, interleaved=False)[0, :, 0]
+    t = np.arange(5)
+    slow = t / theta ** (2 / 4)
+    np.testing.assert_allclose(y[:, 0], np.cos(t), atol=1e-6)  # (1, 0) -> (cos, sin)
+    np.testing.assert_allclose(y[:, 2], np.sin(t), atol=1e-6)
+    np.testing.assert_allclose(y[:, 1], -np.sin(slow), atol=1e-6)  # (0, 1) -> (-sin, cos)
+    np.testing.assert_allclose(y[:, 3], np.cos(slow), atol=1e-6)
+    np.testing.assert_array_equal(y[:, 4], 7.0)  # past rotary_dim: as is
 
 
 def test_rotary_relative_position():
@@ -115,7 +202,7 @@ def test_rotary_relative_position():
 
 
 # ---- causality, dropout, precision ----------------------------------------------------------
-@pytest.mark.parametrize("family", ["gptj", "gpt2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_causal(family):
     model = get_model(_model_cfg(family))
     params = _random_params(model)
@@ -128,7 +215,7 @@ def test_causal(family):
     assert np.abs(a[:, t + 1 :] - b[:, t + 1 :]).max() > 1e-3
 
 
-@pytest.mark.parametrize("family", ["gptj", "gpt2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_dropout(family):
     rates = dict(embedding_dropout_rate=0.1, attention_dropout_rate=0.1, residual_dropout_rate=0.1)
     model = get_model(_model_cfg(family, **rates))
@@ -151,7 +238,7 @@ def test_dropout(family):
 MP_RTOL = 0.03  # bf16: 8-bit mantissa; measured ~1.1% (gptj), ~0.9% (gpt2) of max |logit|
 
 
-@pytest.mark.parametrize("family", ["gptj", "gpt2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_mixed_precision_close_to_fp32(family):
     cfg = _model_cfg(family)
     fp32 = get_model(cfg)
@@ -165,3 +252,98 @@ def test_mixed_precision_close_to_fp32(family):
     err = float(jnp.abs(got - ref).max())
     assert 0 < err <= MP_RTOL * scale, (err, scale)
     assert math.isfinite(err)
+
+
+# ---- NeoX through the streaming engine ------------------------------------------------------
+# SGD makes the update -lr * clip * grad, so engine and reference updates differ by their
+# gradients' fp32 rounding only (no Adam division amplifying near-zero entries). Both are XLA
+# fp32 on one CPU, summing in different orders through ~700 roundings (see tests/test_hf.py):
+# worst-case 700 u = 4e-5, random-rounding sqrt(700) u = 2e-6; 1e-5 between the two.
+ENGINE_RTOL = 1e-5
+
+
+@pytest.mark.parametrize("parallel", [True, False], ids=["parallel", "sequential"])
+def test_neox_engine_matches_reference(config_dict, make_batches, rel_err, parallel):
+    from wsjax.reference import ResidentTrainer
+    from wsjax.streaming import StreamingEngine
+
+    neox = {"model_family": "neox", "position_embedding_type": "rotary", "rotary_dim": 4}
+    neox |= {"share_embedding_weights": False, "use_parallel_residual": parallel}
+    sgd = {"optimizer_type": "sgd", "learning_rate": 0.1, "max_gradient_norm": 0.5}
+    cfg = config_from_dict(config_dict("neox", layers=2, model=neox, optimizer=sgd))
+    model = get_model(cfg.model)
+    assert model.cfg.family == "neox" and model.cfg.use_untied_layer_norm
+    init = jax.tree.map(np.asarray, model.init(jax.random.key(0)))
+    batches = make_batches(2, seed=1)
+
+    engine = StreamingEngine(model, cfg, params=jax.tree.map(np.array, init))
+    engine_losses = [engine.train_step(b)["train/loss"] for b in batches]
+    ref = ResidentTrainer(model, cfg.optimizer, seed=cfg.runconfig.seed)
+    state = ref.init_state(jax.tree.map(jnp.asarray, init))
+    ref_losses, ref_norms = [], []
+    for b in batches:
+        state, m = ref.train_step(state, b)
+        ref_losses.append(float(m["loss"]))
+        ref_norms.append(float(m["grad_norm"]))
+    assert min(ref_norms) > 0.5  # clipping was active
+    np.testing.assert_allclose(engine_losses, ref_losses, rtol=ENGINE_RTOL)
+    delta = lambda p: jax.tree.map(lambda a, b: np.asarray(a) - b, p, init)  # noqa: E731
+    key, err = rel_err(delta(engine.params_tree()), delta(state.params))
+    assert err <= ENGINE_RTOL, f"{key}: update relative error {err:.3g}"
+
+
+def test_gptj_honours_untied_norm_and_sequential_residual():
+    """The NeoX wiring knobs on GPT-J: ln_2 feeds the MLP; sequential feeds attn's output on."""
+    base_cfg = _model_cfg("gptj")
+    params = _random_params(get_model(base_cfg))
+    tokens = _tokens()
+    ref = jax.jit(get_model(base_cfg).logits)(params, tokens)
+
+    untied = get_model(dataclasses.replace(base_cfg, use_untied_layer_norm=True))
+    assert "ln_2" in untied.param_shapes()["blocks"]
+    blocks = params["blocks"]
+    same = {**params, "blocks": {**blocks, "ln_2": blocks["ln_1"]}}
+    got = jax.jit(untied.logits)(same, tokens)  # ln_2 = ln_1: the GPT-J model again
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+    moved = {
+        **params,
+        "blocks": {**blocks, "ln_2": jax.tree.map(lambda a: a + 0.5, blocks["ln_1"])},
+    }
+    assert np.abs(jax.jit(untied.logits)(moved, tokens) - ref).max() > 1e-3
+
+    seq = get_model(dataclasses.replace(base_cfg, use_parallel_residual=False))
+    assert np.abs(jax.jit(seq.logits)(params, tokens) - ref).max() > 1e-3
+    # with the attention output zeroed both wirings are x + mlp(ln_1 x): equal again
+    attn = {**blocks["attn"], "out_proj": jax.tree.map(jnp.zeros_like, blocks["attn"]["out_proj"])}
+    no_attn = {**params, "blocks": {**blocks, "attn": attn}}
+    par = jax.jit(get_model(base_cfg).logits)(no_attn, tokens)
+    np.testing.assert_allclose(jax.jit(seq.logits)(no_attn, tokens), par, rtol=1e-6, atol=1e-6)
+
+
+# ---- initialisation: which config initializer each weight gets ------------------------------
+OUTPUT_PROJECTIONS = {  # residual-branch output projections: output_layer_initializer
+    "gptj": [("attn", "out_proj"), ("mlp", "fc_out")],
+    "gpt2": [("attn", "c_proj"), ("mlp", "c_proj")],
+    "neox": [("attn", "dense"), ("mlp", "dense_4h_to_h")],
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_init_uses_the_configs_initializers(family):
+    """Distinct stds per kind; sample stds within 10% (>= 1000 samples: ~2.2% standard error)."""
+    stds = {"initializer": 0.05, "embedding_initializer": 0.3, "output_layer_initializer": 0.005}
+    inits = {k: {"name": "normal", "std": v} for k, v in stds.items()}
+    model = get_model(_model_cfg(family, **inits))
+    params = jax.jit(model.init)(jax.random.key(0))
+    blocks = params["blocks"]
+    np.testing.assert_allclose(np.std(params["embed"]["wte"]), 0.3, rtol=0.1)
+    for path in OUTPUT_PROJECTIONS[family]:
+        kernel = blocks[path[0]][path[1]]["kernel"]
+        np.testing.assert_allclose(np.std(kernel), 0.005, rtol=0.1)
+    first = blocks["attn"][{"gptj": "q_proj", "gpt2": "c_attn", "neox": "query_key_value"}[family]]
+    np.testing.assert_allclose(np.std(first["kernel"]), 0.05, rtol=0.1)
+    assert not np.allclose(first["kernel"][0], first["kernel"][1])  # each layer its own draw
+    np.testing.assert_array_equal(blocks["ln_1"]["scale"], 1.0)
+    np.testing.assert_array_equal(blocks["ln_1"]["bias"], 0.0)
+    if "bias" in first:
+        np.testing.assert_array_equal(first["bias"], 0.0)

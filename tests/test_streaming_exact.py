@@ -165,7 +165,7 @@ def check_against_reference(rel_err, engine, em, state, rm, tol):
         assert np.all(count == STEPS), (seg, count)
 
 
-@pytest.mark.parametrize("family", ["gptj", "gpt2"])
+@pytest.mark.parametrize("family", ["gptj", "gpt2", "neox"])
 def test_matches_reference_with_clipping(runs, rel_err, family):
     """float64, 3 steps: losses, grad norms, params and Adam mu / nu equal the reference."""
     engine, em = runs.engine(family, "f64")
@@ -181,7 +181,7 @@ def test_matches_reference_with_clipping(runs, rel_err, family):
 MICRO_BATCHING = [(("optimizer", "grad_accum_steps", 4),), (("streaming", "micro_batch_size", 2),)]
 
 
-@pytest.mark.parametrize("family", ["gptj", "gpt2"])
+@pytest.mark.parametrize("family", ["gptj", "gpt2", "neox"])
 @pytest.mark.parametrize("knob", MICRO_BATCHING, ids=["grad_accum_steps=4", "micro_batch_size=2"])
 def test_micro_batching_equals_whole_batch(runs, rel_err, family, knob):
     """float64: 4 micro-batches of 2 == one batch of 8 == the reference."""

@@ -1,9 +1,10 @@
-"""HuggingFace GPT-J / GPT-2 checkpoints in and out: ``config.json`` + safetensors.
+"""HuggingFace GPT-J / GPT-2 / GPT-NeoX checkpoints in and out: ``config.json`` + safetensors.
 
 Our parameter names mirror HF's, so conversion is a renaming table (:func:`hf_table`): each leaf
 of our tree maps to one HF tensor name (``{i}`` = layer index for the stacked blocks) and says
 whether it is transposed (torch ``nn.Linear.weight`` is (out, in), our kernels are (in, out); HF
-GPT-2's ``Conv1D`` weights are already (in, out)). Per-layer HF tensors are stacked onto our
+GPT-2's ``Conv1D`` weights are already (in, out)). GPT-NeoX keeps HF's fused per-head qkv layout,
+so it too is a pure renaming. Per-layer HF tensors are stacked onto our
 leading layer axis. Weights are read and written with the ``safetensors`` numpy API; torch is
 imported only to load a pickled ``pytorch_model.bin`` when the user explicitly allows it.
 """
@@ -22,27 +23,48 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from wsjax.config_schema import InitSpec, ModelConfig
+from wsjax.config_schema import ModelConfig
 from wsjax.errors import CheckpointError
+from wsjax.hf_config import CONFIG_FILE, config_from_hf, config_to_hf
 from wsjax.models import get_model
 
-CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt")
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
-# HF activation_function <-> our nonlinearity
-_ACTIVATIONS = {
-    "gelu_new": "gelu",
-    "gelu_pytorch_tanh": "gelu",
-    "gelu": "gelu_exact",
-    "relu": "relu",
-}
-_ACTIVATIONS_OUT = {"gelu": "gelu_new", "gelu_exact": "gelu", "relu": "relu"}
-_ARCHITECTURES = {"gptj": "GPTJForCausalLM", "gpt2": "GPT2LMHeadModel"}
 # HF buffers some checkpoints carry (causal mask, masked fill value, rotary table): not weights.
-_BUFFER_RE = re.compile(r"(^|\.)attn\.(bias|masked_bias)$|embed_positions$|rotary_emb\.")
+_BUFFER_RE = re.compile(
+    r"(^|\.)(attn|attention)\.(bias|masked_bias)$|embed_positions$|rotary_emb\."
+)
+
+
+@dataclass(frozen=True)
+class _Naming:
+    """How one family's HF checkpoint names our modules."""
+
+    prefix: str  # of every tensor but the LM head
+    layers: str  # the list of blocks
+    renames: dict[str, str]  # our module name -> HF's (per path component)
+    conv1d: bool = False  # blocks store (in, out) kernels (GPT-2's Conv1D), not torch Linear
+
+
+_NAMING = {
+    "gptj": _Naming("transformer.", "h", {}),
+    "gpt2": _Naming("transformer.", "h", {}, conv1d=True),
+    "neox": _Naming(
+        "gpt_neox.",
+        "layers",
+        {
+            "wte": "embed_in",
+            "ln_1": "input_layernorm",
+            "ln_2": "post_attention_layernorm",
+            "attn": "attention",
+            "ln_f": "final_layer_norm",
+            "lm_head": "embed_out",
+        },
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -69,120 +91,18 @@ def hf_table(model_cfg) -> list[HFEntry]:
 
 
 def _entry(family: str, path: tuple[str, ...]) -> HFEntry:
+    naming = _NAMING[family]
     seg, *mods, leaf = path
     if seg == "embed":  # wte / wpe are leaves themselves
-        return HFEntry(path, f"transformer.{leaf}.weight", False)
+        return HFEntry(path, f"{naming.prefix}{naming.renames.get(leaf, leaf)}.weight", False)
     hf_leaf = "bias" if leaf == "bias" else "weight"  # kernel / scale -> weight
-    module = ".".join(mods)
-    # GPT-2 blocks use Conv1D (already (in, out)); every other kernel is a torch Linear.
-    transpose = leaf == "kernel" and (family == "gptj" or module == "lm_head")
+    module = ".".join(naming.renames.get(m, m) for m in mods)
+    transpose = leaf == "kernel" and not (naming.conv1d and seg == "blocks")
     if seg == "blocks":
-        return HFEntry(path, f"transformer.h.{{i}}.{module}.{hf_leaf}", transpose)
-    if module == "lm_head":
-        return HFEntry(path, f"lm_head.{hf_leaf}", transpose)
-    return HFEntry(path, f"transformer.{module}.{hf_leaf}", transpose)
-
-
-# ---- config.json <-> ModelConfig ------------------------------------------------------------
-def config_from_hf(hf: dict, source: str = CONFIG_FILE) -> ModelConfig:
-    """Our ModelConfig for an HF ``config.json`` dict (GPT-J or GPT-2)."""
-    family = hf.get("model_type")
-    if family not in _ARCHITECTURES:
-        raise CheckpointError(
-            f"{source}: model_type {family!r} is not supported; valid: {sorted(_ARCHITECTURES)}"
-        )
-
-    def get(*names, default=None):
-        for n in names:
-            if n in hf and hf[n] is not None:
-                return hf[n]
-        if default is None:
-            raise CheckpointError(f"{source}: missing key {names[0]!r}")
-        return default
-
-    hidden = int(get("n_embd", "hidden_size"))
-    heads = int(get("n_head", "num_attention_heads"))
-    act = get("activation_function", default="gelu_new")
-    if act not in _ACTIVATIONS:
-        raise CheckpointError(
-            f"{source}: activation_function {act!r} is not supported; valid: {sorted(_ACTIVATIONS)}"
-        )
-    if family == "gpt2":
-        for key, ok in (
-            ("scale_attn_weights", True),
-            ("scale_attn_by_inverse_layer_idx", False),
-            ("add_cross_attention", False),
-        ):
-            if hf.get(key, ok) != ok:
-                raise CheckpointError(f"{source}: {key}={hf[key]!r} is not supported; need {ok}")
-    init_range = float(get("initializer_range", default=0.02))
-    init = InitSpec(name="normal", std=init_range)
-    gptj = family == "gptj"
-    return ModelConfig(
-        family=family,
-        vocab_size=int(get("vocab_size")),
-        hidden_size=hidden,
-        num_heads=heads,
-        num_hidden_layers=int(get("n_layer", "num_hidden_layers")),
-        filter_size=int(get("n_inner", default=4 * hidden)),
-        max_position_embeddings=int(get("n_positions", "max_position_embeddings")),
-        position_embedding_type="rotary" if gptj else "learned",
-        rotary_dim=int(get("rotary_dim", default=hidden // heads)) if gptj else None,
-        embedding_size=None,
-        share_embedding_weights=bool(hf.get("tie_word_embeddings", not gptj)),
-        use_bias_in_output=gptj,
-        use_projection_bias_in_attention=not gptj,
-        use_ffn_bias_in_attention=not gptj,
-        use_ffn_bias=True,
-        layer_norm_epsilon=float(get("layer_norm_epsilon", default=1e-5)),
-        nonlinearity=_ACTIVATIONS[act],
-        embedding_dropout_rate=float(get("embd_pdrop", default=0.0)),
-        attention_dropout_rate=float(get("attn_pdrop", default=0.0)),
-        residual_dropout_rate=float(get("resid_pdrop", default=0.0)),
-        initializer=init,
-        embedding_initializer=init,
-        output_layer_initializer=init,
-        initializer_range=init_range,
-    )
-
-
-def config_to_hf(cfg) -> dict:
-    """An HF ``config.json`` dict for our ModelConfig; error if HF's class cannot express it."""
-    gptj = cfg.family == "gptj"
-    need = {
-        "use_bias_in_output": gptj,
-        "use_projection_bias_in_attention": not gptj,
-        "use_ffn_bias_in_attention": not gptj,
-        "use_ffn_bias": True,
-        "position_embedding_type": "rotary" if gptj else "learned",
-    }
-    for key, value in need.items():
-        if getattr(cfg, key) != value:
-            raise CheckpointError(
-                f"model.{key}={getattr(cfg, key)!r} cannot be exported to HF "
-                f"{_ARCHITECTURES[cfg.family]}; it needs {value!r}"
-            )
-    out: dict[str, Any] = {
-        "architectures": [_ARCHITECTURES[cfg.family]],
-        "model_type": cfg.family,
-        "vocab_size": cfg.vocab_size,
-        "n_embd": cfg.hidden_size,
-        "n_head": cfg.num_heads,
-        "n_layer": cfg.num_hidden_layers,
-        "n_inner": cfg.filter_size,
-        "n_positions": cfg.max_position_embeddings,
-        "activation_function": _ACTIVATIONS_OUT[cfg.nonlinearity],
-        "layer_norm_epsilon": cfg.layer_norm_epsilon,
-        "initializer_range": cfg.initializer_range,
-        "embd_pdrop": cfg.embedding_dropout_rate,
-        "attn_pdrop": cfg.attention_dropout_rate,
-        "resid_pdrop": cfg.residual_dropout_rate,
-        "tie_word_embeddings": bool(cfg.share_embedding_weights),
-        "dtype": "float32",
-    }
-    if gptj:
-        out["rotary_dim"] = cfg.rotary_dim or cfg.head_dim
-    return out
+        return HFEntry(path, f"{naming.prefix}{naming.layers}.{{i}}.{module}.{hf_leaf}", transpose)
+    if mods == ["lm_head"]:  # the LM head sits outside the base model: no prefix
+        return HFEntry(path, f"{module}.{hf_leaf}", transpose)
+    return HFEntry(path, f"{naming.prefix}{module}.{hf_leaf}", transpose)
 
 
 # ---- reading weights --------------------------------------------------------------------------
@@ -220,14 +140,15 @@ def _read_json(path: Path) -> dict:
 
 
 class _Tensors:
-    """HF tensors by name (a leading ``transformer.`` dropped), read lazily one at a time.
+    """HF tensors by name (the base model's ``prefix`` dropped), read lazily one at a time.
 
     safetensors files are opened once and read per tensor, so converting a 6B model holds the
     stacked fp32 tree plus one tensor, not a second copy of the checkpoint.
     """
 
-    def __init__(self, files: list[Path]):
+    def __init__(self, files: list[Path], prefix: str):
         self.files = files
+        self.prefix = prefix
         self._where: dict[str, tuple[Path, str]] = {}  # key -> (file, name in file)
         self._handles: dict[Path, Any] = {}
         self._pickled: dict[str, np.ndarray] = {}
@@ -237,7 +158,7 @@ class _Tensors:
             names = self._open(f) if f.suffix == ".safetensors" else self._load_pickle(f)
             for name in names:
                 if not _BUFFER_RE.search(name):
-                    self._where[name.removeprefix("transformer.")] = (f, name)
+                    self._where[name.removeprefix(prefix)] = (f, name)
 
     def _open(self, f: Path) -> list[str]:
         try:
@@ -276,18 +197,18 @@ class _Tensors:
 
 
 def import_hf(path: str | Path, *, allow_pickle: bool = False) -> tuple[ModelConfig, dict]:
-    """Read an HF GPT-J / GPT-2 checkpoint folder -> (ModelConfig, fp32 numpy params tree)."""
+    """An HF GPT-J / GPT-2 / GPT-NeoX checkpoint folder -> (ModelConfig, fp32 numpy params)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: HF checkpoint folder does not exist")
     if not (path / CONFIG_FILE).is_file():
         raise CheckpointError(f"{path / CONFIG_FILE}: missing (an HF checkpoint needs it)")
     cfg = config_from_hf(_read_json(path / CONFIG_FILE), str(path / CONFIG_FILE))
-    tensors = _Tensors(_weight_files(path, allow_pickle))
+    tensors = _Tensors(_weight_files(path, allow_pickle), _NAMING[cfg.family].prefix)
     shapes = get_model(cfg).param_shapes()
 
     def fetch(name: str, expected: tuple[int, ...], transpose: bool) -> np.ndarray:
-        key = name.removeprefix("transformer.")
+        key = name.removeprefix(tensors.prefix)
         want = expected[::-1] if transpose else expected  # in HF's layout
         if key not in tensors:
             where = ", ".join(str(f) for f in tensors.files)

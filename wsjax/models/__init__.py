@@ -1,29 +1,34 @@
 """GPT model families as lists of segments: ``embed``, ``block`` x L (stacked), ``head``.
 
-``get_model(model_cfg)`` returns a :class:`Model`. Parameters are plain nested dicts
-``{"embed": ..., "blocks": ..., "head": ...}``; block parameters carry a leading layer axis so
-layer ``i`` is ``tree_map(lambda a: a[i], params["blocks"])`` — the unit the engine streams.
+A family is one file ``wsjax/models/<family>.py`` defining three flax NNX modules, each built as
+``Module(cfg, rngs)``: ``Embed`` (tokens (B, T) -> x (B, T, D)), ``Block`` ((B, T, D) ->
+(B, T, D)) and ``Head`` ((B, T, D) -> fp32 logits (B, T, V)). :class:`Model` splits each module
+once into a graph definition and its parameter shapes; a segment is then the pure function
+``merge(graphdef, params)(x)``, so the engine streams parameter trees and never sees a module.
+
+Parameters are plain nested dicts ``{"embed": ..., "blocks": ..., "head": ...}`` named as the
+modules' attributes (HF-like: ``wte``, ``ln_1``, ``attn.q_proj.kernel``, ``ln_f``); block
+parameters carry a leading layer axis so layer ``i`` is ``tree_map(lambda a: a[i], blocks)``,
+the unit the engine streams.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
-from types import ModuleType
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-from wsjax.models import gpt2, gptj
-from wsjax.models.head import head_apply, head_spec
-from wsjax.models.init import make_initializer
-from wsjax.models.spec import ParamSpec
+from wsjax.config_schema import FAMILIES
 
-FAMILIES: dict[str, ModuleType] = {"gptj": gptj, "gpt2": gpt2}
 SEGMENTS = ("embed", "blocks", "head")
 
 
-def _is_spec(x) -> bool:
-    return isinstance(x, ParamSpec)
+def _params(module: nnx.Module) -> dict:
+    """A module's parameters as the plain nested dict the engine and checkpoints hold."""
+    return nnx.state(module, nnx.Param).to_pure_dict()
 
 
 class Model:
@@ -32,29 +37,26 @@ class Model:
     def __init__(self, cfg):
         if cfg.family not in FAMILIES:
             raise ValueError(f"unknown model family {cfg.family!r}; valid: {sorted(FAMILIES)}")
+        family = importlib.import_module(f"wsjax.models.{cfg.family}")
         self.cfg = cfg
-        self._fam = FAMILIES[cfg.family]
         self.num_layers: int = cfg.num_hidden_layers
         self.tied: bool = bool(cfg.share_embedding_weights)
         self.compute_dtype = jnp.bfloat16 if cfg.mixed_precision else jnp.float32
+        self._modules = {"embed": family.Embed, "blocks": family.Block, "head": family.Head}
+        self._graphdefs, self._shapes = {}, {}
+        for seg, module in self._modules.items():  # shapes only: nothing is allocated
+            abstract = nnx.eval_shape(lambda module=module: module(cfg, nnx.Rngs(0)))
+            self._graphdefs[seg] = nnx.graphdef(abstract)
+            self._shapes[seg] = _params(abstract)
 
     # ---- shapes and init -------------------------------------------------------------------
-    def specs(self) -> dict:
-        return {
-            "embed": self._fam.embed_spec(self.cfg),
-            "blocks": self._fam.block_spec(self.cfg),
-            "head": head_spec(self.cfg),
-        }
-
     def param_shapes(self, dtype=jnp.float32) -> dict:
         """``jax.ShapeDtypeStruct`` pytree (blocks with the leading layer axis); no allocation."""
-        specs = self.specs()
         lead = {"embed": (), "blocks": (self.num_layers,), "head": ()}
         return {
             seg: jax.tree.map(
                 lambda s, lead=lead[seg]: jax.ShapeDtypeStruct(lead + s.shape, dtype),
-                specs[seg],
-                is_leaf=_is_spec,
+                self._shapes[seg],
             )
             for seg in SEGMENTS
         }
@@ -63,53 +65,32 @@ class Model:
         return sum(math.prod(s.shape) for s in jax.tree.leaves(self.param_shapes()))
 
     def init(self, rng: jax.Array) -> dict:
-        """fp32 parameters, initialised per the config's initializer specs."""
-        cfg = self.cfg
-        shapes = self.param_shapes()
-        specs = self.specs()
-        flat, treedef = jax.tree.flatten_with_path(specs, is_leaf=_is_spec)
-        keys = jax.random.split(rng, len(flat))
-        leaves = []
-        for (path, spec), key in zip(flat, keys, strict=True):
-            shape = _get(shapes, path).shape
-            leaves.append(self._init_leaf(cfg, spec, key, shape))
-        return jax.tree.unflatten(treedef, leaves)
+        """fp32 parameters from the config's initializers (jit it to build them in place)."""
+        keys = dict(zip(SEGMENTS, jax.random.split(rng, 3), strict=True))
 
-    @staticmethod
-    def _init_leaf(cfg, spec: ParamSpec, key, shape):
-        if spec.init == "ones":
-            return jnp.ones(shape, jnp.float32)
-        if spec.init == "zeros":
-            return jnp.zeros(shape, jnp.float32)
-        init_spec = {
-            "embedding": cfg.embedding_initializer,
-            "kernel": cfg.initializer,
-            "output": cfg.output_layer_initializer,
-        }[spec.init]
-        fan_in = spec.fan_in or shape[-1]
-        fan_out = spec.fan_out or shape[-1]
-        fn = make_initializer(
-            init_spec,
-            fan_in=fan_in,
-            fan_out=fan_out,
-            num_layers=cfg.num_hidden_layers,
-            hidden_size=cfg.hidden_size,
-            vocab_size=cfg.vocab_size,
-        )
-        return fn(key, shape, jnp.float32)
+        def build(seg: str, key: jax.Array) -> dict:
+            return _params(self._modules[seg](self.cfg, nnx.Rngs(key)))
+
+        layer_keys = jax.random.split(keys["blocks"], self.num_layers)
+        return {
+            "embed": build("embed", keys["embed"]),
+            "blocks": jax.vmap(lambda k: build("blocks", k))(layer_keys),  # (L, ...) leaves
+            "head": build("head", keys["head"]),
+        }
 
     # ---- segments (what the engine streams) ----------------------------------------------
     def embed_apply(self, p: dict, tokens: jax.Array, rng=None) -> jax.Array:
         """tokens (B, T) int -> x (B, T, D) in the compute dtype."""
-        return self._fam.embed_apply(self.cfg, p, tokens, rng, self.compute_dtype)
+        x = nnx.merge(self._graphdefs["embed"], p)(tokens, rng)
+        return x.astype(self.compute_dtype)
 
     def block_apply(self, p: dict, x: jax.Array, rng=None) -> jax.Array:
         """One layer: (B, T, D) -> (B, T, D); ``p`` is one layer's slice of ``params["blocks"]``."""
-        return self._fam.block_apply(self.cfg, p, x, rng)
+        return nnx.merge(self._graphdefs["blocks"], p)(x, rng)
 
     def head_apply(self, p: dict, x: jax.Array, wte=None) -> jax.Array:
         """(B, T, D) -> fp32 logits (B, T, V); ``wte`` is the embedding table when tied."""
-        return head_apply(self.cfg, p, x, wte)
+        return nnx.merge(self._graphdefs["head"], p)(x, wte)
 
     # ---- whole model (resident) ------------------------------------------------------------
     def logits(self, params: dict, tokens: jax.Array, *, rng=None) -> jax.Array:
@@ -117,8 +98,7 @@ class Model:
 
         ``rng`` (dropout) is folded per segment exactly as the engine does: see ``segment_rng``.
         """
-        dt = self.compute_dtype
-        params = cast_params(params, dt)
+        params = cast_params(params, self.compute_dtype)
         x = self.embed_apply(params["embed"], tokens, segment_rng(rng, 0))
 
         def body(x, layer):
@@ -138,12 +118,6 @@ def segment_rng(rng: jax.Array | None, segment: int | jax.Array) -> jax.Array | 
 def cast_params(params, dtype):
     """The compute-dtype copy of a parameter tree (the copy that is streamed)."""
     return jax.tree.map(lambda a: a.astype(dtype), params)
-
-
-def _get(tree, path):
-    for k in path:
-        tree = tree[k.key]
-    return tree
 
 
 def get_model(model_cfg) -> Model:

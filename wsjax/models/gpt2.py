@@ -8,53 +8,61 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-from wsjax.models.layers import activation, causal_attention, dense, dropout, layer_norm, split_rng
-from wsjax.models.spec import ParamSpec, dense_spec, norm_spec
+from wsjax.models.head import Head
+from wsjax.models.layers import (
+    PreLNBlock,
+    activation,
+    causal_attention,
+    dropout,
+    embedding,
+    linear,
+)
 
-
-def embed_spec(cfg) -> dict:
-    return {
-        "wte": ParamSpec((cfg.vocab_size, cfg.hidden_size), "embedding"),
-        "wpe": ParamSpec((cfg.max_position_embeddings, cfg.hidden_size), "embedding"),
-    }
-
-
-def block_spec(cfg) -> dict:
-    d, f = cfg.hidden_size, cfg.filter_size
-    return {
-        "ln_1": norm_spec(d),
-        "attn": {
-            "c_attn": dense_spec(d, 3 * d, cfg.use_projection_bias_in_attention),
-            "c_proj": dense_spec(d, d, cfg.use_ffn_bias_in_attention, init="output"),
-        },
-        "ln_2": norm_spec(d),
-        "mlp": {
-            "c_fc": dense_spec(d, f, cfg.use_ffn_bias),
-            "c_proj": dense_spec(f, d, cfg.use_ffn_bias, init="output"),
-        },
-    }
+__all__ = ["Embed", "Block", "Head"]
 
 
-def embed_apply(cfg, p: dict, tokens: jax.Array, rng, dtype) -> jax.Array:
-    t = tokens.shape[1]
-    x = p["wte"].astype(dtype)[tokens] + p["wpe"].astype(dtype)[jnp.arange(t)][None]  # (B, T, D)
-    return dropout(rng, cfg.embedding_dropout_rate, x)
+class Embed(nnx.Module):
+    def __init__(self, cfg, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.wte = embedding(cfg, cfg.vocab_size, rngs)
+        self.wpe = embedding(cfg, cfg.max_position_embeddings, rngs)
+
+    def __call__(self, tokens: jax.Array, rng=None) -> jax.Array:
+        t = tokens.shape[1]
+        x = self.wte[...][tokens] + self.wpe[...][jnp.arange(t)][None]  # (B, T, D)
+        return dropout(rng, self.cfg.embedding_dropout_rate, x)
 
 
-def block_apply(cfg, p: dict, x: jax.Array, rng) -> jax.Array:
-    b, t, d = x.shape
-    h_, k_ = cfg.num_heads, cfg.head_dim
-    r_attn, r_out, r_mlp = split_rng(rng, 3)
+class Attention(nnx.Module):
+    def __init__(self, cfg, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.cfg = cfg
+        self.c_attn = linear(cfg, d, 3 * d, cfg.use_projection_bias_in_attention, rngs)
+        self.c_proj = linear(cfg, d, d, cfg.use_ffn_bias_in_attention, rngs, kind="output")
 
-    a = p["attn"]
-    h = layer_norm(p["ln_1"], x, cfg.layer_norm_epsilon)
-    q, k, v = jnp.split(dense(a["c_attn"], h), 3, axis=-1)  # 3 x (B, T, D)
-    q, k, v = (z.reshape(b, t, h_, k_) for z in (q, k, v))  # (B, T, H, K)
-    o = causal_attention(q, k, v, r_attn, cfg.attention_dropout_rate).reshape(b, t, d)
-    x = x + dropout(r_out, cfg.residual_dropout_rate, dense(a["c_proj"], o))
+    def __call__(self, h: jax.Array, rng) -> jax.Array:
+        b, t, d = h.shape
+        c = self.cfg
+        q, k, v = jnp.split(self.c_attn(h), 3, axis=-1)  # 3 x (B, T, D): [all q | all k | all v]
+        q, k, v = (a.reshape(b, t, c.num_heads, c.head_dim) for a in (q, k, v))  # (B, T, H, K)
+        o = causal_attention(q, k, v, rng, c.attention_dropout_rate)
+        return self.c_proj(o.reshape(b, t, d))
 
-    m = p["mlp"]
-    h = layer_norm(p["ln_2"], x, cfg.layer_norm_epsilon)
-    ff = dense(m["c_proj"], activation(cfg.nonlinearity, dense(m["c_fc"], h)))
-    return x + dropout(r_mlp, cfg.residual_dropout_rate, ff)
+
+class MLP(nnx.Module):
+    def __init__(self, cfg, rngs: nnx.Rngs):
+        d, f, bias = cfg.hidden_size, cfg.filter_size, cfg.use_ffn_bias
+        self.nonlinearity = cfg.nonlinearity
+        self.c_fc = linear(cfg, d, f, bias, rngs)
+        self.c_proj = linear(cfg, f, d, bias, rngs, kind="output")
+
+    def __call__(self, h: jax.Array) -> jax.Array:
+        return self.c_proj(activation(self.nonlinearity, self.c_fc(h)))  # (B, T, F) -> (B, T, D)
+
+
+class Block(PreLNBlock):
+    def __init__(self, cfg, rngs: nnx.Rngs):
+        attn, mlp = Attention(cfg, rngs), MLP(cfg, rngs)
+        super().__init__(cfg, attn, mlp, rngs, untied_norms=True, parallel=False)

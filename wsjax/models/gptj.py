@@ -3,66 +3,73 @@
 One layer norm feeds attention and MLP in parallel; the block output is their sum plus the
 residual. Rotary position embedding on the first ``rotary_dim`` dims of each head (interleaved
 form); no q/k/v/out biases by default; MLP with biases; untied LM head with bias.
+``use_untied_layer_norm`` (a second norm before the MLP) and ``use_parallel_residual: false``
+are honoured as in GPT-NeoX.
 """
 
 from __future__ import annotations
 
 import jax
+from flax import nnx
 
+from wsjax.models.head import Head
 from wsjax.models.layers import (
+    PreLNBlock,
     activation,
     apply_rotary,
     causal_attention,
-    dense,
     dropout,
-    layer_norm,
-    split_rng,
+    embedding,
+    linear,
 )
-from wsjax.models.spec import ParamSpec, dense_spec, norm_spec
+
+__all__ = ["Embed", "Block", "Head"]
 
 
-def embed_spec(cfg) -> dict:
-    return {"wte": ParamSpec((cfg.vocab_size, cfg.hidden_size), "embedding")}
+class Embed(nnx.Module):
+    def __init__(self, cfg, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.wte = embedding(cfg, cfg.vocab_size, rngs)
+
+    def __call__(self, tokens: jax.Array, rng=None) -> jax.Array:
+        x = self.wte[...][tokens]  # (B, T, D)
+        return dropout(rng, self.cfg.embedding_dropout_rate, x)
 
 
-def block_spec(cfg) -> dict:
-    d, f = cfg.hidden_size, cfg.filter_size
-    qkv_bias = cfg.use_projection_bias_in_attention
-    return {
-        "ln_1": norm_spec(d),
-        "attn": {
-            "q_proj": dense_spec(d, d, qkv_bias),
-            "k_proj": dense_spec(d, d, qkv_bias),
-            "v_proj": dense_spec(d, d, qkv_bias),
-            "out_proj": dense_spec(d, d, cfg.use_ffn_bias_in_attention, init="output"),
-        },
-        "mlp": {
-            "fc_in": dense_spec(d, f, cfg.use_ffn_bias),
-            "fc_out": dense_spec(f, d, cfg.use_ffn_bias, init="output"),
-        },
-    }
+class Attention(nnx.Module):
+    def __init__(self, cfg, rngs: nnx.Rngs):
+        d, bias = cfg.hidden_size, cfg.use_projection_bias_in_attention
+        self.cfg = cfg
+        self.q_proj = linear(cfg, d, d, bias, rngs)
+        self.k_proj = linear(cfg, d, d, bias, rngs)
+        self.v_proj = linear(cfg, d, d, bias, rngs)
+        self.out_proj = linear(cfg, d, d, cfg.use_ffn_bias_in_attention, rngs, kind="output")
+
+    def __call__(self, h: jax.Array, rng) -> jax.Array:
+        b, t, d = h.shape
+        c = self.cfg
+        q = self.q_proj(h).reshape(b, t, c.num_heads, c.head_dim)  # (B, T, H, K)
+        k = self.k_proj(h).reshape(b, t, c.num_heads, c.head_dim)
+        v = self.v_proj(h).reshape(b, t, c.num_heads, c.head_dim)
+        q = apply_rotary(q, c.rotary_dim, c.rope_theta, interleaved=True)
+        k = apply_rotary(k, c.rotary_dim, c.rope_theta, interleaved=True)
+        o = causal_attention(q, k, v, rng, c.attention_dropout_rate)  # (B, T, H, K)
+        return self.out_proj(o.reshape(b, t, d))
 
 
-def embed_apply(cfg, p: dict, tokens: jax.Array, rng, dtype) -> jax.Array:
-    x = p["wte"].astype(dtype)[tokens]  # (B, T, D)
-    return dropout(rng, cfg.embedding_dropout_rate, x)
+class MLP(nnx.Module):
+    def __init__(self, cfg, rngs: nnx.Rngs):
+        d, f, bias = cfg.hidden_size, cfg.filter_size, cfg.use_ffn_bias
+        self.nonlinearity = cfg.nonlinearity
+        self.fc_in = linear(cfg, d, f, bias, rngs)
+        self.fc_out = linear(cfg, f, d, bias, rngs, kind="output")
+
+    def __call__(self, h: jax.Array) -> jax.Array:
+        return self.fc_out(activation(self.nonlinearity, self.fc_in(h)))  # (B, T, F) -> (B, T, D)
 
 
-def block_apply(cfg, p: dict, x: jax.Array, rng) -> jax.Array:
-    b, t, d = x.shape
-    h_, k_ = cfg.num_heads, cfg.head_dim
-    r_attn, r_out, r_mlp = split_rng(rng, 3)
-    h = layer_norm(p["ln_1"], x, cfg.layer_norm_epsilon)  # (B, T, D)
-
-    a = p["attn"]
-    q = dense(a["q_proj"], h).reshape(b, t, h_, k_)  # (B, T, H, K)
-    k = dense(a["k_proj"], h).reshape(b, t, h_, k_)
-    v = dense(a["v_proj"], h).reshape(b, t, h_, k_)
-    q, k = apply_rotary(q, cfg.rotary_dim), apply_rotary(k, cfg.rotary_dim)
-    o = causal_attention(q, k, v, r_attn, cfg.attention_dropout_rate).reshape(b, t, d)
-    attn_out = dropout(r_out, cfg.residual_dropout_rate, dense(a["out_proj"], o))
-
-    m = p["mlp"]
-    ff = dense(m["fc_out"], activation(cfg.nonlinearity, dense(m["fc_in"], h)))  # (B, T, D)
-    ff = dropout(r_mlp, cfg.residual_dropout_rate, ff)
-    return x + attn_out + ff  # parallel attention + MLP
+class Block(PreLNBlock):
+    def __init__(self, cfg, rngs: nnx.Rngs):
+        attn, mlp = Attention(cfg, rngs), MLP(cfg, rngs)
+        untied, parallel = cfg.use_untied_layer_norm, cfg.use_parallel_residual
+        super().__init__(cfg, attn, mlp, rngs, untied_norms=untied, parallel=parallel)

@@ -1,27 +1,39 @@
-"""The LM head both families share: final layer norm, then the (optionally tied) projection."""
+"""The LM head the families share: final layer norm, then the (optionally tied) projection."""
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
+from flax import nnx
 
-from wsjax.models.layers import dense, layer_norm
-from wsjax.models.spec import ParamSpec, dense_spec, norm_spec
+from wsjax.models.layers import layer_norm, linear
 from wsjax.precision import at_least_f32
 
 
-def head_spec(cfg) -> dict:
-    spec = {"ln_f": norm_spec(cfg.hidden_size)}
-    if not cfg.share_embedding_weights:
-        spec["lm_head"] = dense_spec(cfg.hidden_size, cfg.vocab_size, cfg.use_bias_in_output)
-    elif cfg.use_bias_in_output:  # tied kernel (the embedding) with its own output bias
-        spec["lm_head"] = {"bias": ParamSpec((cfg.vocab_size,), "zeros")}
-    return spec
+class OutputBias(nnx.Module):
+    """The output bias of a tied head (its kernel is the embedding table)."""
+
+    def __init__(self, vocab_size: int):
+        self.bias = nnx.Param(jnp.zeros((vocab_size,), jnp.float32))
 
 
-def head_apply(cfg, p: dict, x: jax.Array, wte: jax.Array | None) -> jax.Array:
-    """(B, T, D) -> fp32 logits (B, T, V). ``wte`` is the embedding when weights are tied."""
-    h = layer_norm(p["ln_f"], x, cfg.layer_norm_epsilon)
-    head = dict(p.get("lm_head", {}))
-    if cfg.share_embedding_weights:
-        head["kernel"] = wte.T  # (D, V)
-    return dense(head, h).astype(at_least_f32(h.dtype))
+class Head(nnx.Module):
+    def __init__(self, cfg, rngs: nnx.Rngs):
+        self.tied = bool(cfg.share_embedding_weights)
+        self.ln_f = layer_norm(cfg, rngs)
+        d, v, bias = cfg.hidden_size, cfg.vocab_size, cfg.use_bias_in_output
+        if not self.tied:
+            self.lm_head = linear(cfg, d, v, bias, rngs)
+        elif bias:
+            self.lm_head = OutputBias(v)
+
+    def __call__(self, x: jax.Array, wte: jax.Array | None = None) -> jax.Array:
+        """(B, T, D) -> fp32 logits (B, T, V); ``wte`` (V, D) is the embedding when tied."""
+        h = self.ln_f(x)  # (B, T, D)
+        out = at_least_f32(h.dtype)  # fp32 (float64 for a float64 model)
+        if not self.tied:
+            return self.lm_head(h).astype(out)
+        logits = h @ wte.T.astype(h.dtype)  # (B, T, V)
+        if hasattr(self, "lm_head"):
+            logits = logits + self.lm_head.bias[...].astype(h.dtype)
+        return logits.astype(out)

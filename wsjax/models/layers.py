@@ -1,9 +1,11 @@
-"""Pure layer functions shared by the GPT families: layer norm, dense, attention, rotary, MLP.
+"""Pieces the GPT families share: flax NNX layers built with the config's initializers, and the
+pure maths (attention, rotary, dropout, activation) with shape comments.
 
-Every function takes its parameters as a plain dict and computes in the dtype of its input
-activations (fp32, or bf16 under mixed precision); layer norm, softmax and the loss run in fp32
-(``at_least_f32``: float64 where the activations are float64, for the exactness tests).
-Shapes: B batch, T sequence, D hidden, H heads, K head dim, F filter size.
+Layers compute in the dtype of the parameters they are given (the engine streams a compute-dtype
+copy: fp32, or bf16 under mixed precision); layer norm statistics, rotary, softmax and the logits
+run in at least fp32 (``wsjax.precision.at_least_f32``: float64 for a float64 model, which the
+exactness tests use).
+Shapes: B batch, T sequence, D hidden, H heads, K head dim, R rotary dims, V vocabulary.
 """
 
 from __future__ import annotations
@@ -12,31 +14,83 @@ import math
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
+from wsjax.models.init import make_initializer
 from wsjax.precision import at_least_f32
 
 F32 = jnp.float32
 
 
-def layer_norm(p: dict, x: jax.Array, eps: float) -> jax.Array:
-    """LayerNorm over the last axis, computed in fp32, returned in ``x.dtype``."""
-    acc = at_least_f32(x.dtype)
-    x32 = x.astype(acc)  # (B, T, D)
-    mean = x32.mean(-1, keepdims=True)
-    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
-    y = y * p["scale"].astype(acc) + p["bias"].astype(acc)
-    return y.astype(x.dtype)
+# ---- parameterised layers (flax NNX) ----------------------------------------------------------
+def _initializer(cfg, kind: str, fan_in: int, fan_out: int):
+    """The config's initializer for a weight of ``kind``: embedding | kernel | output.
+
+    ``output`` is the residual-branch output projection (Cerebras ``output_layer_initializer``).
+    """
+    spec = {
+        "embedding": cfg.embedding_initializer,
+        "kernel": cfg.initializer,
+        "output": cfg.output_layer_initializer,
+    }[kind]
+    return make_initializer(
+        spec,
+        fan_in=fan_in,
+        fan_out=fan_out,
+        num_layers=cfg.num_hidden_layers,
+        hidden_size=cfg.hidden_size,
+        vocab_size=cfg.vocab_size,
+    )
 
 
-def dense(p: dict, x: jax.Array) -> jax.Array:
-    """``x @ kernel (+ bias)``; kernel is (in, out), the transpose of torch's Linear.weight."""
-    y = x @ p["kernel"].astype(x.dtype)
-    if "bias" in p:
-        y = y + p["bias"].astype(x.dtype)
-    return y
+def linear(cfg, d_in: int, d_out: int, bias: bool, rngs: nnx.Rngs, kind="kernel") -> nnx.Linear:
+    """``x @ kernel (+ bias)``; kernel (in, out) is the transpose of torch's Linear.weight."""
+    init = _initializer(cfg, kind, d_in, d_out)
+    return nnx.Linear(d_in, d_out, use_bias=bias, kernel_init=init, rngs=rngs)
 
 
+def layer_norm(cfg, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    # two-pass variance (as torch's LayerNorm): flax's fast E[x^2] - E[x]^2 loses digits
+    d, eps = cfg.hidden_size, cfg.layer_norm_epsilon
+    return nnx.LayerNorm(d, epsilon=eps, use_fast_variance=False, rngs=rngs)
+
+
+def embedding(cfg, rows: int, rngs: nnx.Rngs) -> nnx.Param:
+    """A (rows, D) table as a bare parameter, so the tree keeps the HF-like leaf name (``wte``)."""
+    init = _initializer(cfg, "embedding", cfg.hidden_size, cfg.hidden_size)
+    return nnx.Param(init(rngs.params(), (rows, cfg.hidden_size), F32))
+
+
+class PreLNBlock(nnx.Module):
+    """One pre-LN block: ln_1 -> attn, ln_2 (ln_1 when the norms are tied) -> mlp.
+
+    parallel (GPT-J, NeoX): x + attn(ln_1 x) + mlp(ln_2 x); sequential (GPT-2, NeoX with
+    use_parallel_residual false): h = x + attn(ln_1 x), then h + mlp(ln_2 h). A family's
+    ``Block`` passes its own ``attn(h, rng)`` and ``mlp(h)`` modules, which name their weights.
+    """
+
+    def __init__(self, cfg, attn, mlp, rngs: nnx.Rngs, *, untied_norms: bool, parallel: bool):
+        self.ln_1 = layer_norm(cfg, rngs)
+        self.attn = attn
+        if untied_norms:
+            self.ln_2 = layer_norm(cfg, rngs)
+        self.mlp = mlp
+        self.untied_norms, self.parallel = untied_norms, parallel
+        self.rate = cfg.residual_dropout_rate
+
+    def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        r_attn, r_out, r_mlp = split_rng(rng, 3)
+        ln_2 = self.ln_2 if self.untied_norms else self.ln_1
+        h = self.ln_1(x)  # (B, T, D)
+        attn_out = dropout(r_out, self.rate, self.attn(h, r_attn))  # (B, T, D)
+        if self.parallel:  # tied norms: reuse h, so the backward pass has one norm, not two
+            h_mlp = ln_2(x) if self.untied_norms else h
+            return x + attn_out + dropout(r_mlp, self.rate, self.mlp(h_mlp))
+        x = x + attn_out
+        return x + dropout(r_mlp, self.rate, self.mlp(ln_2(x)))
+
+
+# ---- pure maths ------------------------------------------------------------------------------
 def activation(name: str, x: jax.Array) -> jax.Array:
     """``gelu`` is the tanh approximation (HF ``gelu_new``) that GPT-J and GPT-2 use."""
     if name == "gelu":
@@ -56,29 +110,35 @@ def dropout(rng: jax.Array | None, rate: float, x: jax.Array) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-def rotary_sin_cos(seq_len: int, rotary_dim: int, dtype=F32) -> tuple[jax.Array, jax.Array]:
-    """GPT-J's sinusoid table: (T, rotary_dim // 2) sines and cosines, as HF builds them."""
-    inv_freq = 1.0 / (10000 ** (jnp.arange(0, rotary_dim, 2, dtype=dtype) / rotary_dim))
-    angles = jnp.arange(seq_len, dtype=dtype)[:, None] * inv_freq[None, :]  # (T, R/2)
-    return jnp.sin(angles), jnp.cos(angles)
+def split_rng(rng: jax.Array | None, n: int) -> list[jax.Array | None]:
+    """``n`` independent keys, or ``n`` Nones when running without dropout."""
+    if rng is None:
+        return [None] * n
+    return list(jax.random.split(rng, n))
 
 
-def apply_rotary(x: jax.Array, rotary_dim: int) -> jax.Array:
-    """Rotate the first ``rotary_dim`` dims of each head, interleaved (rotate-every-two) form.
+def apply_rotary(
+    x: jax.Array, rotary_dim: int, theta: float = 10000.0, interleaved: bool = True
+) -> jax.Array:
+    """Rotate the first ``rotary_dim`` dims of each head by angle pos * theta^(-2i/R).
 
-    x: (B, T, H, K). Pairs (x[2i], x[2i+1]) are rotated by angle pos * inv_freq[i].
+    x: (B, T, H, K). ``interleaved`` (GPT-J, rotate-every-two) rotates the pairs
+    (x[2i], x[2i+1]); otherwise (GPT-NeoX, rotate-half) the pairs (x[i], x[i + R/2]).
     """
-    t = x.shape[1]
-    acc = at_least_f32(x.dtype)
-    sin, cos = rotary_sin_cos(t, rotary_dim, acc)  # (T, R/2)
-    sin = jnp.repeat(sin, 2, axis=-1)[None, :, None, :]  # (1, T, 1, R)
-    cos = jnp.repeat(cos, 2, axis=-1)[None, :, None, :]
-    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
-    rot32 = rot.astype(acc)
-    # rotate_every_two: (x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)
-    pairs = rot32.reshape(*rot32.shape[:-1], rotary_dim // 2, 2)
-    rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(rot32.shape)
-    out = (rot32 * cos + rotated * sin).astype(x.dtype)
+    t, acc = x.shape[1], at_least_f32(x.dtype)
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=acc) / rotary_dim))  # (R/2,)
+    angles = jnp.arange(t, dtype=acc)[:, None] * inv_freq[None, :]  # (T, R/2)
+    rot, rest = x[..., :rotary_dim].astype(acc), x[..., rotary_dim:]  # (B, T, H, R), (.., K - R)
+    if interleaved:  # (x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)
+        angles = jnp.repeat(angles, 2, axis=-1)  # (T, R): each angle for its pair
+        pairs = rot.reshape(*rot.shape[:-1], rotary_dim // 2, 2)
+        rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(rot.shape)
+    else:  # (x1, x2) halves -> (-x2, x1)
+        angles = jnp.concatenate([angles, angles], axis=-1)  # (T, R)
+        first, second = jnp.split(rot, 2, axis=-1)
+        rotated = jnp.concatenate([-second, first], axis=-1)
+    sin, cos = jnp.sin(angles)[None, :, None, :], jnp.cos(angles)[None, :, None, :]  # (1, T, 1, R)
+    out = (rot * cos + rotated * sin).astype(x.dtype)
     return jnp.concatenate([out, rest], axis=-1)
 
 
@@ -89,8 +149,7 @@ def causal_attention(
 
     q, k, v: (B, T, H, K) -> (B, T, H, K)
     """
-    t, k_dim = q.shape[1], q.shape[-1]
-    acc = at_least_f32(q.dtype)
+    t, k_dim, acc = q.shape[1], q.shape[-1], at_least_f32(q.dtype)
     scores = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=acc)  # (B, H, T, T)
     scores = scores / math.sqrt(k_dim)
     causal = jnp.tril(jnp.ones((t, t), dtype=bool))
@@ -98,10 +157,3 @@ def causal_attention(
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     probs = dropout(rng, dropout_rate, probs)
     return jnp.einsum("bhqs,bshk->bqhk", probs, v)  # (B, T, H, K)
-
-
-def split_rng(rng: jax.Array | None, n: int) -> list[jax.Array | None]:
-    """``n`` independent keys, or ``n`` Nones when running without dropout."""
-    if rng is None:
-        return [None] * n
-    return list(jax.random.split(rng, n))
