@@ -59,26 +59,41 @@ def find_inputs(paths: Iterable[str | Path]) -> list[Path]:
     return unique
 
 
-def _open_text(path: Path) -> io.TextIOBase:
+def _open_text(path: Path, errors: str) -> io.TextIOBase:
     name = path.name.lower()
     if name.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors=errors)
     if name.endswith(".zst"):
         import zstandard
 
         f = open(path, "rb")  # noqa: SIM115 (closed with the returned reader)
         raw = zstandard.ZstdDecompressor().stream_reader(f, closefd=True)
-        return io.TextIOWrapper(raw, encoding="utf-8", errors="replace")
-    return open(path, encoding="utf-8", errors="replace")
+        return io.TextIOWrapper(raw, encoding="utf-8", errors=errors)
+    return open(path, encoding="utf-8", errors=errors)
 
 
-def iter_documents(path: Path, text_field: str = "text") -> Iterator[str]:
-    """Yield the non-empty documents of one input file; DataError names file and line."""
+def iter_documents(
+    path: Path, text_field: str = "text", invalid_utf8: str = "error"
+) -> Iterator[str]:
+    """Yield the non-empty documents of one input file; DataError names file and line.
+
+    ``invalid_utf8``: "error" stops at bytes that are not UTF-8, "replace" substitutes U+FFFD.
+    """
     if path.stat().st_size == 0:
         raise DataError(f"input file {path} is empty")
+    try:
+        yield from _documents(path, text_field, "strict" if invalid_utf8 == "error" else "replace")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{path}: invalid UTF-8 (byte 0x{e.object[e.start]:02x}); fix the file or pass "
+            "--invalid_utf8 replace to substitute U+FFFD and count them"
+        ) from None
+
+
+def _documents(path: Path, text_field: str, errors: str) -> Iterator[str]:
     kind = _suffix_kind(path)
     n = 0
-    with _open_text(path) as f:
+    with _open_text(path, errors) as f:
         if kind == "plain":
             text = f.read()
             if text.strip():

@@ -173,7 +173,7 @@ class TfRecordSource:
             (n,) = struct.unpack("<Q", header[:8])
             if struct.unpack("<I", header[8:])[0] != masked_crc(header[:8]):
                 raise DataError(
-                    f"{path} record {len(recs)}: bad length CRC32C at byte {pos} "
+                    f"{path} record {len(recs)}: bad length CRC at byte {pos} "
                     "(corrupt, or not a TFRecord file)"
                 )
             if pos + 16 + n > size:
@@ -194,7 +194,7 @@ class TfRecordSource:
         where = f"{self.files[fi]} record {r}"
         if self.verify and struct.unpack("<I", raw[n:])[0] != masked_crc(payload):
             raise DataError(
-                f"{where}: payload CRC32C mismatch (corrupt file; re-copy or regenerate it)"
+                f"{where}: payload CRC mismatch (corrupt file; re-copy or regenerate it)"
             )
         try:
             ex = parse_example(payload)
