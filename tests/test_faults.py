@@ -117,7 +117,7 @@ def write_shards(
     root.mkdir(parents=True, exist_ok=True)
     meta = {"vocab_size": vocab, "eos_id": 0, "dtype": "uint16", "splits": {}}
     rng = np.random.default_rng(0)
-    for split in splits:
+    for split in ("train", "eval"):
         (root / split).mkdir(exist_ok=True)
         rng.integers(0, vocab, tokens).astype(np.uint16).tofile(root / split / "00000.bin")
         shards = [{"file": f"{split}/00000.bin", "tokens": tokens}]
