@@ -148,6 +148,7 @@ class Checkpoints:
             )
             self._mngr.wait_until_finished()
         except READ_ERRORS as e:
+            self._clear_leftovers()  # orbax's uncommitted temporary folder
             raise CheckpointError(
                 f"{self.path(step)}: cannot write the checkpoint ({_first_line(e)}); "
                 "the earlier checkpoints are kept (free disk space and rerun to resume)"
@@ -243,6 +244,8 @@ def restore_newest_good(
 ) -> tuple[int, tuple[dict, dict | None, dict]]:
     """Restore the newest of ``steps`` that reads back intact; a corrupt one is skipped with a
     warning naming it. Raises CheckpointError when none is readable."""
+    if len(steps) == 1:  # a named checkpoint: its own error, no fallback
+        return steps[0], ckpts.restore(steps[0], params_shapes, opt_shapes)
     bad = []
     for step in sorted(steps, reverse=True):
         try:
@@ -390,6 +393,8 @@ def load_start(
             _, params = import_hf(path, allow_pickle=allow_pickle)
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{path}: unreadable weights ({_first_line(e)})") from None
+        except CheckpointError as e:  # torch's multi-line texts: their first line is the point
+            raise CheckpointError(_first_line(e)) from None
         check_shapes(shapes, jax.tree.map(lambda a: tuple(a.shape), params), path)
         return StartState(params=params, source=f"HuggingFace checkpoint {path}")
     raise CheckpointError(

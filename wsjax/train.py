@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             compile_only=args.compile_only,
         )
     except WsjaxError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # one line whatever a library put into the text (the contract of every WsjaxError)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("error: interrupted; the latest complete checkpoint is kept", file=sys.stderr)
