@@ -287,6 +287,11 @@ class PreemptionGuard:
         self.signal = signum
         for s in self.SIGNALS:
             signal.signal(s, signal.SIG_DFL)
+        log.warning(
+            "received %s: finishing this step, then saving a checkpoint (a second signal stops "
+            "at once)",
+            signal.Signals(signum).name,
+        )
 
     def __enter__(self) -> PreemptionGuard:
         if threading.current_thread() is threading.main_thread():
