@@ -515,3 +515,41 @@ def test_full_disk_during_a_checkpoint_is_one_line(saved, tmp_path, capsys):
     assert snapshot(md) == before
     r = run(saved.cfg, "train", md, max_steps=6, progress=False)  # resumes exactly afterwards
     assert r.losses == [(5, saved.ref[5]), (6, saved.ref[6])]
+
+
+# ---- the non-finite policy, step by step (engine metrics as the engine reports them) -------------
+def _metrics(loss=1.0, grad_norm=1.0, skipped=None) -> dict:
+    m = {"train/loss": loss, "train/grad_norm": grad_norm}
+    if skipped is not None:
+        m["train/update_skipped"] = skipped
+    return m
+
+
+@pytest.mark.parametrize(
+    "metrics",
+    [_metrics(loss=float("nan")), _metrics(grad_norm=float("inf")), _metrics(skipped=1.0)],
+    ids=["nan loss", "inf grad norm", "engine skipped"],
+)
+def test_stop_policy_stops_at_the_step(metrics):
+    from wsjax.errors import NonFiniteError
+    from wsjax.run_train import NonFinitePolicy
+
+    policy = NonFinitePolicy("stop", 10)
+    assert policy.check(1, _metrics()) is False
+    with pytest.raises(NonFiniteError, match=r"global_step 2: non-finite .*nothing saved"):
+        policy.check(2, metrics)
+
+
+def test_skip_policy_counts_resets_and_stops_after_n_in_a_row():
+    from wsjax.errors import NonFiniteError
+    from wsjax.run_train import NonFinitePolicy
+
+    policy = NonFinitePolicy("skip", 2)
+    bad = _metrics(loss=float("nan"), skipped=1.0)
+    assert policy.check(1, bad) is True and (policy.consecutive, policy.total) == (1, 1)
+    assert policy.check(2, _metrics(skipped=0.0)) is False and policy.consecutive == 0
+    assert policy.check(3, bad) is True and policy.total == 2
+    with pytest.raises(NonFiniteError, match=r"2 non-finite steps in a row"):
+        policy.check(4, bad)
+    with pytest.raises(NonFiniteError, match="cannot be skipped"):  # the update went in
+        NonFinitePolicy("skip", 5).check(1, _metrics(grad_norm=float("nan")))
