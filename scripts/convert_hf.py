@@ -30,7 +30,6 @@ PLACEHOLDER_OPTIMIZER = {"optimizer_type": "adamw", "learning_rate": 1.0e-4}
 
 def hf_to_orbax(hf_dir: str, out_dir: str, allow_pickle: bool = False) -> Path:
     import orbax.checkpoint as ocp
-
     from safetensors import SafetensorError
 
     try:
