@@ -21,10 +21,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from wsjax.errors import ConfigError, WsjaxError
+
+if TYPE_CHECKING:
+    from wsjax.config_schema import Config, InputConfig
+    from wsjax.run_dir import ModelDir
 
 log = logging.getLogger("wsjax.train")
 
@@ -77,14 +82,15 @@ class RunResult:
 class Run:
     """What stays fixed for one run; built by :func:`make_run`."""
 
-    config: object  # wsjax.config.Config
+    config: Config
     mode: str
-    md: object  # wsjax.run_dir.ModelDir
+    md: ModelDir
     options: RunOptions
-    model: object
-    optimizer: object
+    model: object  # a wsjax.models family (the segment protocol)
+    optimizer: object  # an optax GradientTransformation
     training: bool
-    shape: tuple[int, int]  # (batch, seq) of the mode's input section
+    input: InputConfig  # the mode's input section: train_input, or eval_input for eval modes
+    shape: tuple[int, int]  # (batch, seq) of ``input``
     compile_dir: Path
 
     def result(self, **values) -> RunResult:
@@ -196,6 +202,7 @@ def make_run(config, mode: str, md, options: RunOptions) -> Run:
         model=get_model(config.model),
         optimizer=make_optimizer(config.optimizer),
         training=training,
+        input=inp,
         shape=shape,
         compile_dir=md.compile_dir(checksum),
     )

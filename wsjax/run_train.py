@@ -49,7 +49,9 @@ def train_mode(r: Run) -> RunResult:
         log.info("%s", message)
         return r.result(global_step=start.step, message=message)
     loader = make_loader(
-        r.config.train_input,
+        # training runs to max_steps (as on Cerebras), so the train data always wraps around;
+        # repeat: false matters for evaluation only
+        replace(r.config.train_input, repeat=True),
         split="train",
         model_vocab_size=r.config.model.vocab_size,
         seed=rc.seed,
@@ -153,7 +155,7 @@ def train_loop(r: Run, engine, loader, ckpts, target: int, result: RunResult, pe
                     result.checkpoints.append(save(r, engine, loader, ckpts, step))
                     if r.mode == "train_and_eval":
                         result.evals.append(evaluate(r, engine, step, tb))
-                if preemption.signal:
+                if preemption.signal and not last:  # on the last step the run is simply done
                     raise Preempted(
                         f"preempted by {signal.Signals(preemption.signal).name}: finished global "
                         f"step {step} and saved {ckpts.path(step)}; rerun the same command to "
