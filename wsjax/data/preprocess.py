@@ -17,23 +17,22 @@ import argparse
 import hashlib
 import json
 import os
-import queue
 import shutil
 import sys
-import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from wsjax.data.textio import (
     DEFAULT_EOS,
+    batches,
     eos_id,
     find_inputs,
-    iter_documents,
     load_tokenizer,
+    prefetched,
     train_bpe,
     vocab_size_of,
 )
@@ -114,67 +113,6 @@ class _ShardWriter:
     def close(self) -> dict:
         self._close_current()
         return {"tokens": self.tokens, "documents": self.documents, "shards": self.shards}
-
-
-def _batches(
-    files: list[Path],
-    text_field: str,
-    selector: _SplitSelector,
-    batch_chars: int,
-    invalid_utf8: str = "error",
-) -> Iterator[tuple[list[str], list[str], list[tuple[int, int]]]]:
-    """Yield (texts, splits, per-text (file index, doc index)) in batches of ~batch_chars."""
-    texts: list[str] = []
-    splits: list[str] = []
-    where: list[tuple[int, int]] = []
-    size = 0
-    for fi, path in enumerate(files):
-        for di, text in enumerate(iter_documents(path, text_field, invalid_utf8)):
-            texts.append(text)
-            splits.append(selector.split(path, di))
-            where.append((fi, di))
-            size += len(text)
-            if size >= batch_chars:
-                yield texts, splits, where
-                texts, splits, where, size = [], [], [], 0
-    if texts:
-        yield texts, splits, where
-
-
-def _prefetched(it: Iterator, depth: int = 4) -> Iterator:
-    """Run a generator in a reader thread so parsing overlaps tokenisation; errors re-raise."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done, stop = object(), threading.Event()
-
-    def put(item: object) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def run() -> None:
-        try:
-            for item in it:
-                if not put(item):
-                    return
-            put(done)
-        except BaseException as e:  # handed to the consumer, re-raised there
-            put(e)
-
-    threading.Thread(target=run, daemon=True, name="wsjax-preprocess-reader").start()
-    try:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()  # the consumer failed or stopped: let the reader thread end
 
 
 def preprocess(
@@ -279,11 +217,9 @@ def _write(
     t0 = time.perf_counter()
     if train_tokenizer is not None:
         log(f"training a byte-level BPE of {train_tokenizer} tokens on {len(files)} file(s)")
+        docs = batches(files, text_field, selector.split, batch_chars, invalid_utf8)
         train_texts = (
-            t
-            for texts, splits, _ in _batches(files, text_field, selector, batch_chars, invalid_utf8)
-            for t, s in zip(texts, splits)
-            if s == "train"
+            t for texts, splits, _ in docs for t, s in zip(texts, splits) if s == "train"
         )
         tok = train_bpe(train_texts, train_tokenizer, eos_token)
         tok_source = f"trained byte-level BPE ({train_tokenizer})"
@@ -308,8 +244,8 @@ def _write(
         from tqdm import tqdm
 
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenising", file=sys.stderr)
-    batches = _batches(files, text_field, selector, batch_chars, invalid_utf8)
-    for texts, splits, where in _prefetched(batches):
+    stream = batches(files, text_field, selector.split, batch_chars, invalid_utf8)
+    for texts, splits, where in prefetched(stream):
         encs = encode(texts, add_special_tokens=False)
         for split in ("train", "eval"):
             flat: list[int] = []
