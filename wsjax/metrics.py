@@ -229,10 +229,20 @@ def setup_logging(log_file: Path | None = None) -> logging.Handler | None:
     if log_file is None:
         return None
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    fh = logging.FileHandler(log_file)
+    fh = _RunLogFile(log_file)
     fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s: %(message)s"))
     root.addHandler(fh)
     return fh
+
+
+class _RunLogFile(logging.FileHandler):
+    """run.log: on a full disk a line is dropped quietly (logging would print a traceback); the
+    run's next real write reports the disk in one line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        super().handleError(record)
 
 
 class Progress:
