@@ -70,7 +70,7 @@ class RunResult:
     compile_time: float = 0.0
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) every step
     skipped_steps: list[int] = field(default_factory=list)  # updates skipped (non-finite)
-    evals: list[dict] = field(default_factory=list)  # {"step", "loss", "perplexity", "accuracy"}
+    evals: list[dict] = field(default_factory=list)  # step, batches, loss, perplexity, accuracy
     checkpoints: list[Path] = field(default_factory=list)
     compile_dir: Path | None = None
     performance_path: Path | None = None
@@ -115,7 +115,12 @@ def run(
     compile_only: bool = False,
     progress: bool | None = None,
 ) -> RunResult:
-    """Run ``mode`` for ``config`` (a :class:`wsjax.config.Config`) into ``model_dir``."""
+    """Run ``mode`` for ``config`` (a :class:`wsjax.config.Config`) into ``model_dir``.
+
+    The runconfig flags override the params file with Cerebras run.py semantics (``steps``:
+    this many more steps from where the run starts; ``keep_checkpoint_max=0`` keeps all;
+    ``eval_steps <= 0`` evaluates the whole eval set); 0 is a value, None is "not given".
+    """
     from wsjax.metrics import setup_logging
     from wsjax.run_dir import DEFAULT_MODEL_DIR, ModelDir
 
