@@ -560,3 +560,24 @@ def test_skip_policy_counts_resets_and_stops_after_n_in_a_row():
         policy.check(4, bad)
     with pytest.raises(NonFiniteError, match="cannot be skipped"):  # the update went in
         NonFinitePolicy("skip", 5).check(1, _metrics(grad_norm=float("nan")))
+
+
+def test_tfrecord_of_another_sequence_length_fails_before_init(capsys, tmp_path):
+    """The first batch is read before weights or compile: a wrong max_sequence_length costs
+    seconds (the record's own CRCs are fine)."""
+    from wsjax.data.tfrecord import write_tfrecords
+
+    ids = np.random.default_rng(0).integers(1, 500, (8, 16)).tolist()
+    (tmp_path / "tf").mkdir()
+    write_tfrecords(
+        tmp_path / "tf" / "x.tfrecord",
+        ({"input_ids": i, "input_mask": [1] * 16, "labels": i} for i in ids),
+    )
+    data = [
+        "train_input.data_processor=GptTfRecordsProcessor",
+        f"train_input.data_dir={tmp_path / 'tf'}",
+    ]
+    md = tmp_path / "md"
+    rc, err = cli(capsys, "-o", md, *SMALL, *data)
+    one_line(rc, err, EXIT_USER, r"x\.tfrecord record \d+: 'input_ids' has 16 values, max_seq")
+    assert "weight initialization" not in (md / "train" / "run.log").read_text()

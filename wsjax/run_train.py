@@ -15,6 +15,7 @@ train_and_eval, the eval data. Then one loop: step, log, summaries, checkpoint (
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import signal
@@ -58,6 +59,7 @@ def train_mode(r: Run) -> RunResult:
         start_state=start.loader_state,
     )
     try:
+        first = next(loader)  # read now: a corrupt first record fails before weights or compile
         if r.mode == "train_and_eval":
             check_eval_input(r)
         engine, init_s, programming_s = build_engine(r, start)
@@ -65,7 +67,7 @@ def train_mode(r: Run) -> RunResult:
         plan_run(r, records, strict=False)
         est, peaks = estimate(r, engine, records)
         result = r.result(compile_time=compile_s, plan_path=r.md.plan_json)
-        stats = train_loop(r, engine, loader, ckpts, target, result, peaks.flops)
+        stats = train_loop(r, engine, first, loader, ckpts, target, result, peaks.flops)
     finally:
         loader.close()
     return finish(r, result, stats, est, peaks, init_s, programming_s)
@@ -117,8 +119,11 @@ class LoopStats:
     input_wait: float
 
 
-def train_loop(r: Run, engine, loader, ckpts, target: int, result: RunResult, peak_flops: float):
-    """Steps until ``target``; fills ``result.losses`` / ``skipped_steps`` / ``evals``."""
+def train_loop(
+    r: Run, engine, first: dict, loader, ckpts, target: int, result: RunResult, peak_flops: float
+) -> LoopStats:
+    """Steps until ``target`` (the first on ``first``, then on ``loader``'s batches); fills
+    ``result.losses`` / ``skipped_steps`` / ``evals``."""
     from wsjax.metrics import Progress, Summaries, model_flops_per_token, train_scalars
     from wsjax.run_eval import evaluate
 
@@ -129,10 +134,11 @@ def train_loop(r: Run, engine, loader, ckpts, target: int, result: RunResult, pe
     tb = Summaries(r.md.path)
     bar = Progress(engine.step, target, r.options.progress)
     steps_done, wait, t_start = 0, 0.0, time.perf_counter()
+    batches = itertools.chain([first], loader)
     try:
         with PreemptionGuard() as preemption:
             while engine.step < target:
-                m = engine.train_step(next(loader))
+                m = engine.train_step(next(batches))
                 m["input/wait_seconds"] = loader.wait_seconds_last
                 wait += loader.wait_seconds_last
                 steps_done += 1
