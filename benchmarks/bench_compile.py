@@ -47,7 +47,6 @@ def child(args) -> None:
     from wsjax.config import config_from_dict, load_config
     from wsjax.models import get_model
     from wsjax.streaming import StreamingEngine
-    from wsjax.streaming.engine import num_micro_batches
 
     if args.smoke:
         cfg = config_from_dict(C.gptj_dict(args.layers, 64, 4, 32, vocab=256))
@@ -66,7 +65,7 @@ def child(args) -> None:
                 "params": model.num_params(),
                 "batch": batch,
                 "seq": seq,
-                "micro_batches": num_micro_batches(cfg, batch),
+                "micro_batches": cfg.micro_batches(batch),
                 "mixed_precision": cfg.model.mixed_precision,
                 "num_executables": eng.num_executables,
                 "wall_seconds": round(wall, 3),

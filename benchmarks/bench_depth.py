@@ -33,7 +33,6 @@ from wsjax.config import config_from_dict  # noqa: E402
 from wsjax.models import get_model  # noqa: E402
 from wsjax.reference import ResidentTrainer  # noqa: E402
 from wsjax.streaming import StreamingEngine  # noqa: E402
-from wsjax.streaming.engine import num_micro_batches  # noqa: E402
 from wsjax.streaming.plan import make_plan  # noqa: E402
 
 
@@ -61,7 +60,7 @@ def engine_run(model, cfg, params, batch, steps: int) -> dict:
         eng.optimizer,
         batch_size=shape[0],
         seq=shape[1],
-        n_micro=num_micro_batches(cfg, shape[0]),
+        n_micro=cfg.micro_batches(shape[0]),
         platform=jax.devices()[0].platform,
         compile_records=records,
     )

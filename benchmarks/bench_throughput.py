@@ -36,7 +36,6 @@ from wsjax.metrics import model_flops_per_token  # noqa: E402
 from wsjax.models import get_model  # noqa: E402
 from wsjax.reference import ResidentTrainer  # noqa: E402
 from wsjax.streaming import StreamingEngine  # noqa: E402
-from wsjax.streaming.engine import num_micro_batches  # noqa: E402
 from wsjax.streaming.plan import make_plan  # noqa: E402
 
 ENGINE_MODES = {"engine": False, "engine_recompute": True}  # name -> streaming.recompute
@@ -150,7 +149,7 @@ def measure(args, layers: int, batch: int, peak: float, mem: int | None, common:
                 StreamingEngine(model, ecfg, allocate=False).optimizer,
                 batch_size=batch,
                 seq=args.seq,
-                n_micro=num_micro_batches(ecfg, batch),
+                n_micro=ecfg.micro_batches(batch),
                 platform=jax.devices()[0].platform,
                 compile_records=records,
             )

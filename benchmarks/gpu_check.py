@@ -42,7 +42,7 @@ from wsjax.config import load_config  # noqa: E402
 from wsjax.errors import PlanError  # noqa: E402
 from wsjax.metrics import model_flops_per_token  # noqa: E402
 from wsjax.models import get_model  # noqa: E402
-from wsjax.streaming import StreamingEngine, make_plan, num_micro_batches  # noqa: E402
+from wsjax.streaming import StreamingEngine, make_plan  # noqa: E402
 from wsjax.streaming.plan import GiB, available_device_bytes, available_host_bytes  # noqa: E402
 
 T0 = time.perf_counter()
@@ -132,7 +132,7 @@ def plan_for(model, cfg, engine, shape, records, dev):
         engine.optimizer,
         batch_size=batch,
         seq=seq,
-        n_micro=num_micro_batches(cfg, batch),
+        n_micro=cfg.micro_batches(batch),
         platform=dev.platform,
         compile_records=records,
         host_available=available_host_bytes(),
@@ -177,7 +177,7 @@ def main() -> int:
     say(
         f"{model.num_params() / 1e9:.3f} B parameters, {model.num_layers} layers, width "
         f"{cfg.model.hidden_size}, batch {shape[0]} x {shape[1]} = {tokens} tokens per step, "
-        f"micro-batches {num_micro_batches(cfg, shape[0])}, "
+        f"micro-batches {cfg.micro_batches(shape[0])}, "
         f"compute {np.dtype(model.compute_dtype).name}"
     )
     record = {"benchmark": "gpu_check", "smoke": args.smoke, "machine": C.machine()}

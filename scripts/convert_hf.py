@@ -30,8 +30,12 @@ PLACEHOLDER_OPTIMIZER = {"optimizer_type": "adamw", "learning_rate": 1.0e-4}
 
 def hf_to_orbax(hf_dir: str, out_dir: str, allow_pickle: bool = False) -> Path:
     import orbax.checkpoint as ocp
+    from safetensors import SafetensorError
 
-    model_cfg, params = import_hf(hf_dir, allow_pickle=allow_pickle)
+    try:
+        model_cfg, params = import_hf(hf_dir, allow_pickle=allow_pickle)
+    except SafetensorError as e:  # e.g. a truncated file, found when a tensor is read
+        raise CheckpointError(f"{hf_dir}: unreadable safetensors weights ({e})") from None
     out = Path(out_dir).absolute()
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"{out}: output folder exists and is not empty")
@@ -111,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                 ap.error("--from_orbax needs --to_hf OUT_DIR")
             out = orbax_to_hf(args.from_orbax, args.params, args.to_hf, args.max_shard_size)
     except WsjaxError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, always
+        return e.exit_code
     print(f"wrote {out}")
     return 0
 

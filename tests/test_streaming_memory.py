@@ -27,7 +27,7 @@ from wsjax.config import config_from_dict
 from wsjax.errors import PlanError
 from wsjax.models import get_model
 from wsjax.optim import make_optimizer
-from wsjax.streaming import StreamingEngine, make_plan, num_micro_batches
+from wsjax.streaming import StreamingEngine, make_plan
 from wsjax.streaming.plan import PROCESS_OVERHEAD
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -120,7 +120,7 @@ def test_plan_bounds_live_arrays(tiny_config, make_batches, depth, offload, reco
         engine.optimizer,
         batch_size=B,
         seq=T,
-        n_micro=num_micro_batches(cfg, B),
+        n_micro=cfg.micro_batches(B),
     )
     real = probe.peak_total - before
     assert real <= allocatable(plan), (real, allocatable(plan), probe.peak_by_kind)

@@ -58,6 +58,13 @@ def test_help_documents_every_flag():
         "--is_pretrained_checkpoint",
         "--validate_only",
         "--compile_only",
+        "--steps",
+        "--save_checkpoints_steps",
+        "--save_summary_steps",
+        "--keep_checkpoint_max",
+        "--allow_pickle",
+        "--cs_ip",
+        "--device",
         "section.key=value",
     ):
         assert flag in p.stdout

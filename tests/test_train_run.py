@@ -61,9 +61,14 @@ def test_tensorboard_train_and_eval_scalars(runs):
     for tag in ("loss", "lr", "grad_norm", "throughput/samples_per_sec", "throughput/mfu"):
         assert tag in train
     assert "stream/h2d_bytes" in train and "memory/device_peak_bytes" in train
+    assert [e.value for e in EventAccumulator(str(a.model_dir / "train")).Reload().Scalars(
+        "skipped_updates")] == [0.0] * 6  # fmt: skip
     ev = EventAccumulator(str(b1.model_dir / "eval")).Reload()
     assert {"loss", "perplexity", "accuracy"} <= set(ev.Tags()["scalars"])
     assert [e.step for e in ev.Scalars("loss")] == [3]  # train_and_eval: after the checkpoint
+    # the tags Cerebras writes, so its dashboards carry over: the same numbers
+    for ours, cerebras in (("perplexity", "eval/lm_perplexity"), ("accuracy", "eval/accuracy")):
+        assert [e.value for e in ev.Scalars(cerebras)] == [e.value for e in ev.Scalars(ours)]
 
 
 def test_eval_and_eval_all(runs):
@@ -204,3 +209,74 @@ def test_validate_only_plans_gptj_6b_without_allocating(tmp_path):
     assert host["optimizer_state"] >= 8 * n and host["gradients"] == 4 * n
     rss_kib = int(proc.stderr.strip().splitlines()[-1])
     assert rss_kib < 2 * 1024**2, f"validate_only used {rss_kib / 1024**2:.1f} GiB"
+
+
+def _eval_shards(root, batches: int):
+    """A token-shards eval split of exactly ``batches`` batches of 4 x 32 (no partial one)."""
+    import numpy as np
+
+    tokens = batches * 4 * 32 + 1
+    (root / "eval").mkdir(parents=True)
+    np.random.default_rng(0).integers(0, 512, tokens).astype(np.uint16).tofile(
+        root / "eval" / "00000.bin"
+    )
+    shards = [{"file": "eval/00000.bin", "tokens": tokens}]
+    split = {"tokens": tokens, "documents": 1, "shards": shards}
+    meta = {"vocab_size": 512, "eos_id": 0, "dtype": "uint16", "splits": {"eval": split}}
+    (root / "meta.json").write_text(json.dumps(meta))
+    return root
+
+
+def test_eval_steps_zero_is_a_full_pass_and_repeat_false_is_finite(runs, tmp_path):
+    """Cerebras semantics: eval_steps <= 0 evaluates the whole set once; with repeat: false a
+    larger eval_steps stops at the end of the set; with repeat: true it wraps around."""
+    import shutil
+
+    _, a, _, _ = runs
+    md = tmp_path / "md"
+    shutil.copytree(a.model_dir, md)
+    data = _eval_shards(tmp_path / "data", batches=3)
+    shards = ["eval_input.data_processor=GptTokenShardsProcessor", f"eval_input.data_dir={data}"]
+
+    def evaluate(eval_steps: int, repeat: bool) -> dict:
+        cfg = small_config(*shards, f"eval_input.repeat={str(repeat).lower()}")
+        return run(cfg, "eval", md, eval_steps=eval_steps).evals[0]
+
+    full = evaluate(0, repeat=True)
+    assert full["batches"] == 3
+    assert evaluate(-1, repeat=False)["batches"] == 3
+    capped = evaluate(100, repeat=False)
+    assert capped["batches"] == 3 and capped["loss"] == full["loss"]
+    assert evaluate(3, repeat=True)["loss"] == full["loss"]  # the same 3 batches
+    assert evaluate(5, repeat=True)["batches"] == 5
+
+
+def test_cerebras_run_flags(tmp_path, capsys):
+    """--save_checkpoints_steps, --keep_checkpoint_max 0 (keep all), --save_summary_steps, and
+    --steps (this many more steps from where the run starts)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from train_helpers import SMALL
+
+    from wsjax.train import main
+
+    md = tmp_path / "md"
+    flags = ["--save_checkpoints_steps", "1", "--keep_checkpoint_max", "0"]
+    assert (
+        main(["-o", str(md), *SMALL, "--max_steps", "4", *flags, "--save_summary_steps", "2"]) == 0
+    )
+    assert sorted(int(p.name.rsplit("-", 1)[1]) for p in md.glob("model-ckpt-*")) == [1, 2, 3, 4]
+    loss = EventAccumulator(str(md / "train")).Reload().Scalars("loss")
+    assert [e.step for e in loss] == [2, 4]
+    assert main(["-o", str(md), *SMALL, "--steps", "2", *flags]) == 0
+    assert "global_step = 6, loss" in capsys.readouterr().out
+    assert sorted(int(p.name.rsplit("-", 1)[1]) for p in md.glob("model-ckpt-*")) == [
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+    ]
+    eff = yaml.safe_load((md / "train" / "params_train.yaml").read_text())
+    assert eff["runconfig"]["max_steps"] == 6
+    assert small_config("runconfig.keep_checkpoint_max=0").runconfig.keep_checkpoint_max == 0

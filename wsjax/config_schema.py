@@ -204,6 +204,8 @@ class RunConfig:
     eval_steps: int = 10
     seed: int = 1
     model_dir: str | None = None
+    on_nonfinite: str = "stop"  # "stop" | "skip": a non-finite loss or gradient norm
+    max_consecutive_skips: int = 10  # with "skip": this many in a row stop the run
 
     @property
     def checkpoints_to_keep(self) -> int | None:

@@ -200,8 +200,11 @@ def _build_phase(value: Any, i: int, last: bool, source: str) -> LRPhase:
 def _build_runconfig(body: dict, source: str) -> RunConfig:
     r = build_section(RunConfig, body, "runconfig", source)
     check_min(r, "runconfig", source, 1, "max_steps", "log_steps", "save_summary_steps")
-    check_min(r, "runconfig", source, 0, "keep_checkpoint_max")  # 0: keep all (Cerebras)
+    check_min(r, "runconfig", source, 1, "max_consecutive_skips")
+    # Cerebras: keep_checkpoint_max 0 keeps all; eval_steps <= 0 is a full pass (any int)
+    check_min(r, "runconfig", source, 0, "keep_checkpoint_max")
     check_min(r, "runconfig", source, 0, "save_checkpoints_steps", "seed")  # 0: no periodic ckpt
+    check_choice(r.on_nonfinite, ("stop", "skip"), source, "runconfig.on_nonfinite")
     return r
 
 

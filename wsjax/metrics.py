@@ -202,12 +202,25 @@ def eval_scalars(loss_sum: float, count: float, correct: float) -> dict:
 
 
 # ---- log output ---------------------------------------------------------------------------------
+class _CurrentStdout(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is when a record is emitted: notebooks and pytest's
+    capture replace it, and a handler holding the first one would write to a closed file."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; always sys.stdout
+        pass
+
+
 def setup_logging(log_file: Path | None = None) -> logging.Handler | None:
     """Plain ``INFO: message`` lines on stdout for the ``wsjax`` loggers (once per process);
     with ``log_file``, also into that file (the returned handler; remove it when done)."""
     root = logging.getLogger("wsjax")
     if not any(getattr(h, "_wsjax_console", False) for h in root.handlers):
-        h = logging.StreamHandler(sys.stdout)
+        h = _CurrentStdout()
         h.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
         h._wsjax_console = True
         root.addHandler(h)
@@ -216,10 +229,20 @@ def setup_logging(log_file: Path | None = None) -> logging.Handler | None:
     if log_file is None:
         return None
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    fh = logging.FileHandler(log_file)
+    fh = _RunLogFile(log_file)
     fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s: %(message)s"))
     root.addHandler(fh)
     return fh
+
+
+class _RunLogFile(logging.FileHandler):
+    """run.log: on a full disk a line is dropped quietly (logging would print a traceback); the
+    run's next real write reports the disk in one line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        super().handleError(record)
 
 
 class Progress:

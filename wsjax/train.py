@@ -6,68 +6,34 @@
 
 ``main`` only parses and calls :func:`run`, which tests and notebooks call directly. The run's
 artifacts (compile cache, checkpoints, events, performance.json, plan) are laid out in
-:mod:`wsjax.run_dir`; the run itself is :mod:`wsjax.runner`; checkpoints in
-:mod:`wsjax.checkpoint`; reporting in :mod:`wsjax.metrics`.
+:mod:`wsjax.run_dir`; the run itself is :mod:`wsjax.run` (modes), :mod:`wsjax.run_train` and
+:mod:`wsjax.run_eval`; checkpoints in :mod:`wsjax.checkpoint`; reporting in :mod:`wsjax.metrics`.
+Exit codes: :mod:`wsjax.errors`.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 from pathlib import Path
 
-from wsjax.errors import ConfigError, WsjaxError
-from wsjax.runner import RunResult
+from wsjax.errors import WsjaxError
+from wsjax.run import MODES, RunResult, run
+
+__all__ = ["MODES", "RunResult", "build_parser", "default_params_path", "main", "run"]
 
 log = logging.getLogger("wsjax.train")
 
-MODES = ("train", "eval", "train_and_eval", "eval_all")
 DEFAULT_PARAMS = "configs/params_gptj_tiny.yaml"
+# Cerebras run.py flags that name hardware: accepted so a Cerebras command line runs unchanged.
+IGNORED_FLAGS = ("cs_ip", "device")
 
 
 def default_params_path() -> Path:
     """The built-in default params file (in the source tree, else the current directory)."""
     here = Path(__file__).resolve().parent.parent / DEFAULT_PARAMS
     return here if here.is_file() else Path(DEFAULT_PARAMS)
-
-
-def run(
-    config,
-    mode: str = "train",
-    model_dir: str | Path | None = None,
-    *,
-    max_steps: int | None = None,
-    eval_steps: int | None = None,
-    checkpoint_path: str | Path | None = None,
-    is_pretrained_checkpoint: bool = False,
-    validate_only: bool = False,
-    compile_only: bool = False,
-    progress: bool | None = None,
-) -> RunResult:
-    """Run ``mode`` for ``config`` (a :class:`wsjax.config.Config`) into ``model_dir``."""
-    from wsjax.metrics import setup_logging
-    from wsjax.run_dir import DEFAULT_MODEL_DIR, ModelDir
-    from wsjax.runner import Runner
-
-    if mode not in MODES:
-        raise ConfigError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
-    rc = config.runconfig
-    changes = {k: v for k, v in (("max_steps", max_steps), ("eval_steps", eval_steps)) if v}
-    config = dataclasses.replace(config, runconfig=dataclasses.replace(rc, **changes))
-    md = ModelDir(model_dir or config.runconfig.model_dir or DEFAULT_MODEL_DIR)
-    setup_logging()
-    with md:
-        split = "train" if mode.startswith("train") else "eval"
-        handler = setup_logging(md.path / split / "run.log")
-        try:
-            return Runner(config, mode, md, progress).go(
-                checkpoint_path, is_pretrained_checkpoint, validate_only, compile_only
-            )
-        finally:
-            logging.getLogger("wsjax").removeHandler(handler)
-            handler.close()
 
 
 # ---- command line --------------------------------------------------------------------------------
@@ -94,8 +60,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-o", "--model_dir", help="run folder: checkpoints, events, compile cache (./model_dir)"
     )
-    p.add_argument("--max_steps", type=int, help="train until this global step")
-    p.add_argument("--eval_steps", type=int, help="batches of eval_input per evaluation")
+    p.add_argument("--max_steps", type=int, help="train until this global step (>= 1)")
+    p.add_argument(
+        "--steps", type=int, help="train this many more steps from where the run starts (>= 1)"
+    )
+    p.add_argument(
+        "--eval_steps",
+        type=int,
+        help="batches of eval_input per evaluation; <= 0: one full pass over the eval set",
+    )
+    p.add_argument(
+        "--save_checkpoints_steps",
+        type=int,
+        help="checkpoint every N steps (0: only at the end)",
+    )
+    p.add_argument("--save_summary_steps", type=int, help="TensorBoard scalars every N steps")
+    p.add_argument("--keep_checkpoint_max", type=int, help="newest checkpoints kept (0: keep all)")
     p.add_argument(
         "--checkpoint_path",
         help="start from this orbax checkpoint (model-ckpt-<step>) or HuggingFace GPT-J/GPT-2 "
@@ -106,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="take only the weights of --checkpoint_path: step 0, fresh optimizer and data",
     )
+    p.add_argument(
+        "--allow_pickle",
+        action="store_true",
+        help="let --checkpoint_path load a pickled PyTorch HF checkpoint (pytorch_model.bin); "
+        "only for a source you trust",
+    )
+    for flag in IGNORED_FLAGS:
+        p.add_argument(f"--{flag}", help="Cerebras hardware flag: accepted and ignored")
     p.add_argument(
         "--validate_only",
         action="store_true",
@@ -126,32 +114,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # intermixed: overrides may come before, between or after the options
+    args = build_parser().parse_intermixed_args(argv)
     try:
         from wsjax.config import load_config
         from wsjax.metrics import setup_logging
 
         setup_logging()
+        for flag in IGNORED_FLAGS:
+            if (value := getattr(args, flag)) is not None:
+                log.warning("--%s %s: a Cerebras hardware flag, ignored here", flag, value)
         config = load_config(args.params or default_params_path(), args.overrides)
         mode = args.mode or ("train" if args.params else "train_and_eval")
-        result = run(
+        run(
             config,
             mode,
             args.model_dir,
             max_steps=args.max_steps,
+            steps=args.steps,
             eval_steps=args.eval_steps,
+            save_checkpoints_steps=args.save_checkpoints_steps,
+            save_summary_steps=args.save_summary_steps,
+            keep_checkpoint_max=args.keep_checkpoint_max,
             checkpoint_path=args.checkpoint_path,
             is_pretrained_checkpoint=args.is_pretrained_checkpoint,
+            allow_pickle=args.allow_pickle,
             validate_only=args.validate_only,
             compile_only=args.compile_only,
         )
     except WsjaxError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # one line whatever a library put into the text (the contract of every WsjaxError)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("error: interrupted; the latest complete checkpoint is kept", file=sys.stderr)
         return 130
-    return 0 if result is not None else 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -17,27 +17,28 @@ import argparse
 import hashlib
 import json
 import os
-import queue
+import shutil
 import sys
-import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from wsjax.data.textio import (
     DEFAULT_EOS,
+    batches,
     eos_id,
     find_inputs,
-    iter_documents,
     load_tokenizer,
+    prefetched,
     train_bpe,
     vocab_size_of,
 )
 from wsjax.errors import DataError, WsjaxError
 
+INVALID_UTF8 = ("error", "replace")  # --invalid_utf8: stop at the first, or replace and count
 META_FORMAT = "wsjax-token-shards"
 META_VERSION = 1
 DEFAULT_SHARD_TOKENS = 1 << 28  # 256 Mi tokens: 512 MiB per uint16 shard
@@ -114,63 +115,6 @@ class _ShardWriter:
         return {"tokens": self.tokens, "documents": self.documents, "shards": self.shards}
 
 
-def _batches(
-    files: list[Path], text_field: str, selector: _SplitSelector, batch_chars: int
-) -> Iterator[tuple[list[str], list[str], list[tuple[int, int]]]]:
-    """Yield (texts, splits, per-text (file index, doc index)) in batches of ~batch_chars."""
-    texts: list[str] = []
-    splits: list[str] = []
-    where: list[tuple[int, int]] = []
-    size = 0
-    for fi, path in enumerate(files):
-        for di, text in enumerate(iter_documents(path, text_field)):
-            texts.append(text)
-            splits.append(selector.split(path, di))
-            where.append((fi, di))
-            size += len(text)
-            if size >= batch_chars:
-                yield texts, splits, where
-                texts, splits, where, size = [], [], [], 0
-    if texts:
-        yield texts, splits, where
-
-
-def _prefetched(it: Iterator, depth: int = 4) -> Iterator:
-    """Run a generator in a reader thread so parsing overlaps tokenisation; errors re-raise."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done, stop = object(), threading.Event()
-
-    def put(item: object) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def run() -> None:
-        try:
-            for item in it:
-                if not put(item):
-                    return
-            put(done)
-        except BaseException as e:  # handed to the consumer, re-raised there
-            put(e)
-
-    threading.Thread(target=run, daemon=True, name="wsjax-preprocess-reader").start()
-    try:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()  # the consumer failed or stopped: let the reader thread end
-
-
 def preprocess(
     inputs: Sequence[str | Path],
     output: str | Path,
@@ -184,6 +128,7 @@ def preprocess(
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     batch_chars: int = 4 << 20,
     overwrite: bool = False,
+    invalid_utf8: str = "error",
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict:
@@ -192,24 +137,89 @@ def preprocess(
         raise DataError("give exactly one of --tokenizer PATH or --train_tokenizer VOCAB_SIZE")
     train_files = find_inputs(inputs)
     eval_files = find_inputs(eval_inputs) if eval_inputs else []
-    out = Path(output)
-    if (out / "meta.json").exists() and not overwrite:
-        raise DataError(f"output {out} already holds shards (meta.json); pass --overwrite")
+    final = Path(output)
+    if (final / "meta.json").exists() and not overwrite:
+        raise DataError(f"output {final} already holds shards (meta.json); pass --overwrite")
+    if invalid_utf8 not in INVALID_UTF8:
+        raise DataError(f"--invalid_utf8 {invalid_utf8!r}: use {' | '.join(INVALID_UTF8)}")
     files = train_files + [f for f in eval_files if f not in train_files]
     selector = _SplitSelector({f.resolve() for f in eval_files}, eval_fraction)
-    out.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "eval"):  # stale shards of an overwritten run
-        for old in (out / split).glob("*.bin") if (out / split).is_dir() else ():
-            old.unlink()
+    # Everything is written into a hidden staging folder and moved into place at the end, so a
+    # failure (bad input, full disk, Ctrl-C) leaves no partial output and an old one intact.
+    out = final.parent / f".{final.name}.partial-{os.getpid()}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    try:
+        meta = _write(
+            out,
+            files=files,
+            eval_files=eval_files,
+            selector=selector,
+            tokenizer=tokenizer,
+            train_tokenizer=train_tokenizer,
+            text_field=text_field,
+            eval_fraction=eval_fraction,
+            eos_token=eos_token,
+            shard_tokens=shard_tokens,
+            batch_chars=batch_chars,
+            invalid_utf8=invalid_utf8,
+            progress=progress,
+            log=log,
+        )
+        _publish(out, final)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    counts = ", ".join(
+        f"{s} {m['tokens']:,} tokens / {m['documents']:,} docs" for s, m in meta["splits"].items()
+    )
+    log(
+        f"wrote {final}: {counts}; vocab {meta['vocab_size']} ({meta['dtype']}); "
+        f"{meta['tokens_per_second']:,.0f} tokens/s over {meta['seconds']['tokenise']:.1f} s"
+    )
+    return meta
 
+
+def _publish(stage: Path, final: Path) -> None:
+    """Move the staged shards into ``final``; meta.json last, so a reader never sees new
+    metadata over missing shards. Other files a user keeps in ``final`` stay."""
+    if not final.exists():
+        os.replace(stage, final)
+        return
+    for name in ("train", "eval", "tokenizer.json"):
+        old = final / name
+        if old.is_dir():
+            shutil.rmtree(old)
+        elif old.exists():
+            old.unlink()
+        if (stage / name).exists():
+            os.replace(stage / name, old)
+    os.replace(stage / "meta.json", final / "meta.json")
+
+
+def _write(
+    out: Path,
+    *,
+    files: list[Path],
+    eval_files: list[Path],
+    selector: _SplitSelector,
+    tokenizer: str | Path | None,
+    train_tokenizer: int | None,
+    text_field: str,
+    eval_fraction: float,
+    eos_token: str,
+    shard_tokens: int,
+    batch_chars: int,
+    invalid_utf8: str,
+    progress: bool,
+    log: Callable[[str], None],
+) -> dict:
+    """Tokenise into the staging folder ``out``; return the meta written there."""
     t0 = time.perf_counter()
     if train_tokenizer is not None:
         log(f"training a byte-level BPE of {train_tokenizer} tokens on {len(files)} file(s)")
+        docs = batches(files, text_field, selector.split, batch_chars, invalid_utf8)
         train_texts = (
-            t
-            for texts, splits, _ in _batches(files, text_field, selector, batch_chars)
-            for t, s in zip(texts, splits)
-            if s == "train"
+            t for texts, splits, _ in docs for t, s in zip(texts, splits) if s == "train"
         )
         tok = train_bpe(train_texts, train_tokenizer, eos_token)
         tok_source = f"trained byte-level BPE ({train_tokenizer})"
@@ -225,6 +235,7 @@ def preprocess(
     writers = {s: _ShardWriter(out, s, dtype, shard_tokens) for s in ("train", "eval")}
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # _fast: tokenizers >= 0.20
     per_file_docs = [0] * len(files)
+    replaced = 0  # U+FFFD in the text: what --invalid_utf8 replace substituted
     compressed = any(f.name.lower().endswith((".gz", ".zst")) for f in files)
     total_bytes = None if compressed else sum(f.stat().st_size for f in files)  # text bytes
     t1 = time.perf_counter()
@@ -233,7 +244,8 @@ def preprocess(
         from tqdm import tqdm
 
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenising", file=sys.stderr)
-    for texts, splits, where in _prefetched(_batches(files, text_field, selector, batch_chars)):
+    stream = batches(files, text_field, selector.split, batch_chars, invalid_utf8)
+    for texts, splits, where in prefetched(stream):
         encs = encode(texts, add_special_tokens=False)
         for split in ("train", "eval"):
             flat: list[int] = []
@@ -247,6 +259,8 @@ def preprocess(
                 writers[split].write(np.asarray(flat, dtype=np.int64), ndocs)
         for fi, _ in where:
             per_file_docs[fi] += 1
+        if invalid_utf8 == "replace":
+            replaced += sum(t.count("\ufffd") for t in texts)
         if bar is not None:
             bar.update(sum(len(t.encode("utf-8", "replace")) for t in texts))
     if bar is not None:
@@ -255,6 +269,14 @@ def preprocess(
     seconds = time.perf_counter() - t1
     if splits_meta["eval"]["tokens"] == 0:
         del splits_meta["eval"]
+        if eval_fraction > 0 or eval_files:
+            log(
+                f"warning: the eval split came out empty (--eval_fraction {eval_fraction} of "
+                f"{sum(per_file_docs)} documents); no eval split written: give more documents, "
+                "a larger fraction, or --eval_input"
+            )
+    if replaced:
+        log(f"warning: replaced {replaced} invalid UTF-8 sequences with U+FFFD (--invalid_utf8)")
     if splits_meta["train"]["tokens"] == 0:
         raise DataError("no documents went to the train split (eval split takes everything)")
 
@@ -286,16 +308,7 @@ def preprocess(
         "tokens_per_second": round(sum(m["tokens"] for m in splits_meta.values()) / seconds, 1),
         "seconds": {"tokenizer": round(t_tok, 3), "tokenise": round(seconds, 3)},
     }
-    tmp = out / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1) + "\n")
-    os.replace(tmp, out / "meta.json")
-    counts = ", ".join(
-        f"{s} {m['tokens']:,} tokens / {m['documents']:,} docs" for s, m in splits_meta.items()
-    )
-    log(
-        f"wrote {out}: {counts}; vocab {vocab} ({dtype.name}); "
-        f"{meta['tokens_per_second']:,.0f} tokens/s over {seconds:.1f} s"
-    )
+    (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     return meta
 
 
@@ -312,6 +325,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eos_token", default=DEFAULT_EOS)
     p.add_argument("--shard_tokens", type=int, default=DEFAULT_SHARD_TOKENS)
     p.add_argument("--overwrite", action="store_true", help="replace shards already in --output")
+    p.add_argument(
+        "--invalid_utf8",
+        choices=INVALID_UTF8,
+        default="error",
+        help="input bytes that are not UTF-8: stop (default), or replace with U+FFFD and count",
+    )
     p.add_argument("--no_progress", action="store_true")
     return p
 
@@ -330,6 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             eos_token=args.eos_token,
             shard_tokens=args.shard_tokens,
             overwrite=args.overwrite,
+            invalid_utf8=args.invalid_utf8,
             progress=not args.no_progress,
         )
     except WsjaxError as e:

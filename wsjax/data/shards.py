@@ -31,9 +31,12 @@ def read_meta(root: Path) -> dict:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: not a JSON object")
     for key in ("vocab_size", "eos_id", "dtype", "splits"):
         if key not in meta:
             raise DataError(f"{path} lacks the key '{key}'")
+    _check_meta_values(path, meta)
     if meta["dtype"] not in ("uint16", "uint32"):
         raise DataError(f"{path}: dtype '{meta['dtype']}' is not uint16 or uint32")
     limit = np.iinfo(meta["dtype"]).max + 1
@@ -43,6 +46,28 @@ def read_meta(root: Path) -> dict:
             f"(ids up to {limit - 1})"
         )
     return meta
+
+
+def _check_meta_values(path: Path, meta: dict) -> None:
+    """Types and ranges of every meta.json value the reader uses: one line naming the key."""
+
+    def count(value, key: str, minimum: int = 0) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise DataError(f"{path}: {key} = {value!r} is not an integer >= {minimum}")
+
+    count(meta["vocab_size"], "vocab_size", 1)
+    count(meta["eos_id"], "eos_id")
+    if not isinstance(meta["splits"], dict):
+        raise DataError(f"{path}: splits = {meta['splits']!r} is not a mapping of split names")
+    for name, split in meta["splits"].items():
+        shards = split.get("shards") if isinstance(split, dict) else None
+        if not isinstance(shards, list):
+            raise DataError(f"{path}: splits.{name}.shards is not a list of shard entries")
+        for i, shard in enumerate(shards):
+            where = f"splits.{name}.shards[{i}]"
+            if not isinstance(shard, dict) or not isinstance(shard.get("file"), str):
+                raise DataError(f"{path}: {where} lacks a 'file' name")
+            count(shard.get("tokens"), f"{where}.tokens")
 
 
 class TokenStream:

@@ -2,8 +2,11 @@
 
 Formats: plain text (``.txt``, ``.text``, ``.md``, ``.py``: one file is one document) and JSON
 lines (``.jsonl``, ``.jsonl.gz``, ``.jsonl.zst``: one object per line, the text under a named
-field). Tokenizers: a HuggingFace ``tokenizer.json`` (file or folder holding one), a folder with
-GPT-2-style ``vocab.json`` + ``merges.txt``, or a byte-level BPE trained here.
+field). Bytes that are not UTF-8 stop the read with the file named, or, with
+``invalid_utf8="replace"``, become U+FFFD. Tokenizers: a HuggingFace ``tokenizer.json`` (file or
+folder holding one), a folder with GPT-2-style ``vocab.json`` + ``merges.txt``, or a byte-level
+BPE trained here. ``batches`` groups documents for batched tokenising and ``prefetched`` reads
+them in a thread while the previous batch is tokenised.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ from __future__ import annotations
 import gzip
 import io
 import json
-from collections.abc import Iterable, Iterator
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -59,26 +64,41 @@ def find_inputs(paths: Iterable[str | Path]) -> list[Path]:
     return unique
 
 
-def _open_text(path: Path) -> io.TextIOBase:
+def _open_text(path: Path, errors: str) -> io.TextIOBase:
     name = path.name.lower()
     if name.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors=errors)
     if name.endswith(".zst"):
         import zstandard
 
         f = open(path, "rb")  # noqa: SIM115 (closed with the returned reader)
         raw = zstandard.ZstdDecompressor().stream_reader(f, closefd=True)
-        return io.TextIOWrapper(raw, encoding="utf-8", errors="replace")
-    return open(path, encoding="utf-8", errors="replace")
+        return io.TextIOWrapper(raw, encoding="utf-8", errors=errors)
+    return open(path, encoding="utf-8", errors=errors)
 
 
-def iter_documents(path: Path, text_field: str = "text") -> Iterator[str]:
-    """Yield the non-empty documents of one input file; DataError names file and line."""
+def iter_documents(
+    path: Path, text_field: str = "text", invalid_utf8: str = "error"
+) -> Iterator[str]:
+    """Yield the non-empty documents of one input file; DataError names file and line.
+
+    ``invalid_utf8``: "error" stops at bytes that are not UTF-8, "replace" substitutes U+FFFD.
+    """
     if path.stat().st_size == 0:
         raise DataError(f"input file {path} is empty")
+    try:
+        yield from _documents(path, text_field, "strict" if invalid_utf8 == "error" else "replace")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{path}: invalid UTF-8 (byte 0x{e.object[e.start]:02x}); fix the file or pass "
+            "--invalid_utf8 replace to substitute U+FFFD and count them"
+        ) from None
+
+
+def _documents(path: Path, text_field: str, errors: str) -> Iterator[str]:
     kind = _suffix_kind(path)
     n = 0
-    with _open_text(path) as f:
+    with _open_text(path, errors) as f:
         if kind == "plain":
             text = f.read()
             if text.strip():
@@ -159,3 +179,64 @@ def eos_id(tok: Tokenizer, eos_token: str = DEFAULT_EOS) -> int:
 def vocab_size_of(tok: Tokenizer) -> int:
     """Number of ids the tokenizer can emit (max id + 1, added tokens included)."""
     return max(tok.get_vocab(with_added_tokens=True).values()) + 1
+
+
+def batches(
+    files: list[Path],
+    text_field: str,
+    split_of: Callable[[Path, int], str],
+    batch_chars: int,
+    invalid_utf8: str = "error",
+) -> Iterator[tuple[list[str], list[str], list[tuple[int, int]]]]:
+    """Yield (texts, splits, per-text (file index, doc index)) in batches of ~batch_chars."""
+    texts: list[str] = []
+    splits: list[str] = []
+    where: list[tuple[int, int]] = []
+    size = 0
+    for fi, path in enumerate(files):
+        for di, text in enumerate(iter_documents(path, text_field, invalid_utf8)):
+            texts.append(text)
+            splits.append(split_of(path, di))
+            where.append((fi, di))
+            size += len(text)
+            if size >= batch_chars:
+                yield texts, splits, where
+                texts, splits, where, size = [], [], [], 0
+    if texts:
+        yield texts, splits, where
+
+
+def prefetched(it: Iterator, depth: int = 4) -> Iterator:
+    """Run a generator in a reader thread so parsing overlaps tokenisation; errors re-raise."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done, stop = object(), threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        try:
+            for item in it:
+                if not put(item):
+                    return
+            put(done)
+        except BaseException as e:  # handed to the consumer, re-raised there
+            put(e)
+
+    threading.Thread(target=run, daemon=True, name="wsjax-preprocess-reader").start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()  # the consumer failed or stopped: let the reader thread end

@@ -1,12 +1,12 @@
 """The weight-streaming engine (model-agnostic: it streams segments).
 
 Public API: :class:`StreamingEngine` (``train=False``: eval only), :func:`default_mesh`,
-:func:`num_micro_batches`, :func:`make_plan`. Read a training step in three files:
+:func:`make_plan`. Read a training step in three files:
 ``engine.py`` (builds the parts), ``step.py`` (the stream order and driver),
 ``executables.py`` (the compiled functions); ``placement.py`` says where things live.
 """
 
-from wsjax.streaming.engine import StreamingEngine, default_mesh, num_micro_batches
+from wsjax.streaming.engine import StreamingEngine, default_mesh
 from wsjax.streaming.plan import MemoryPlan, make_plan
 
-__all__ = ["MemoryPlan", "StreamingEngine", "default_mesh", "make_plan", "num_micro_batches"]
+__all__ = ["MemoryPlan", "StreamingEngine", "default_mesh", "make_plan"]

@@ -39,11 +39,6 @@ def default_mesh(devices=None) -> Mesh:
     return Mesh(np.asarray(devices), ("data",))
 
 
-def num_micro_batches(config, batch_size: int) -> int:
-    """Micro-batches of a training step of ``batch_size`` sequences (the config decides)."""
-    return config.micro_batches(batch_size, train=True)
-
-
 class StreamingEngine:
     """Trains (or, with ``train=False``, evaluates) ``model`` by weight streaming on ``mesh``."""
 
