@@ -124,6 +124,12 @@ def raw_pinned_rate(nbytes: int, device) -> tuple[float | None, str]:
     return copy_rate(src, on_device), "pinned_host"
 
 
+# What this machine offers, read once before anything is allocated: read again after the host
+# store exists, it would count the store's own bytes as unavailable (the first H100 run's second
+# verdict said "106.59 GiB of 37.14 available").
+_HOST_AVAILABLE = available_host_bytes()
+
+
 def plan_for(model, cfg, engine, shape, records, dev):
     batch, seq = shape
     return make_plan(
@@ -135,7 +141,7 @@ def plan_for(model, cfg, engine, shape, records, dev):
         n_micro=cfg.micro_batches(batch),
         platform=dev.platform,
         compile_records=records,
-        host_available=available_host_bytes(),
+        host_available=_HOST_AVAILABLE,
         device_available=available_device_bytes(dev),
         input_prefetch=0,  # batches come from one numpy array here, no loader
     )

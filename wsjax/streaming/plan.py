@@ -32,9 +32,13 @@ GiB = 1024**3
 
 # Host memory of the process itself before any model state: Python, NumPy, the JAX/XLA
 # runtime and its compiler. Measured VmRSS of a tiny CPU training run here: ~0.45 GiB (the
-# plan-vs-RSS test checks this bound). A CUDA process adds the driver context, cuBLAS/cuDNN and
-# the XLA GPU compiler, ~2-3 GiB of host memory; benchmarks/gpu_check.py records it.
-PROCESS_OVERHEAD = {"cpu": 1 * GiB, "gpu": 4 * GiB}
+# plan-vs-RSS test checks this bound). A CUDA process adds the driver context, cuBLAS/cuDNN, the
+# XLA GPU compiler and the pinned host memory pool, which grows with the pinned stream copy:
+# benchmarks/gpu_check.py on an H100 measured a host peak 1.64 GiB over a 4 GiB allowance at 4
+# layers and 5.04 GiB over at GPT-J 6B's 28 (h100-2026-11-26.jsonl); 6 GiB plus half the stream
+# copy bounds both (7.1 and 11.6 GiB against 5.6 and 9.0 measured).
+PROCESS_OVERHEAD = {"cpu": 1 * GiB, "gpu": 6 * GiB}
+GPU_PINNED_POOL_FRACTION = 0.5  # of the stream copy, on top of PROCESS_OVERHEAD["gpu"]
 BATCH_BYTES_PER_TOKEN = 12  # input_ids and labels int32, loss_mask float32
 
 # Which knob reduces which term; the refusal names the two largest terms that have one.
@@ -203,6 +207,8 @@ def make_plan(
         host["update_scratch"] = (4 + dt) * largest
     host["input_batches"] = (input_prefetch + 2) * batch_size * seq * BATCH_BYTES_PER_TOKEN
     host["process_overhead"] = PROCESS_OVERHEAD["gpu" if gpu else "cpu"]
+    if gpu:
+        host["process_overhead"] += int(GPU_PINNED_POOL_FRACTION * host["stream_copy"])
 
     notes = []
     if compile_records:
