@@ -118,8 +118,6 @@ def test_stock_file_loads_unchanged_with_family_and_exact_count(path, caplog):
     assert caplog.text.count("accepted and ignored") <= 1  # ONE warning line at most
     # the run writes cfg.to_dict() as params_train.yaml: it must load back to the same Config
     assert config_from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict())), str(path)) == cfg
-    if family not in wsjax.models.FAMILIES:
-        pytest.skip(f"the {family} model lands with the models branch")
     assert get_model(cfg.model).num_params() == expected_params(*_raw(path), family)
 
 

@@ -95,7 +95,8 @@ def test_kill_and_rerun_resumes_to_the_uninterrupted_loss(tmp_path):
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    first = json.loads(next(md.glob("compile_*/compile_log.json")).read_text())["compile_time"]
+    first_log = json.loads(next(md.glob("compile_*/compile_log.json")).read_text())
+    assert {e["extra"]["source"] for e in first_log["executables"]} == {"compiled"}
     done = _committed(md)
     assert done and max(done) < steps, "killed too late to test resuming"
 
@@ -112,9 +113,11 @@ def test_kill_and_rerun_resumes_to_the_uninterrupted_loss(tmp_path):
     want = Checkpoints(ref.model_dir, read_only=True).restore(steps, shapes, None)[0]
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(a, b)  # the resumed weights are bitwise the same
-    perf = json.loads((md / "performance" / "performance.json").read_text())
-    # the rerun loads its executables from compile_<checksum>/ (no tracing, no XLA compile)
-    assert perf["compile_time"] * 5 <= first, (first, perf["compile_time"])
+    # the rerun loads every executable from compile_<checksum>/ (no tracing, no XLA compile):
+    # the compile log it rewrote says where each came from (a behaviour, not a timing)
+    rerun_log = json.loads(next(md.glob("compile_*/compile_log.json")).read_text())
+    sources = [e["extra"]["source"] for e in rerun_log["executables"]]
+    assert sources and set(sources) == {"disk"}, sources
 
     again = cli(*args)
     assert again.returncode == 0 and "already reached" in again.stdout
