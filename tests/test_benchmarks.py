@@ -48,6 +48,10 @@ EXPECTED = {
     "bench_input.py": {
         "shards_w1_p2": ("tokens_per_sec", "train_tokens_per_sec", "ratio"),
     },
+    "bench_host_alloc.py": {
+        "plain": ("buffer_bytes", "pages_4k", "bytes_per_sec_best"),
+        "mallopt": ("buffer_bytes", "pages_4k", "bytes_per_sec_best"),
+    },
     "bench_default_run.py": {
         "smoke": ("wall_seconds", "final_train_loss"),
     },
