@@ -6,10 +6,10 @@ import json
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from data_helpers import input_config
 
 from wsjax.data import Loader, make_loader
 from wsjax.data.synthetic import SyntheticSource
@@ -33,19 +33,8 @@ def write_shards(root: Path, splits: dict[str, list[np.ndarray]], vocab=V, dtype
     return root
 
 
-def cfg(data_dir, **kw) -> SimpleNamespace:
-    base = dict(
-        data_processor="GptTokenShardsProcessor",
-        data_dir=data_dir if isinstance(data_dir, tuple) else str(data_dir),
-        max_sequence_length=T,
-        batch_size=B,
-        shuffle=False,
-        shuffle_seed=0,
-        repeat=True,
-        num_workers=1,
-        prefetch_factor=2,
-    )
-    return SimpleNamespace(**{**base, **kw})
+def cfg(data_dir, **kw):
+    return input_config(data_dir, seq=T, batch=B, **kw)
 
 
 @pytest.fixture
@@ -153,14 +142,7 @@ def test_wait_time_is_measured_and_prefetch_hides_a_slow_source():
 
 
 def test_synthetic_is_seeded_and_in_range():
-    c = SimpleNamespace(
-        data_processor="SyntheticDataProcessor",
-        data_dir="",
-        max_sequence_length=T,
-        batch_size=B,
-        shuffle=True,
-        vocab_size=None,
-    )
+    c = cfg("", processor="SyntheticDataProcessor", shuffle=True)
     runs = []
     for seed in (1, 1, 2):
         with make_loader(c, split="train", model_vocab_size=50, seed=seed) as ld:
@@ -234,4 +216,4 @@ def test_fewer_tokens_than_one_batch(tmp_path):
 
 def test_unknown_processor_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="data_processor 'Nope'"):
-        make_loader(cfg(tmp_path, data_processor="Nope"), split="train", model_vocab_size=V, seed=0)
+        make_loader(cfg(tmp_path, processor="Nope"), split="train", model_vocab_size=V, seed=0)
