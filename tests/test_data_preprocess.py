@@ -252,9 +252,7 @@ def test_builtin_corpus_built_once_reused_and_atomic(tmp_path, monkeypatch):
         for k in by_split.values()
     }
     info = meta["builtin"]
-    assert info["python"] == ".".join(map(str, sys.version_info[:3])) and info["stdlib"] == str(
-        root
-    )
+    assert info["python"] == sys.version.split()[0] and info["stdlib"] == str(root)
     assert info["bytes"] == nbytes and sum(info["files"].values()) == len(files)
     assert info["tokens"] == {k: meta["splits"][k]["tokens"] for k in ("train", "eval")}
     assert info["eval_fraction_bytes"] == pytest.approx(nbytes["eval"] / sum(nbytes.values()))
@@ -264,9 +262,6 @@ def test_builtin_corpus_built_once_reused_and_atomic(tmp_path, monkeypatch):
     assert 0 < nbytes["eval"] <= builtin.EVAL_FRACTION * sum(nbytes.values()) or (
         info["files"]["eval"] == 1 and nbytes["eval"] == smallest
     )
-    # so, with >= 10 files in the subset, eval has well under a fifth of the tokens
-    assert info["files"]["train"] >= 9
-    assert meta["splits"]["train"]["tokens"] > 4 * info["tokens"]["eval"]
     assert info["tokens"]["eval"] <= nbytes["eval"] + info["files"]["eval"]
     stamp = (d / "meta.json").stat().st_mtime_ns
     logs.clear()
