@@ -119,21 +119,34 @@ def test_prefetch_settings_do_not_change_batches(stream):
 
 
 class SlowSource(SyntheticSource):
+    """Each read takes DELAY seconds, and none starts before ``opened`` is set."""
+
+    DELAY = 0.2
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.opened = threading.Event()
+
     def read(self, indices):
-        time.sleep(0.05)
+        self.opened.wait()
+        time.sleep(self.DELAY)
         return super().read(indices)
 
 
 def test_wait_time_is_measured_and_prefetch_hides_a_slow_source():
-    ld = Loader(SlowSource(V, T, 0), batch_size=B, num_workers=1, prefetch_factor=2)
+    src = SlowSource(V, T, 0)
+    ld = Loader(src, batch_size=B, num_workers=1, prefetch_factor=2)
+    # the first batch cannot start before this line, so next() blocks for about DELAY; the
+    # bound leaves half of DELAY for the scheduler between these two lines on a loaded machine
+    src.opened.set()
     next(ld)
-    assert ld.wait_seconds_last > 0.03  # the first batch has to be made while we wait
+    assert ld.wait_seconds_last > SlowSource.DELAY / 2
     waits = []
     for _ in range(4):
-        time.sleep(0.2)  # a trainer slower than the loader
+        time.sleep(2 * SlowSource.DELAY)  # a trainer slower than the loader: batches are ready
         next(ld)
         waits.append(ld.wait_seconds_last)
-    assert max(waits) < 0.05 and ld.wait_seconds_total >= sum(waits)
+    assert max(waits) < SlowSource.DELAY / 2 and ld.wait_seconds_total >= sum(waits)
     before = threading.active_count()
     ld.close()
     assert threading.active_count() < before
