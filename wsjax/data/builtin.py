@@ -174,5 +174,11 @@ def ensure_builtin_corpus(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(f"built-in corpus ready in {time.perf_counter() - t0:.1f} s: {target}")
+    info = meta["builtin"]
+    log(
+        f"built-in corpus ready in {time.perf_counter() - t0:.1f} s: train "
+        f"{info['tokens']['train']:,} tokens ({info['files']['train']} files), eval "
+        f"{info['tokens']['eval']:,} tokens ({info['files']['eval']} files, "
+        f"{100 * info['eval_fraction_bytes']:.1f}% of the bytes): {target}"
+    )
     return target
