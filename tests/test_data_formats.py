@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
-from types import SimpleNamespace
 
 import h5py
 import numpy as np
 import pytest
+from data_helpers import input_config
 
 from wsjax.data import make_loader
 from wsjax.data import tfrecord as tfr
@@ -35,19 +35,9 @@ def write_h5(path: Path, ids, mask, labels) -> None:
         f.attrs["n_examples"] = data.shape[0]
 
 
-def cfg(processor: str, data_dir, **kw) -> SimpleNamespace:
-    base = dict(
-        data_processor=processor,
-        data_dir=data_dir,
-        max_sequence_length=T,
-        batch_size=3,
-        shuffle=False,
-        shuffle_seed=0,
-        repeat=True,
-        num_workers=2,
-        prefetch_factor=2,
-    )
-    return SimpleNamespace(**{**base, **kw})
+def cfg(processor: str, data_dir, **kw):
+    """Three examples a batch, two reader threads (the prefetch path is exercised too)."""
+    return input_config(data_dir, seq=T, batch=3, processor=processor, num_workers=2, **kw)
 
 
 def collect(c, n) -> dict[str, np.ndarray]:

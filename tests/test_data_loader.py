@@ -6,10 +6,10 @@ import json
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from data_helpers import input_config
 
 from wsjax.data import Loader, make_loader
 from wsjax.data.synthetic import SyntheticSource
@@ -33,19 +33,8 @@ def write_shards(root: Path, splits: dict[str, list[np.ndarray]], vocab=V, dtype
     return root
 
 
-def cfg(data_dir, **kw) -> SimpleNamespace:
-    base = dict(
-        data_processor="GptTokenShardsProcessor",
-        data_dir=data_dir if isinstance(data_dir, tuple) else str(data_dir),
-        max_sequence_length=T,
-        batch_size=B,
-        shuffle=False,
-        shuffle_seed=0,
-        repeat=True,
-        num_workers=1,
-        prefetch_factor=2,
-    )
-    return SimpleNamespace(**{**base, **kw})
+def cfg(data_dir, **kw):
+    return input_config(data_dir, seq=T, batch=B, **kw)
 
 
 @pytest.fixture
@@ -130,21 +119,34 @@ def test_prefetch_settings_do_not_change_batches(stream):
 
 
 class SlowSource(SyntheticSource):
+    """Each read takes DELAY seconds, and none starts before ``opened`` is set."""
+
+    DELAY = 0.2
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.opened = threading.Event()
+
     def read(self, indices):
-        time.sleep(0.05)
+        self.opened.wait()
+        time.sleep(self.DELAY)
         return super().read(indices)
 
 
 def test_wait_time_is_measured_and_prefetch_hides_a_slow_source():
-    ld = Loader(SlowSource(V, T, 0), batch_size=B, num_workers=1, prefetch_factor=2)
+    src = SlowSource(V, T, 0)
+    ld = Loader(src, batch_size=B, num_workers=1, prefetch_factor=2)
+    # the first batch cannot start before this line, so next() blocks for about DELAY; the
+    # bound leaves half of DELAY for the scheduler between these two lines on a loaded machine
+    src.opened.set()
     next(ld)
-    assert ld.wait_seconds_last > 0.03  # the first batch has to be made while we wait
+    assert ld.wait_seconds_last > SlowSource.DELAY / 2
     waits = []
     for _ in range(4):
-        time.sleep(0.2)  # a trainer slower than the loader
+        time.sleep(2 * SlowSource.DELAY)  # a trainer slower than the loader: batches are ready
         next(ld)
         waits.append(ld.wait_seconds_last)
-    assert max(waits) < 0.05 and ld.wait_seconds_total >= sum(waits)
+    assert max(waits) < SlowSource.DELAY / 2 and ld.wait_seconds_total >= sum(waits)
     before = threading.active_count()
     ld.close()
     assert threading.active_count() < before
@@ -153,14 +155,7 @@ def test_wait_time_is_measured_and_prefetch_hides_a_slow_source():
 
 
 def test_synthetic_is_seeded_and_in_range():
-    c = SimpleNamespace(
-        data_processor="SyntheticDataProcessor",
-        data_dir="",
-        max_sequence_length=T,
-        batch_size=B,
-        shuffle=True,
-        vocab_size=None,
-    )
+    c = cfg("", processor="SyntheticDataProcessor", shuffle=True)
     runs = []
     for seed in (1, 1, 2):
         with make_loader(c, split="train", model_vocab_size=50, seed=seed) as ld:
@@ -234,4 +229,4 @@ def test_fewer_tokens_than_one_batch(tmp_path):
 
 def test_unknown_processor_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="data_processor 'Nope'"):
-        make_loader(cfg(tmp_path, data_processor="Nope"), split="train", model_vocab_size=V, seed=0)
+        make_loader(cfg(tmp_path, processor="Nope"), split="train", model_vocab_size=V, seed=0)

@@ -9,14 +9,15 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import zstandard
+from data_helpers import input_config
 from tokenizers import Tokenizer
 
 from wsjax.data import builtin, make_loader
+from wsjax.data.loader import BUILTIN_STDLIB
 from wsjax.data.preprocess import dtype_for_vocab, main, preprocess
 from wsjax.data.shards import read_meta, unigram_entropy
 from wsjax.errors import DataError
@@ -243,12 +244,31 @@ def test_builtin_corpus_built_once_reused_and_atomic(tmp_path, monkeypatch):
     assert any("building" in m for m in logs) and str(d) in logs[-1]
     meta = read_meta(d)
     assert meta["vocab_size"] == 512 and meta["splits"]["eval"]["tokens"] > 0
-    assert meta["splits"]["train"]["tokens"] > 4 * meta["splits"]["eval"]["tokens"]
+    # the meta's record of the corpus, checked against the files themselves
+    root, files = builtin.stdlib_files(max_bytes=300_000)
+    by_split = {s["path"]: s["split"] for s in meta["sources"]}
+    nbytes = {
+        k: sum(p.stat().st_size for p in files if by_split[str(p.resolve())] == k)
+        for k in by_split.values()
+    }
+    info = meta["builtin"]
+    assert info["python"] == sys.version.split()[0] and info["stdlib"] == str(root)
+    assert info["bytes"] == nbytes and sum(info["files"].values()) == len(files)
+    assert info["tokens"] == {k: meta["splits"][k]["tokens"] for k in ("train", "eval")}
+    assert info["eval_fraction_bytes"] == pytest.approx(nbytes["eval"] / sum(nbytes.values()))
+    # eval holds at most EVAL_FRACTION of the bytes, or (no file that small in this subset) the
+    # one smallest file; a byte-level BPE emits at most one token per byte + one EOS per file
+    smallest = min(p.stat().st_size for p in files)
+    assert 0 < nbytes["eval"] <= builtin.EVAL_FRACTION * sum(nbytes.values()) or (
+        info["files"]["eval"] == 1 and nbytes["eval"] == smallest
+    )
+    assert info["tokens"]["eval"] <= nbytes["eval"] + info["files"]["eval"]
     stamp = (d / "meta.json").stat().st_mtime_ns
     logs.clear()
     assert builtin.ensure_builtin_corpus(512, log=logs.append, max_bytes=300_000) == d
     assert logs and "reusing" in logs[0] and (d / "meta.json").stat().st_mtime_ns == stamp
     h_eval, h_train = unigram_entropy(d, "eval"), unigram_entropy(d, "train")
+    assert info["eval_unigram_entropy"] == pytest.approx(h_eval)
     assert 3.0 < h_train < np.log(512) and h_eval > h_train - 0.5
 
     # a different vocab is a different corpus; a crash mid-build leaves nothing behind
@@ -259,6 +279,46 @@ def test_builtin_corpus_built_once_reused_and_atomic(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         builtin.ensure_builtin_corpus(600, log=logs.append, max_bytes=300_000)
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [d.name]
+
+
+def _sized_files(root: Path, sizes: dict[str, int]) -> list[Path]:
+    for name, n in sizes.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x" * n)
+    return sorted(root / name for name in sizes)
+
+
+def test_builtin_split_is_a_byte_budget_keyed_by_relative_path(tmp_path):
+    rng = np.random.default_rng(0)
+    sizes = {f"pkg{i % 7}/m{i}.py": int(n) for i, n in enumerate(rng.integers(50, 5000, 300))}
+    a = _sized_files(tmp_path / "a", sizes)
+    train, evals = builtin.split_files(tmp_path / "a", a)
+    assert sorted(train + evals) == a and not set(train) & set(evals)
+    eval_bytes = sum(p.stat().st_size for p in evals)
+    assert 0 < eval_bytes <= builtin.EVAL_FRACTION * sum(sizes.values())
+    # deterministic whatever the listing order, and the same relative files under another root
+    assert builtin.split_files(tmp_path / "a", a[::-1]) == (train, evals)
+    b = _sized_files(tmp_path / "b", sizes)
+    rel = [p.relative_to(tmp_path / "a") for p in evals]
+    assert [p.relative_to(tmp_path / "b") for p in builtin.split_files(tmp_path / "b", b)[1]] == rel
+    # a budget no file fits: eval is the single smallest file
+    few = _sized_files(tmp_path / "c", {"x.py": 900, "y.py": 300, "z.py": 600})
+    assert builtin.split_files(tmp_path / "c", few) == (
+        [tmp_path / "c/x.py", tmp_path / "c/z.py"],
+        [tmp_path / "c/y.py"],
+    )
+
+
+def test_builtin_split_of_this_interpreters_stdlib_is_usable():
+    """On whatever Python runs the tests: eval is close to, never above, its byte budget."""
+    root, files = builtin.stdlib_files()
+    train, evals = builtin.split_files(root, files)
+    total = sum(p.stat().st_size for p in files)
+    eval_bytes = sum(p.stat().st_size for p in evals)
+    assert total > 2_000_000 and len(train) > 200  # a real corpus, not a stub
+    # hundreds of files of a few KB fill the budget to within one typical file
+    assert 0.5 * builtin.EVAL_FRACTION * total < eval_bytes <= builtin.EVAL_FRACTION * total
+    assert len(evals) >= 5
 
 
 def test_builtin_key_changes_with_sources(tmp_path):
@@ -278,17 +338,7 @@ def test_make_loader_builtin_stdlib(tmp_path, monkeypatch):
     monkeypatch.setenv("WSJAX_CACHE_DIR", str(tmp_path))
     full = builtin.stdlib_files
     monkeypatch.setattr(builtin, "stdlib_files", lambda max_bytes=None: full(400_000))
-    cfg = SimpleNamespace(
-        data_processor="GptTokenShardsProcessor",
-        data_dir="builtin:stdlib",
-        max_sequence_length=128,
-        batch_size=16,
-        shuffle=True,
-        shuffle_seed=1,
-        repeat=True,
-        num_workers=1,
-        prefetch_factor=2,
-    )
+    cfg = input_config(BUILTIN_STDLIB, seq=128, batch=16, shuffle=True, shuffle_seed=1)
     with make_loader(cfg, split="train", model_vocab_size=1024, seed=1) as ld:
         b = next(ld)
         assert b["input_ids"].shape == (16, 128) and b["input_ids"].max() < 1024

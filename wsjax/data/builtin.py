@@ -2,17 +2,27 @@
 
 Real text on every machine with Python and nothing to download. On first use the ``*.py`` files
 under ``sysconfig.get_paths()["stdlib"]`` (tests, idlelib, lib2to3, turtledemo, generated codec
-tables and site-packages left out) are tokenised with a byte-level BPE trained on them; about 2%
-of the files (chosen by a hash of their path) form the eval split. The shards go to
-``$WSJAX_CACHE_DIR/builtin-<hash>`` (default ``~/.cache/wsjax``); the hash covers the Python
-version, the file list with sizes and mtimes, and the vocab size, so a changed stdlib rebuilds.
-The build writes a temporary folder and renames it: a crash never leaves a half cache.
+tables and site-packages left out) are tokenised with a byte-level BPE trained on them.
+
+The eval split is a fixed fraction of the corpus BYTES (``EVAL_FRACTION``), picked by a hash of
+each file's path relative to the stdlib root: files are taken in hash order while they fit in the
+byte budget. So the split is deterministic, never larger than the budget (one file at least), and
+a file lands in the same split on every Python that ships it; what differs between interpreters
+is only which files exist. The meta.json of the shards records the corpus (Python, files, bytes
+and tokens per split, and the eval split's unigram entropy: the loss a model must beat).
+
+The shards go to ``$WSJAX_CACHE_DIR/builtin-<hash>`` (default ``~/.cache/wsjax``); the hash
+covers the recipe, the Python version, the file list with sizes and mtimes, and the vocab size,
+so a changed stdlib rebuilds. The build writes a temporary folder and renames it: a crash never
+leaves a half cache.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import platform
 import shutil
 import sys
 import sysconfig
@@ -22,9 +32,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from wsjax.data.preprocess import preprocess
+from wsjax.data.shards import unigram_entropy
 
-BUILD_VERSION = 1  # bump when the corpus recipe changes
-EVAL_PER_MILLE = 20
+BUILD_VERSION = 2  # bump when the corpus recipe changes (2: eval split by a byte budget)
+EVAL_FRACTION = 0.02  # of the corpus bytes
 _SKIP_DIRS = {
     "test",
     "tests",
@@ -71,9 +82,47 @@ def _path_hash(root: Path, p: Path) -> int:
     return int(hashlib.sha1(p.relative_to(root).as_posix().encode()).hexdigest()[:8], 16)
 
 
-def _eval_files(root: Path, files: list[Path]) -> list[Path]:
-    chosen = [p for p in files if _path_hash(root, p) % 1000 < EVAL_PER_MILLE]
-    return chosen or [min(files, key=lambda p: _path_hash(root, p))]
+def split_files(
+    root: Path, files: list[Path], eval_fraction: float = EVAL_FRACTION
+) -> tuple[list[Path], list[Path]]:
+    """(train, eval), each sorted: eval takes files in path-hash order while they fit the budget.
+
+    The budget is ``eval_fraction`` of the total bytes. A file too large for what is left is
+    passed over (the next may fit), so eval is within the budget; when not even the smallest
+    file fits, eval is the single smallest file (ties broken by the hash).
+    """
+    sizes = {p: p.stat().st_size for p in files}
+    budget = eval_fraction * sum(sizes.values())
+    chosen, used = set(), 0
+    for p in sorted(files, key=lambda p: _path_hash(root, p)):
+        if used + sizes[p] <= budget:
+            chosen.add(p)
+            used += sizes[p]
+    if not chosen:
+        chosen = {min(files, key=lambda p: (sizes[p], _path_hash(root, p)))}
+    return sorted(p for p in files if p not in chosen), sorted(chosen)
+
+
+def corpus_summary(
+    root: Path, train: list[Path], evals: list[Path], meta: dict, shards: Path
+) -> dict:
+    """What the built-in corpus is on this interpreter: the record kept in its meta.json."""
+    split_bytes = {
+        k: sum(p.stat().st_size for p in v) for k, v in (("train", train), ("eval", evals))
+    }
+    return {
+        "recipe": BUILD_VERSION,
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "stdlib": str(root),
+        "files": {"train": len(train), "eval": len(evals)},
+        "bytes": split_bytes,
+        "tokens": {k: meta["splits"][k]["tokens"] for k in ("train", "eval")},
+        "eval_fraction_target": EVAL_FRACTION,
+        "eval_fraction_bytes": split_bytes["eval"] / sum(split_bytes.values()),
+        # the loss of the best context-free predictor: a trained model's eval loss must go below
+        "eval_unigram_entropy": unigram_entropy(shards, "eval"),
+    }
 
 
 def corpus_key(vocab_size: int, root: Path, files: list[Path]) -> str:
@@ -95,7 +144,7 @@ def ensure_builtin_corpus(
         log(f"built-in corpus (stdlib of Python {sys.version.split()[0]}): reusing {target}")
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    evals = _eval_files(root, files)
+    train, evals = split_files(root, files)
     size = sum(p.stat().st_size for p in files)
     log(
         f"building the built-in corpus: {len(files)} stdlib files ({size / 1e6:.1f} MB) "
@@ -104,9 +153,7 @@ def ensure_builtin_corpus(
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        eval_set = set(evals)
-        train = [p for p in files if p not in eval_set]
-        preprocess(
+        meta = preprocess(
             train,
             tmp,
             train_tokenizer=vocab_size,
@@ -114,6 +161,8 @@ def ensure_builtin_corpus(
             progress=False,
             log=lambda _msg: None,
         )
+        meta["builtin"] = corpus_summary(root, train, evals, meta, tmp)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
         if target.exists() and not (target / "meta.json").is_file():
             shutil.rmtree(target, ignore_errors=True)  # debris, not a finished build
         try:
@@ -125,5 +174,11 @@ def ensure_builtin_corpus(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(f"built-in corpus ready in {time.perf_counter() - t0:.1f} s: {target}")
+    info = meta["builtin"]
+    log(
+        f"built-in corpus ready in {time.perf_counter() - t0:.1f} s: train "
+        f"{info['tokens']['train']:,} tokens ({info['files']['train']} files), eval "
+        f"{info['tokens']['eval']:,} tokens ({info['files']['eval']} files, "
+        f"{100 * info['eval_fraction_bytes']:.1f}% of the bytes): {target}"
+    )
     return target
