@@ -1,0 +1,141 @@
+"""A training run exported to HuggingFace in one call (wsjax.export, scripts/convert_hf.py) and
+the run's tokenizer kept in model_dir (wsjax.run_tokenizer).
+
+Yardsticks: transformers' PyTorch models loaded from the export against wsjax's own logits from
+the checkpoint the run wrote (both fp32 on CPU, matmul precision "highest"; tolerance as in
+tests/test_hf.py, whose docstring derives it), and the shards folder's own tokenizer.json
+(HF tokenizers) against AutoTokenizer loaded from the export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from conftest import tiny_config_dict  # noqa: E402
+from test_hf import _assert_logits_close  # noqa: E402
+
+from wsjax.config import config_from_dict  # noqa: E402
+from wsjax.export import export_run  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+BPE_VOCAB, MODEL_VOCAB = 320, 384
+TEXT = "def main(argv):\n    return sorted(set(argv))  # unique names\n"
+
+
+def make_shards(out: Path) -> Path:
+    """A token-shards folder with a BPE trained on three stdlib modules (train + eval)."""
+    import sysconfig
+
+    from wsjax.data.preprocess import preprocess
+
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    files = [lib / "textwrap.py", lib / "string" / "__init__.py", lib / "shlex.py"]
+    files = [f for f in files if f.is_file()] or [lib / "os.py"]
+    preprocess(
+        files, out, train_tokenizer=BPE_VOCAB, eval_fraction=0.0, eval_inputs=[lib / "abc.py"],
+        progress=False, log=lambda _msg: None,
+    )  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return make_shards(tmp_path_factory.mktemp("data") / "shards")
+
+
+def train_briefly(family: str, data: dict, model_dir: Path, steps: int = 2):
+    """``steps`` training steps of a tiny ``family`` model on ``data`` (an input section)."""
+    from wsjax.train import run
+
+    d = tiny_config_dict(family, layers=2, model={"vocab_size": MODEL_VOCAB})
+    d["train_input"] = {"batch_size": 4, "max_sequence_length": 16, **data}
+    d["optimizer"]["learning_rate"] = 1e-2  # the weights move away from their init
+    return run(config_from_dict(d), "train", model_dir, max_steps=steps)
+
+
+def shards_input(root: Path) -> dict:
+    return {"data_processor": "GptTokenShardsProcessor", "data_dir": str(root)}
+
+
+def wsjax_logits(model_dir: Path, tokens: np.ndarray) -> np.ndarray:
+    """Logits of the newest checkpoint in ``model_dir``, computed by wsjax itself."""
+    from wsjax.checkpoint import load_start
+    from wsjax.export import PARAMS_TRAIN, load_model_config
+    from wsjax.models import get_model
+
+    model = get_model(load_model_config(model_dir / PARAMS_TRAIN))
+    params = load_start(model_dir, model, None, weights_only=True).params
+    with jax.default_matmul_precision("highest"):
+        return np.asarray(jax.jit(model.logits)(params, jnp.asarray(tokens)))
+
+
+@pytest.mark.parametrize("family", ["gptj", "gpt2", "neox"])
+def test_trained_run_exports_to_transformers(tmp_path, shards, family):
+    from tokenizers import Tokenizer
+
+    md = tmp_path / "run"
+    result = train_briefly(family, shards_input(shards), md)
+    assert result.global_step == 2
+    # the run keeps its tokenizer: the shards' own, as an HF tokenizer folder
+    run_tok = md / "tokenizer" / "tokenizer.json"
+    assert run_tok.read_bytes() == (shards / "tokenizer.json").read_bytes()
+
+    out = export_run(md, tmp_path / "hf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    want_ids = Tokenizer.from_file(str(shards / "tokenizer.json")).encode(TEXT).ids
+    assert hf_tok(TEXT)["input_ids"] == want_ids
+    assert hf_tok.decode(want_ids) == TEXT  # byte-level BPE round-trips the text
+    eos = Tokenizer.from_file(str(shards / "tokenizer.json")).token_to_id("<|endoftext|>")
+    assert hf_tok.eos_token_id == eos == model.config.eos_token_id
+
+    tokens = np.asarray([want_ids[:16], want_ids[-16:]], np.int32)
+    with torch.no_grad():
+        ref = model(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
+    _assert_logits_close(wsjax_logits(md, tokens), ref)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, str(REPO / "scripts" / "convert_hf.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_cli_exports_a_checkpoint_folder_and_errors_are_one_line(tmp_path):
+    md = tmp_path / "run"
+    train_briefly("gptj", {"data_processor": "SyntheticDataProcessor", "data_dir": "x"}, md, 3)
+    assert not (md / "tokenizer").exists()  # synthetic data has no tokenizer
+
+    r = _cli("--from_orbax", str(md / "model-ckpt-3"), "--to_hf", str(tmp_path / "hf"))
+    assert r.returncode == 0, r.stderr
+    assert "no tokenizer" in r.stdout + r.stderr
+    assert not (tmp_path / "hf" / "tokenizer.json").exists()
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tokens = np.arange(32, dtype=np.int32).reshape(2, 16) % MODEL_VOCAB
+    with torch.no_grad():
+        ref = model(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
+    _assert_logits_close(wsjax_logits(md, tokens), ref)
+
+    for args, words in [
+        (["--from_orbax", str(tmp_path / "nope")], "does not exist"),
+        (["--from_orbax", str(md)], "not empty"),  # tmp_path/hf is written already
+        (["--from_orbax", str(tmp_path)], "params_train.yaml"),
+    ]:
+        out = str(tmp_path / "hf") if words == "not empty" else str(tmp_path / "o2")
+        r = _cli(*args, "--to_hf", out)
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.strip().count("\n") == 0 and words in r.stderr, r.stderr
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["n_layer"] == 2 and cfg["vocab_size"] == MODEL_VOCAB
