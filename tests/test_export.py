@@ -23,50 +23,18 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from conftest import tiny_config_dict  # noqa: E402
 from test_hf import _assert_logits_close  # noqa: E402
+from train_helpers import MODEL_VOCAB, make_shards, shards_input, train_briefly  # noqa: E402
 
-from wsjax.config import config_from_dict  # noqa: E402
 from wsjax.export import export_run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-BPE_VOCAB, MODEL_VOCAB = 320, 384
 TEXT = "def main(argv):\n    return sorted(set(argv))  # unique names\n"
-
-
-def make_shards(out: Path) -> Path:
-    """A token-shards folder with a BPE trained on three stdlib modules (train + eval)."""
-    import sysconfig
-
-    from wsjax.data.preprocess import preprocess
-
-    lib = Path(sysconfig.get_paths()["stdlib"])
-    files = [lib / "textwrap.py", lib / "string" / "__init__.py", lib / "shlex.py"]
-    files = [f for f in files if f.is_file()] or [lib / "os.py"]
-    preprocess(
-        files, out, train_tokenizer=BPE_VOCAB, eval_fraction=0.0, eval_inputs=[lib / "abc.py"],
-        progress=False, log=lambda _msg: None,
-    )  # fmt: skip
-    return out
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     return make_shards(tmp_path_factory.mktemp("data") / "shards")
-
-
-def train_briefly(family: str, data: dict, model_dir: Path, steps: int = 2):
-    """``steps`` training steps of a tiny ``family`` model on ``data`` (an input section)."""
-    from wsjax.train import run
-
-    d = tiny_config_dict(family, layers=2, model={"vocab_size": MODEL_VOCAB})
-    d["train_input"] = {"batch_size": 4, "max_sequence_length": 16, **data}
-    d["optimizer"]["learning_rate"] = 1e-2  # the weights move away from their init
-    return run(config_from_dict(d), "train", model_dir, max_steps=steps)
-
-
-def shards_input(root: Path) -> dict:
-    return {"data_processor": "GptTokenShardsProcessor", "data_dir": str(root)}
 
 
 def wsjax_logits(model_dir: Path, tokens: np.ndarray) -> np.ndarray:
@@ -81,6 +49,7 @@ def wsjax_logits(model_dir: Path, tokens: np.ndarray) -> np.ndarray:
         return np.asarray(jax.jit(model.logits)(params, jnp.asarray(tokens)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["gptj", "gpt2", "neox"])
 def test_trained_run_exports_to_transformers(tmp_path, shards, family):
     from tokenizers import Tokenizer
@@ -113,6 +82,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_exports_a_checkpoint_folder_and_errors_are_one_line(tmp_path):
     md = tmp_path / "run"
     train_briefly("gptj", {"data_processor": "SyntheticDataProcessor", "data_dir": "x"}, md, 3)

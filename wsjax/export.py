@@ -96,7 +96,7 @@ def copy_tokenizer(tok_dir: Path, out: Path) -> None:
     for name in TOKENIZER_FILES:
         if (tok_dir / name).is_file():
             shutil.copy2(tok_dir / name, out / name)
-    _, eos_id = load_run_tokenizer(tok_dir.parent)
+    _, eos_id = load_run_tokenizer(tok_dir)
     config_file = out / "config.json"
     config = json.loads(config_file.read_text())
     config.update(bos_token_id=eos_id, eos_token_id=eos_id)

@@ -88,14 +88,18 @@ def write_hf_tokenizer(tok: Tokenizer, eos_token: str, max_length: int, out: Pat
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
 
-def run_tokenizer_dir(model_dir: Path) -> Path | None:
-    """``model_dir/tokenizer`` when the run saved one."""
-    path = Path(model_dir) / TOKENIZER_DIR
-    return path if (path / "tokenizer.json").is_file() else None
+def run_tokenizer_dir(folder: Path) -> Path | None:
+    """The tokenizer folder of ``folder``: ``folder/tokenizer`` of a model_dir, or ``folder``
+    itself when it holds a tokenizer.json (an HF export); None when neither."""
+    for path in (Path(folder) / TOKENIZER_DIR, Path(folder)):
+        if (path / "tokenizer.json").is_file():
+            return path
+    return None
 
 
 def load_run_tokenizer(model_dir: Path) -> tuple[Tokenizer, int]:
-    """(tokenizer, EOS id) the run saved in ``model_dir``; DataError naming the folder if none."""
+    """(tokenizer, EOS id) the run saved in ``model_dir`` (or of an HF export folder);
+    DataError naming the folder if there is none."""
     path = run_tokenizer_dir(model_dir)
     if path is None:
         raise DataError(
