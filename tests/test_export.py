@@ -64,6 +64,7 @@ def test_trained_run_exports_to_transformers(tmp_path, shards, family):
     out = export_run(md, tmp_path / "hf")
     model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert isinstance(hf_tok, transformers.PreTrainedTokenizerFast)  # the Rust tokenizer
     want_ids = Tokenizer.from_file(str(shards / "tokenizer.json")).encode(TEXT).ids
     assert hf_tok(TEXT)["input_ids"] == want_ids
     assert hf_tok.decode(want_ids) == TEXT  # byte-level BPE round-trips the text
