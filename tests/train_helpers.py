@@ -58,8 +58,9 @@ def make_shards(out: Path) -> Path:
     return out
 
 
-def train_briefly(family: str, data: dict, model_dir: Path, steps: int = 2):
-    """``steps`` training steps of a tiny ``family`` model on ``data`` (an input section)."""
+def train_briefly(family: str, data: dict, model_dir: Path, steps: int = 2, **flags):
+    """``steps`` training steps of a tiny ``family`` model on ``data`` (an input section);
+    ``flags``: more keyword arguments of ``wsjax.train.run``."""
     from conftest import tiny_config_dict
 
     from wsjax.config import config_from_dict
@@ -68,7 +69,7 @@ def train_briefly(family: str, data: dict, model_dir: Path, steps: int = 2):
     d = tiny_config_dict(family, layers=2, model={"vocab_size": MODEL_VOCAB})
     d["train_input"] = {"batch_size": 4, "max_sequence_length": 16, **data}
     d["optimizer"]["learning_rate"] = 1e-2  # the weights move away from their init
-    return run(config_from_dict(d), "train", model_dir, max_steps=steps)
+    return run(config_from_dict(d), "train", model_dir, max_steps=steps, **flags)
 
 
 def shards_input(root: Path) -> dict:

@@ -77,27 +77,28 @@ def export_run(
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"{out}: output folder exists and is not empty")
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's read-only chatter
     start = load_start(path, get_model(model_cfg), None, weights_only=True)
     export_hf(model_cfg, start.params, out, max_shard_size=max_shard_size or DEFAULT_MAX_SHARD_SIZE)
     tok_dir = run_tokenizer_dir(model_dir)
+    eos_id = None  # not HF's per-family default (GPT-2's 50256), which may lie outside the vocab
     if tok_dir is None:
         log.warning("%s has no tokenizer/ folder: the export has no tokenizer", model_dir)
     else:
-        copy_tokenizer(tok_dir, out)
+        eos_id = copy_tokenizer(tok_dir, out)
+    config_file = out / "config.json"
+    config = json.loads(config_file.read_text())
+    config.update(bos_token_id=eos_id, eos_token_id=eos_id)  # where generate stops
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
     log.info("exported %s to %s", start.source, out)
     return out
 
 
-def copy_tokenizer(tok_dir: Path, out: Path) -> None:
-    """The run's tokenizer files into ``out``, and its EOS id into config.json, so that
-    transformers' generate knows where a text ends."""
+def copy_tokenizer(tok_dir: Path, out: Path) -> int:
+    """Copy the run's tokenizer files into ``out``; return its EOS id."""
     from wsjax.run_tokenizer import TOKENIZER_FILES, load_run_tokenizer
 
     for name in TOKENIZER_FILES:
         if (tok_dir / name).is_file():
             shutil.copy2(tok_dir / name, out / name)
-    _, eos_id = load_run_tokenizer(tok_dir)
-    config_file = out / "config.json"
-    config = json.loads(config_file.read_text())
-    config.update(bos_token_id=eos_id, eos_token_id=eos_id)
-    config_file.write_text(json.dumps(config, indent=2) + "\n")
+    return load_run_tokenizer(tok_dir)[1]

@@ -63,6 +63,9 @@ def save_run_tokenizer(source, model_dir: Path, max_length: int) -> Path | None:
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
+    except DataError as e:  # training needs only the token ids: keep going, say what is lost
+        log.warning("%s; the run keeps no tokenizer (no export tokenizer, no --eval_text)", e)
+        return None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("Saved the run's tokenizer (%s) in %s", tokenizer_json, target)
