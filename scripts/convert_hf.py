@@ -1,10 +1,13 @@
-"""Convert HuggingFace GPT-J / GPT-2 checkpoints to wsjax (orbax) checkpoints and back.
+"""Convert HuggingFace GPT-J / GPT-2 / GPT-NeoX checkpoints to wsjax (orbax) and back.
 
+    python scripts/convert_hf.py --from_orbax model_dir --to_hf OUT_DIR
+        a training run's model_dir (its newest good checkpoint) or one model-ckpt-<step> folder
+        -> OUT_DIR: config.json + safetensors + the run's tokenizer (wsjax.export); the model
+        config comes from model_dir/train/params_train.yaml unless --params is given
     python scripts/convert_hf.py --from_hf HF_DIR --to_orbax DIR [--allow_pickle]
         -> DIR/checkpoint (orbax, tree {"params": ...}) + DIR/params.yaml (the model config)
-    python scripts/convert_hf.py --from_orbax DIR --params PARAMS_YAML --to_hf OUT_DIR
-        DIR: a folder written by --to_orbax, or an orbax checkpoint whose tree has "params"
-        (--params defaults to DIR/params.yaml)
+    python scripts/convert_hf.py --from_orbax DIR --to_hf OUT_DIR
+        DIR: a folder written by --to_orbax (--params defaults to DIR/params.yaml)
 
 Errors a user can cause print one line and exit with code 2.
 """
@@ -17,15 +20,14 @@ from pathlib import Path
 
 import yaml
 
-from wsjax.config import config_from_dict
 from wsjax.config_schema import Config, OptimizerConfig, RunConfig, StreamingConfig
 from wsjax.errors import CheckpointError, WsjaxError
+from wsjax.export import PLACEHOLDER_OPTIMIZER, export_run, load_model_config
 from wsjax.hf import DEFAULT_MAX_SHARD_SIZE, export_hf, import_hf
+from wsjax.metrics import setup_logging
 
 CHECKPOINT_DIR = "checkpoint"
 PARAMS_YAML = "params.yaml"
-# An HF checkpoint carries no training settings; this optimizer only makes params.yaml loadable.
-PLACEHOLDER_OPTIMIZER = {"optimizer_type": "adamw", "learning_rate": 1.0e-4}
 
 
 def hf_to_orbax(hf_dir: str, out_dir: str, allow_pickle: bool = False) -> Path:
@@ -57,33 +59,20 @@ def hf_to_orbax(hf_dir: str, out_dir: str, allow_pickle: bool = False) -> Path:
     return out
 
 
-def load_model_config(params_yaml: str | Path):
-    """The model section of a params YAML (a missing optimizer section is tolerated)."""
-    path = Path(params_yaml)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read params file ({e.strerror or e})") from None
-    except yaml.YAMLError as e:
-        raise CheckpointError(f"{path}: invalid YAML ({e})") from None
-    if not isinstance(raw, dict) or "model" not in raw:
-        raise CheckpointError(f"{path}: no model section")
-    raw.setdefault("optimizer", PLACEHOLDER_OPTIMIZER)
-    return config_from_dict(raw, source=str(path)).model
-
-
 def orbax_to_hf(
     orbax_dir: str,
     params_yaml: str | None,
     out_dir: str,
     max_shard_size: str = DEFAULT_MAX_SHARD_SIZE,
 ) -> Path:
+    """A training run (model_dir or model-ckpt-<step>) via wsjax.export, or a folder that
+    --to_orbax wrote (checkpoint/ + params.yaml)."""
     import orbax.checkpoint as ocp
 
     src = Path(orbax_dir).absolute()
-    ckpt_dir = src / CHECKPOINT_DIR if (src / CHECKPOINT_DIR).is_dir() else src
-    if not ckpt_dir.is_dir():
-        raise CheckpointError(f"{src}: orbax checkpoint folder does not exist")
+    if not (src / CHECKPOINT_DIR).is_dir():
+        return export_run(src, out_dir, params_yaml=params_yaml, max_shard_size=max_shard_size)
+    ckpt_dir = src / CHECKPOINT_DIR
     model_cfg = load_model_config(params_yaml or src / PARAMS_YAML)
     try:
         tree = ocp.StandardCheckpointer().restore(ckpt_dir)
@@ -101,10 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--from_orbax", metavar="DIR")
     ap.add_argument("--to_orbax", metavar="DIR")
     ap.add_argument("--to_hf", metavar="OUT_DIR")
-    ap.add_argument("--params", metavar="PARAMS_YAML", help="model config for --from_orbax")
+    ap.add_argument(
+        "--params",
+        metavar="PARAMS_YAML",
+        help="model config for --from_orbax (default: the run's train/params_train.yaml)",
+    )
     ap.add_argument("--allow_pickle", action="store_true", help="load pytorch_model.bin (trusted)")
     ap.add_argument("--max_shard_size", default=DEFAULT_MAX_SHARD_SIZE)
     args = ap.parse_args(argv)
+    setup_logging()  # the export's progress and warning lines
     try:
         if args.from_hf:
             if not args.to_orbax:

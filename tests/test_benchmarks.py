@@ -55,6 +55,9 @@ EXPECTED = {
     "bench_default_run.py": {
         "smoke": ("wall_seconds", "final_train_loss"),
     },
+    "bench_after_training.py": {
+        "smoke": ("export_seconds", "eval_seconds", "tokens", "bytes", "loss", "bits_per_byte"),
+    },
 }
 
 

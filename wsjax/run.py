@@ -56,6 +56,7 @@ class RunOptions:
     validate_only: bool = False
     compile_only: bool = False
     progress: bool | None = None
+    eval_text: Path | None = None  # eval modes: a text / jsonl file instead of eval_input
 
 
 @dataclass
@@ -114,12 +115,14 @@ def run(
     validate_only: bool = False,
     compile_only: bool = False,
     progress: bool | None = None,
+    eval_text: str | Path | None = None,
 ) -> RunResult:
     """Run ``mode`` for ``config`` (a :class:`wsjax.config.Config`) into ``model_dir``.
 
     The runconfig flags override the params file with Cerebras run.py semantics (``steps``:
     this many more steps from where the run starts; ``keep_checkpoint_max=0`` keeps all;
     ``eval_steps <= 0`` evaluates the whole eval set); 0 is a value, None is "not given".
+    ``eval_text`` (eval modes): evaluate on this text or jsonl file (wsjax.eval_text).
     """
     from wsjax.metrics import setup_logging
     from wsjax.run_dir import DEFAULT_MODEL_DIR, ModelDir
@@ -142,7 +145,10 @@ def run(
         validate_only=validate_only,
         compile_only=compile_only,
         progress=progress,
+        eval_text=Path(eval_text) if eval_text is not None else None,
     )
+    if eval_text is not None and mode not in ("eval", "eval_all"):
+        raise ConfigError(f"--eval_text needs -m eval or eval_all, not {mode}")
     md = ModelDir(model_dir or config.runconfig.model_dir or DEFAULT_MODEL_DIR)
     setup_logging()
     with md:
@@ -193,6 +199,8 @@ def make_run(config, mode: str, md, options: RunOptions) -> Run:
     sections = ["train_input"] if training else ["eval_input"]
     if mode == "train_and_eval":
         sections.append("eval_input")
+    if options.eval_text is not None and config.eval_input is None:
+        sections = ["train_input"]  # --eval_text takes only the batch and window shape
     for section in sections:
         if getattr(config, section) is None:
             raise ConfigError(f"{config.source}: mode {mode} needs a {section} section")

@@ -6,6 +6,11 @@ whole eval set once (Cerebras semantics); ``eval_input.repeat: false`` never wra
 a pass stops at the end of the set. Scalars go to ``<model_dir>/eval`` under our tags (loss,
 perplexity, accuracy) and under the ones Cerebras writes (``eval/lm_perplexity``,
 ``eval/accuracy``; the loss tag is ``loss`` on both).
+
+``--eval_text FILE`` evaluates a text or jsonl file instead (wsjax.eval_text: tokenised with
+the run's tokenizer, every token once) and adds bits per byte; its scalars go to
+``<model_dir>/eval_text`` under ``eval/loss``, ``eval/perplexity``, ``eval/accuracy`` and
+``eval/bits_per_byte``.
 """
 
 from __future__ import annotations
@@ -85,7 +90,9 @@ def eval_mode(r: Run) -> RunResult:
     from wsjax.checkpoint import Checkpoints, CorruptCheckpoint, load_start
     from wsjax.metrics import Summaries
 
-    check_eval_input(r)
+    text = read_eval_text(r)
+    if text is None:
+        check_eval_input(r)
     result = r.result()
     if r.options.checkpoint_path is not None:
         targets = [Path(r.options.checkpoint_path)]
@@ -118,11 +125,63 @@ def eval_mode(r: Run) -> RunResult:
                 continue
             step = _step_of(Path(start.source))
             engine, _, _ = build_engine(r, start)
-            result.evals.append(evaluate(r, engine, step, tb))
+            if text is None:
+                result.evals.append(evaluate(r, engine, step, tb))
+            else:
+                result.evals.append(evaluate_text(r, engine, step, tb, text))
             result.global_step = step
     finally:
         tb.close()
     return result
+
+
+def read_eval_text(r: Run):
+    """--eval_text tokenised with the run's tokenizer (of --checkpoint_path's run, else of
+    model_dir), or None without the flag; read before any weights exist."""
+    from wsjax.eval_text import tokenize_text
+    from wsjax.export import run_model_dir
+    from wsjax.run_tokenizer import load_run_tokenizer
+
+    if r.options.eval_text is None:
+        return None
+    source = r.options.checkpoint_path
+    tokenizer, eos_id = load_run_tokenizer(run_model_dir(source) if source else r.md.path)
+    text = tokenize_text(r.options.eval_text, tokenizer, eos_id)
+    log.info(
+        "Eval text %s: %d document(s), %d UTF-8 bytes, %d tokens to predict",
+        text.path,
+        text.documents,
+        text.num_bytes,
+        text.predicted_tokens,
+    )
+    return text
+
+
+def evaluate_text(r: Run, engine, step: int, tb, text) -> dict:
+    """Every token of ``text`` once: loss, perplexity, accuracy, bits per byte."""
+    from wsjax.eval_text import bits_per_byte, text_batches
+    from wsjax.metrics import eval_scalars
+
+    total = {"loss_sum": 0.0, "count": 0.0, "correct": 0.0}
+    for batch in text_batches(text, *r.shape):
+        for k, v in engine.eval_step(batch).items():
+            total[k] += float(v)
+    out = eval_scalars(total["loss_sum"], total["count"], total["correct"])
+    out["bits_per_byte"] = bits_per_byte(total["loss_sum"], text.num_bytes)
+    tb.scalars("eval_text", {f"eval/{k}": v for k, v in out.items()}, step)
+    log.info(
+        "Eval of %s at global step %d (%d tokens, %d bytes): loss = %.5f, perplexity = %.3f, "
+        "accuracy = %.4f, bits per byte = %.4f",
+        text.path,
+        step,
+        int(total["count"]),
+        text.num_bytes,
+        out["loss"],
+        out["perplexity"],
+        out["accuracy"],
+        out["bits_per_byte"],
+    )
+    return {"step": step, "tokens": int(total["count"]), "bytes": text.num_bytes, **out}
 
 
 def _step_of(path: Path) -> int:

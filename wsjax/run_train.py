@@ -35,6 +35,7 @@ def train_mode(r: Run) -> RunResult:
     from wsjax.data import make_loader
     from wsjax.run import write_effective_config
     from wsjax.run_eval import check_eval_input
+    from wsjax.run_tokenizer import save_run_tokenizer
 
     rc = r.config.runconfig
     ckpts = Checkpoints(r.md.path, keep=rc.keep_checkpoint_max)
@@ -59,6 +60,7 @@ def train_mode(r: Run) -> RunResult:
         start_state=start.loader_state,
     )
     try:
+        save_run_tokenizer(loader.source, r.md.path, r.config.model.max_position_embeddings)
         first = next(loader)  # read now: a corrupt first record fails before weights or compile
         if r.mode == "train_and_eval":
             check_eval_input(r)

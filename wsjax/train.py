@@ -36,6 +36,15 @@ def default_params_path() -> Path:
     return here if here.is_file() else Path(DEFAULT_PARAMS)
 
 
+def params_of(args: argparse.Namespace) -> Path:
+    """Without -p: the built-in default, except that --eval_text evaluates the model the run
+    in --model_dir trained (its train/params_train.yaml), whatever its size."""
+    from wsjax.run_dir import DEFAULT_MODEL_DIR
+
+    saved = Path(args.model_dir or DEFAULT_MODEL_DIR) / "train" / "params_train.yaml"
+    return saved if args.eval_text and saved.is_file() else default_params_path()
+
+
 # ---- command line --------------------------------------------------------------------------------
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2 (argparse's own code)
@@ -55,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--mode",
         choices=MODES,
         help="what to run (default: train; train_and_eval for the built-in default, so its "
-        "eval loss can be compared with the corpus' unigram entropy)",
+        "eval loss can be compared with the corpus' unigram entropy; eval with --eval_text)",
     )
     p.add_argument(
         "-o", "--model_dir", help="run folder: checkpoints, events, compile cache (./model_dir)"
@@ -92,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="let --checkpoint_path load a pickled PyTorch HF checkpoint (pytorch_model.bin); "
         "only for a source you trust",
     )
+    p.add_argument(
+        "--eval_text",
+        metavar="FILE",
+        help="-m eval / eval_all: loss, perplexity, accuracy and bits per byte on this UTF-8 "
+        "text or .jsonl file ('text' field), tokenised with the run's tokenizer; without -p "
+        "the run's own train/params_train.yaml is used",
+    )
     for flag in IGNORED_FLAGS:
         p.add_argument(f"--{flag}", help="Cerebras hardware flag: accepted and ignored")
     p.add_argument(
@@ -124,8 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         for flag in IGNORED_FLAGS:
             if (value := getattr(args, flag)) is not None:
                 log.warning("--%s %s: a Cerebras hardware flag, ignored here", flag, value)
-        config = load_config(args.params or default_params_path(), args.overrides)
-        mode = args.mode or ("train" if args.params else "train_and_eval")
+        config = load_config(args.params or params_of(args), args.overrides)
+        mode = args.mode or (
+            "eval" if args.eval_text else "train" if args.params else "train_and_eval"
+        )
         run(
             config,
             mode,
@@ -141,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             allow_pickle=args.allow_pickle,
             validate_only=args.validate_only,
             compile_only=args.compile_only,
+            eval_text=args.eval_text,
         )
     except WsjaxError as e:
         # one line whatever a library put into the text (the contract of every WsjaxError)

@@ -152,6 +152,7 @@ class ShardSource:
 
     def __init__(self, roots: Sequence[Path], split: str, seq_len: int, model_vocab_size: int):
         self.stream = TokenStream(roots, split, model_vocab_size)
+        self.roots = list(roots)  # the run copies the first one's tokenizer into model_dir
         self.seq_len = seq_len
         self.num_examples = (self.stream.num_tokens - 1) // seq_len
         self.name = f"token shards {', '.join(map(str, roots))} [{split}]"
