@@ -144,6 +144,7 @@ def _resident_greedy(config, params, prompt: list[int], new: int) -> list[int]:
     return seq[len(prompt) :]
 
 
+@pytest.mark.slow  # a 2-step training run and two CLI processes: about 60 s on 2 cores
 def test_cli_streams_the_greedy_continuation(trained):
     from wsjax.generate import load_params
 
