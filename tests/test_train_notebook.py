@@ -6,12 +6,14 @@ from __future__ import annotations
 import re
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 from train_helpers import REPO, SMALL
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # trains, measures two depths and generates: about 150 s on 2 cores
 def test_notebook_trains_plots_and_generates(tmp_path, monkeypatch):
     from wsjax.data.textio import train_bpe
 
