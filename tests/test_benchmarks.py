@@ -52,6 +52,10 @@ EXPECTED = {
         "plain": ("buffer_bytes", "pages_4k", "bytes_per_sec_best"),
         "mallopt": ("buffer_bytes", "pages_4k", "bytes_per_sec_best"),
     },
+    "bench_generate.py": {
+        "b1": ("wsjax_tokens_per_sec", "hf_tokens_per_sec", "wsjax_vs_hf", "model_bytes"),
+        "b8": ("wsjax_tokens_per_sec", "hf_tokens_per_sec", "wsjax_vs_hf", "model_bytes"),
+    },
     "bench_default_run.py": {
         "smoke": ("wall_seconds", "final_train_loss"),
     },
@@ -102,6 +106,8 @@ def test_benchmark_smoke(script: str, tmp_path: Path) -> None:
                 _positive(row["resident"], key)
         # the plan never under-estimates the live arrays' peak, at any depth
         assert by_setting["slopes"]["target"]["reached"], by_setting["slopes"]
+    if script == "bench_generate.py":  # the two generate the same greedy tokens
+        assert all(by_setting[s]["same_greedy_tokens"] for s in ("b1", "b8"))
     if script == "bench_compile.py":
         # the warm process finds every executable in the persistent cache
         assert by_setting["L3_warm"]["compile_seconds"] < by_setting["L3_cold"]["compile_seconds"]

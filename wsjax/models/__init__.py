@@ -88,6 +88,15 @@ class Model:
         """One layer: (B, T, D) -> (B, T, D); ``p`` is one layer's slice of ``params["blocks"]``."""
         return nnx.merge(self._graphdefs["blocks"], p)(x, rng)
 
+    def embed_decode(self, p: dict, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+        """tokens (B, T) at ``positions`` (B, T) -> x (B, T, D): the decode path's embed."""
+        x = nnx.merge(self._graphdefs["embed"], p)(tokens, None, positions)
+        return x.astype(self.compute_dtype)
+
+    def block_decode(self, p: dict, x: jax.Array, cache):
+        """One layer over a ``KVCache``: (B, T, D) -> ((B, T, D), the cache with T more)."""
+        return nnx.merge(self._graphdefs["blocks"], p)(x, None, cache)
+
     def head_apply(self, p: dict, x: jax.Array, wte=None) -> jax.Array:
         """(B, T, D) -> fp32 logits (B, T, V); ``wte`` is the embedding table when tied."""
         return nnx.merge(self._graphdefs["head"], p)(x, wte)

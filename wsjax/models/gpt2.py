@@ -11,10 +11,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from wsjax.models.head import Head
+from wsjax.models.kv_cache import KVCache, attend
 from wsjax.models.layers import (
     PreLNBlock,
     activation,
-    causal_attention,
     dropout,
     embedding,
     linear,
@@ -29,9 +29,11 @@ class Embed(nnx.Module):
         self.wte = embedding(cfg, cfg.vocab_size, rngs)
         self.wpe = embedding(cfg, cfg.max_position_embeddings, rngs)
 
-    def __call__(self, tokens: jax.Array, rng=None) -> jax.Array:
+    def __call__(self, tokens: jax.Array, rng=None, positions=None) -> jax.Array:
+        """``positions`` (B, T): each token's position when decoding; default 0..T-1."""
         t = tokens.shape[1]
-        x = self.wte[...][tokens] + self.wpe[...][jnp.arange(t)][None]  # (B, T, D)
+        pos = jnp.arange(t)[None] if positions is None else positions  # (1|B, T)
+        x = self.wte[...][tokens] + self.wpe[...][pos]  # (B, T, D)
         return dropout(rng, self.cfg.embedding_dropout_rate, x)
 
 
@@ -42,13 +44,13 @@ class Attention(nnx.Module):
         self.c_attn = linear(cfg, d, 3 * d, cfg.use_projection_bias_in_attention, rngs)
         self.c_proj = linear(cfg, d, d, cfg.use_ffn_bias_in_attention, rngs, kind="output")
 
-    def __call__(self, h: jax.Array, rng) -> jax.Array:
+    def __call__(self, h: jax.Array, rng, cache: KVCache | None = None):
         b, t, d = h.shape
         c = self.cfg
         q, k, v = jnp.split(self.c_attn(h), 3, axis=-1)  # 3 x (B, T, D): [all q | all k | all v]
         q, k, v = (a.reshape(b, t, c.num_heads, c.head_dim) for a in (q, k, v))  # (B, T, H, K)
-        o = causal_attention(q, k, v, rng, c.attention_dropout_rate)
-        return self.c_proj(o.reshape(b, t, d))
+        o, cache = attend(q, k, v, rng, c.attention_dropout_rate, cache)
+        return self.c_proj(o.reshape(b, t, d)), cache
 
 
 class MLP(nnx.Module):

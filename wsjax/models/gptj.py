@@ -13,11 +13,11 @@ import jax
 from flax import nnx
 
 from wsjax.models.head import Head
+from wsjax.models.kv_cache import KVCache, attend, rotary_positions
 from wsjax.models.layers import (
     PreLNBlock,
     activation,
     apply_rotary,
-    causal_attention,
     dropout,
     embedding,
     linear,
@@ -31,8 +31,8 @@ class Embed(nnx.Module):
         self.cfg = cfg
         self.wte = embedding(cfg, cfg.vocab_size, rngs)
 
-    def __call__(self, tokens: jax.Array, rng=None) -> jax.Array:
-        x = self.wte[...][tokens]  # (B, T, D)
+    def __call__(self, tokens: jax.Array, rng=None, positions=None) -> jax.Array:
+        x = self.wte[...][tokens]  # (B, T, D); positions enter through rotary, not here
         return dropout(rng, self.cfg.embedding_dropout_rate, x)
 
 
@@ -45,16 +45,17 @@ class Attention(nnx.Module):
         self.v_proj = linear(cfg, d, d, bias, rngs)
         self.out_proj = linear(cfg, d, d, cfg.use_ffn_bias_in_attention, rngs, kind="output")
 
-    def __call__(self, h: jax.Array, rng) -> jax.Array:
+    def __call__(self, h: jax.Array, rng, cache: KVCache | None = None):
         b, t, d = h.shape
         c = self.cfg
         q = self.q_proj(h).reshape(b, t, c.num_heads, c.head_dim)  # (B, T, H, K)
         k = self.k_proj(h).reshape(b, t, c.num_heads, c.head_dim)
         v = self.v_proj(h).reshape(b, t, c.num_heads, c.head_dim)
-        q = apply_rotary(q, c.rotary_dim, c.rope_theta, interleaved=True)
-        k = apply_rotary(k, c.rotary_dim, c.rope_theta, interleaved=True)
-        o = causal_attention(q, k, v, rng, c.attention_dropout_rate)  # (B, T, H, K)
-        return self.out_proj(o.reshape(b, t, d))
+        pos = rotary_positions(cache, t)
+        q = apply_rotary(q, c.rotary_dim, c.rope_theta, interleaved=True, positions=pos)
+        k = apply_rotary(k, c.rotary_dim, c.rope_theta, interleaved=True, positions=pos)
+        o, cache = attend(q, k, v, rng, c.attention_dropout_rate, cache)  # (B, T, H, K)
+        return self.out_proj(o.reshape(b, t, d)), cache
 
 
 class MLP(nnx.Module):

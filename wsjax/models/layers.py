@@ -78,16 +78,20 @@ class PreLNBlock(nnx.Module):
         self.untied_norms, self.parallel = untied_norms, parallel
         self.rate = cfg.residual_dropout_rate
 
-    def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, rng: jax.Array | None = None, cache=None):
+        """(B, T, D) -> (B, T, D); with a ``KVCache`` (decoding) -> (y, the updated cache)."""
         r_attn, r_out, r_mlp = split_rng(rng, 3)
         ln_2 = self.ln_2 if self.untied_norms else self.ln_1
         h = self.ln_1(x)  # (B, T, D)
-        attn_out = dropout(r_out, self.rate, self.attn(h, r_attn))  # (B, T, D)
+        attn, cache = self.attn(h, r_attn, cache)
+        attn_out = dropout(r_out, self.rate, attn)  # (B, T, D)
         if self.parallel:  # tied norms: reuse h, so the backward pass has one norm, not two
             h_mlp = ln_2(x) if self.untied_norms else h
-            return x + attn_out + dropout(r_mlp, self.rate, self.mlp(h_mlp))
-        x = x + attn_out
-        return x + dropout(r_mlp, self.rate, self.mlp(ln_2(x)))
+            y = x + attn_out + dropout(r_mlp, self.rate, self.mlp(h_mlp))
+        else:
+            x = x + attn_out
+            y = x + dropout(r_mlp, self.rate, self.mlp(ln_2(x)))
+        return y if cache is None else (y, cache)
 
 
 # ---- pure maths ------------------------------------------------------------------------------
@@ -118,26 +122,32 @@ def split_rng(rng: jax.Array | None, n: int) -> list[jax.Array | None]:
 
 
 def apply_rotary(
-    x: jax.Array, rotary_dim: int, theta: float = 10000.0, interleaved: bool = True
+    x: jax.Array,
+    rotary_dim: int,
+    theta: float = 10000.0,
+    interleaved: bool = True,
+    positions: jax.Array | None = None,
 ) -> jax.Array:
     """Rotate the first ``rotary_dim`` dims of each head by angle pos * theta^(-2i/R).
 
-    x: (B, T, H, K). ``interleaved`` (GPT-J, rotate-every-two) rotates the pairs
-    (x[2i], x[2i+1]); otherwise (GPT-NeoX, rotate-half) the pairs (x[i], x[i + R/2]).
+    x: (B, T, H, K); ``positions`` (B, T) ints, default 0..T-1 (training: every row starts at 0;
+    decoding passes each row's own positions). ``interleaved`` (GPT-J, rotate-every-two) rotates
+    the pairs (x[2i], x[2i+1]); otherwise (GPT-NeoX, rotate-half) the pairs (x[i], x[i + R/2]).
     """
     t, acc = x.shape[1], at_least_f32(x.dtype)
     inv_freq = 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=acc) / rotary_dim))  # (R/2,)
-    angles = jnp.arange(t, dtype=acc)[:, None] * inv_freq[None, :]  # (T, R/2)
+    pos = jnp.arange(t, dtype=acc)[None] if positions is None else positions.astype(acc)
+    angles = pos[..., None] * inv_freq  # (1 or B, T, R/2)
     rot, rest = x[..., :rotary_dim].astype(acc), x[..., rotary_dim:]  # (B, T, H, R), (.., K - R)
     if interleaved:  # (x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)
-        angles = jnp.repeat(angles, 2, axis=-1)  # (T, R): each angle for its pair
+        angles = jnp.repeat(angles, 2, axis=-1)  # (1|B, T, R): each angle for its pair
         pairs = rot.reshape(*rot.shape[:-1], rotary_dim // 2, 2)
         rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(rot.shape)
     else:  # (x1, x2) halves -> (-x2, x1)
-        angles = jnp.concatenate([angles, angles], axis=-1)  # (T, R)
+        angles = jnp.concatenate([angles, angles], axis=-1)  # (1|B, T, R)
         first, second = jnp.split(rot, 2, axis=-1)
         rotated = jnp.concatenate([-second, first], axis=-1)
-    sin, cos = jnp.sin(angles)[None, :, None, :], jnp.cos(angles)[None, :, None, :]  # (1, T, 1, R)
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]  # (1|B, T, 1, R)
     out = (rot * cos + rotated * sin).astype(x.dtype)
     return jnp.concatenate([out, rest], axis=-1)
 
@@ -149,11 +159,28 @@ def causal_attention(
 
     q, k, v: (B, T, H, K) -> (B, T, H, K)
     """
-    t, k_dim, acc = q.shape[1], q.shape[-1], at_least_f32(q.dtype)
-    scores = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=acc)  # (B, H, T, T)
+    t = q.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), dtype=bool))  # (T, T)
+    return masked_attention(q, k, v, causal, rng, dropout_rate)
+
+
+def masked_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    rng: jax.Array | None = None,
+    dropout_rate: float = 0.0,
+) -> jax.Array:
+    """Softmax over the keys ``mask`` allows; q: (B, T, H, K), k, v: (B, S, H, K) -> (B, T, H, K).
+
+    ``mask`` broadcasts to (B, H, T, S): (T, S) in training (causal), (B, 1, T, S) when decoding
+    over a KV cache. Scores and softmax in at least fp32.
+    """
+    k_dim, acc = q.shape[-1], at_least_f32(q.dtype)
+    scores = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=acc)  # (B, H, T, S)
     scores = scores / math.sqrt(k_dim)
-    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
-    scores = jnp.where(causal, scores, jnp.finfo(acc).min)
+    scores = jnp.where(mask, scores, jnp.finfo(acc).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     probs = dropout(rng, dropout_rate, probs)
     return jnp.einsum("bhqs,bshk->bqhk", probs, v)  # (B, T, H, K)

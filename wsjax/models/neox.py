@@ -14,11 +14,11 @@ from flax import nnx
 
 from wsjax.models.gptj import Embed  # a token table, no positions: as GPT-J
 from wsjax.models.head import Head
+from wsjax.models.kv_cache import KVCache, attend, rotary_positions
 from wsjax.models.layers import (
     PreLNBlock,
     activation,
     apply_rotary,
-    causal_attention,
     linear,
 )
 
@@ -34,16 +34,17 @@ class Attention(nnx.Module):
         self.query_key_value = linear(cfg, d, 3 * d, cfg.use_projection_bias_in_attention, rngs)
         self.dense = linear(cfg, d, d, cfg.use_ffn_bias_in_attention, rngs, kind="output")
 
-    def __call__(self, h: jax.Array, rng) -> jax.Array:
+    def __call__(self, h: jax.Array, rng, cache: KVCache | None = None):
         b, t, d = h.shape
         c = self.cfg
         # HF's fused output is per head [q_h | k_h | v_h] (not [all q | all k | all v] as GPT-2)
         qkv = self.query_key_value(h).reshape(b, t, c.num_heads, 3, c.head_dim)  # (B, T, H, 3, K)
         q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]  # (B, T, H, K)
-        q = apply_rotary(q, c.rotary_dim, c.rope_theta, interleaved=False)
-        k = apply_rotary(k, c.rotary_dim, c.rope_theta, interleaved=False)
-        o = causal_attention(q, k, v, rng, c.attention_dropout_rate)  # (B, T, H, K)
-        return self.dense(o.reshape(b, t, d))
+        pos = rotary_positions(cache, t)
+        q = apply_rotary(q, c.rotary_dim, c.rope_theta, interleaved=False, positions=pos)
+        k = apply_rotary(k, c.rotary_dim, c.rope_theta, interleaved=False, positions=pos)
+        o, cache = attend(q, k, v, rng, c.attention_dropout_rate, cache)  # (B, T, H, K)
+        return self.dense(o.reshape(b, t, d)), cache
 
 
 class MLP(nnx.Module):
