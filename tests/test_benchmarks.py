@@ -48,6 +48,17 @@ EXPECTED = {
     "bench_input.py": {
         "shards_w1_p2": ("tokens_per_sec", "train_tokens_per_sec", "ratio"),
     },
+    "bench_peer.py": {
+        "w64_L2_t64_fp32": (
+            "torch_tokens_per_sec",
+            "resident_tokens_per_sec",
+            "engine_tokens_per_sec",
+            "engine_recompute_tokens_per_sec",
+            "engine_vs_torch",
+            "engine_recompute_vs_torch",
+            "resident_vs_torch",
+        ),
+    },
     "bench_default_run.py": {
         "smoke": ("wall_seconds", "final_train_loss"),
     },
