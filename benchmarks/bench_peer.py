@@ -41,8 +41,8 @@ from wsjax.config import config_from_dict  # noqa: E402
 from wsjax.hf_config import config_to_hf  # noqa: E402
 from wsjax.models import get_model  # noqa: E402
 
-# width:layers:batch:seq -- tokens per step 1k (deep and narrow), 2k (issue 14's shape), 8k (wide)
-DEFAULT_SHAPES = "256:16:4:256,512:8:8:256,1024:4:32:256"
+# width:layers:batch:seq -- tokens per step 2k (issue 14's shape), 1k (deep and narrow), 8k (wide)
+DEFAULT_SHAPES = "512:8:8:256,256:16:4:256,1024:4:32:256"
 SMOKE_SHAPES = "64:2:2:32"
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc malloc.h
 
@@ -152,6 +152,10 @@ def main() -> None:
     args = C.parse_args(__doc__, _args)
     if args.keep_host_pages:
         keep_host_pages()  # before JAX or torch allocate anything large
+    # torch's OpenMP threads spin-wait between kernels by default: on a machine shared with
+    # other processes that costs torch 5-6x here (measured: 12 s vs 2 s a step at w256 L4).
+    # Passive waiting is what a fair comparison on a loaded machine needs; the line records it.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch  # after mallopt: torch's allocator is glibc's too
 
     if args.smoke:
@@ -167,6 +171,7 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "affinity_cores": cores(),
         "keep_host_pages": bool(args.keep_host_pages),
+        "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
         "timing": f"best of {args.steps} after {args.warmup} warm-up",
     }
     t0 = time.perf_counter()
