@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -103,16 +104,20 @@ class StepTimes:
     to_host: dict[str, float]  # segment kind -> its fp32 gradients, device -> host
 
 
-def estimate_step_seconds(times: StepTimes, *, num_layers: int, n_micro: int) -> float:
+def estimate_step_seconds(
+    times: StepTimes, *, num_layers: int, n_micro: int, overlap: bool = True
+) -> float:
     """The step's schedule over measured parts: per streamed item (embed, L blocks forward,
     head, L blocks backward, embed backward) max(compute x micro-batches, its transfers: the
     weights in, and for the backward items the gradients out), then the host updates, which
-    run after the global norm is known."""
+    run after the global norm is known. ``overlap=False`` adds the two instead: on a CPU
+    "device" a transfer is a copy by the same cores that compute, so nothing hides it."""
     c = times.compute
+    combine = max if overlap else (lambda a, b: a + b)
 
     def item(exe: str, kind: str, grads: bool) -> float:
         moved = times.to_device[kind] + (times.to_host[kind] if grads else 0.0)
-        return max(c[exe] * n_micro, moved)
+        return combine(c[exe] * n_micro, moved)
 
     L = num_layers
     total = item("embed_fwd", "embed", False) + L * item("block_fwd", "block", False)
@@ -142,10 +147,11 @@ def _zeros_like_args(exe, fallback):
     return jax.tree.unflatten(treedef, leaves)
 
 
-def measure_step_times(program, executables, placement, reps: int = 2) -> StepTimes:
+def measure_step_times(program, executables, placement, reps: int = 3) -> StepTimes:
     """Time each executable of a training step (``executables``: a ``TrainExecutables`` of
     ``program``, a ``StepExecutables``) on zero inputs, and the weight and gradient transfers
-    of each segment kind, on the devices of ``placement``: best of ``reps`` after a warm-up."""
+    of each segment kind, on the devices of ``placement``: the median of ``reps`` calls after a
+    warm-up (the median, not the best: a step is a median draw of each of its parts)."""
 
     def zeros(tree, sharding=None):
         return jax.tree.map(lambda a: _zeros(a.shape, a.dtype, sharding or a.sharding), tree)
@@ -157,7 +163,7 @@ def measure_step_times(program, executables, placement, reps: int = 2) -> StepTi
             t0 = time.perf_counter()
             jax.block_until_ready(fn(*args))
             times.append(time.perf_counter() - t0)
-        return min(times[1:])
+        return statistics.median(times[1:])
 
     def call(exe) -> float:
         return seconds(lambda: _zeros_like_args(exe, placement.replicated), exe)
