@@ -1,7 +1,7 @@
 """What a user would pick instead: wsjax vs PyTorch + HF transformers, same CPU, one process.
 
     python benchmarks/bench_peer.py [--smoke] [--results_dir DIR] [--shapes W:L:B:S,...]
-        [--dtypes fp32,bf16] [--steps 2] [--warmup 1] [--keep_host_pages]
+        [--dtypes fp32,bf16] [--steps 2] [--warmup 1] [--keep_host_pages] [--parts]
 
 For each GPT-J shape (``W:L:B:S`` = width, layers, batch, sequence; head_dim 64, filter 4 W,
 rotary 32, vocab ``--vocab``) and each precision, one JSON line with tokens/s of
@@ -18,7 +18,9 @@ and each one's ratio to torch measured in the same run (``<name>_vs_torch``). to
 Every timing is the best of ``--steps`` steps after ``--warmup`` untimed ones (the first
 compiles): the machine may be shared, so the best is the least disturbed; ``loadavg_1m`` in each
 line says how loaded it was. ``--keep_host_pages`` keeps freed heap pages mapped (glibc mallopt)
-before JAX allocates; the line records whether it was on.
+before JAX allocates; the line records whether it was on. ``--parts`` adds, per engine mode,
+where its step's time goes: each compiled executable and each transfer timed alone
+(``wsjax.metrics.measure_step_times``) and their sum over the step's schedule.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ def _args(p) -> None:
     p.add_argument("--steps", type=int, default=2, help="timed steps (best-of)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps (the first compiles)")
     p.add_argument("--keep_host_pages", action="store_true", help="glibc: no mmap, no trim")
+    p.add_argument("--parts", action="store_true", help="also time each executable alone")
 
 
 def keep_host_pages() -> None:
@@ -106,6 +109,27 @@ def torch_seconds(cfg, batch: dict, bf16: bool, warmup: int, steps: int) -> floa
     return C.time_calls(step, warmup=warmup, reps=steps)["best"]
 
 
+def step_parts(model, cfg, shape: tuple[int, int]) -> dict:
+    """Where an engine step's time goes: each executable and transfer timed alone on this
+    device (``wsjax.metrics.measure_step_times``, the estimate's parts), and their schedule."""
+    from wsjax.metrics import estimate_step_seconds, measure_step_times
+    from wsjax.streaming import StreamingEngine
+
+    engine = StreamingEngine(model, cfg)
+    engine.compile(shape)
+    program = engine.program(shape, train=True)
+    times = measure_step_times(
+        program, program.training(recompute=cfg.streaming.recompute), engine.placement
+    )
+    n = dict(num_layers=model.num_layers, n_micro=program.n_micro, overlap=False)
+    return {
+        "compute": {k: round(v, 5) for k, v in times.compute.items()},
+        "to_device": {k: round(v, 5) for k, v in times.to_device.items()},
+        "to_host": {k: round(v, 5) for k, v in times.to_host.items()},
+        "schedule_step_seconds": round(estimate_step_seconds(times, **n), 4),
+    }
+
+
 def measure(args, shape: str, dtype: str, common: dict) -> dict:
     width, layers, batch, seq = (int(v) for v in shape.split(":"))
     bf16 = dtype == "bf16"
@@ -137,6 +161,8 @@ def measure(args, shape: str, dtype: str, common: dict) -> dict:
         ecfg = config_from_dict({**d, "streaming": {"recompute": recompute}})
         seconds[name], *_ = time_engine(model, ecfg, params, host_batch, args.warmup, args.steps)
         gc.collect()
+        if args.parts:
+            rec[f"{name}_parts_seconds"] = step_parts(model, ecfg, (batch, seq))
     for name, t in seconds.items():
         rec[f"{name}_step_seconds"] = round(t, 4)
         rec[f"{name}_tokens_per_sec"] = round(tokens / t, 1)
@@ -160,7 +186,7 @@ def main() -> None:
 
     if args.smoke:
         args.shapes, args.vocab, args.steps, args.warmup = SMOKE_SHAPES, 256, 1, 1
-        args.dtypes = "fp32"
+        args.dtypes, args.parts = "fp32", True
     torch.set_num_threads(cores())
     out = C.results_path(args.results_dir)
     common = {

@@ -106,6 +106,10 @@ def test_benchmark_smoke(script: str, tmp_path: Path) -> None:
                 _positive(row["resident"], key)
         # the plan never under-estimates the live arrays' peak, at any depth
         assert by_setting["slopes"]["target"]["reached"], by_setting["slopes"]
+    if script == "bench_peer.py":  # --parts: every executable timed alone, and the schedule
+        parts = by_setting["w64_L2_t64_fp32"]["engine_parts_seconds"]
+        assert set(parts["compute"]) >= {"block_fwd", "block_bwd", "head", "update/block"}
+        assert parts["schedule_step_seconds"] > 0
     if script == "bench_compile.py":
         # the warm process finds every executable in the persistent cache
         assert by_setting["L3_warm"]["compile_seconds"] < by_setting["L3_cold"]["compile_seconds"]
