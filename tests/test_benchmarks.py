@@ -56,6 +56,17 @@ EXPECTED = {
         "b1": ("wsjax_tokens_per_sec", "hf_tokens_per_sec", "wsjax_vs_hf", "model_bytes"),
         "b8": ("wsjax_tokens_per_sec", "hf_tokens_per_sec", "wsjax_vs_hf", "model_bytes"),
     },
+    "bench_peer.py": {
+        "w64_L2_t64_fp32": (
+            "torch_tokens_per_sec",
+            "resident_tokens_per_sec",
+            "engine_tokens_per_sec",
+            "engine_recompute_tokens_per_sec",
+            "engine_vs_torch",
+            "engine_recompute_vs_torch",
+            "resident_vs_torch",
+        ),
+    },
     "bench_default_run.py": {
         "smoke": ("wall_seconds", "final_train_loss"),
     },
@@ -108,6 +119,10 @@ def test_benchmark_smoke(script: str, tmp_path: Path) -> None:
         assert by_setting["slopes"]["target"]["reached"], by_setting["slopes"]
     if script == "bench_generate.py":  # the two generate the same greedy tokens
         assert all(by_setting[s]["same_greedy_tokens"] for s in ("b1", "b8"))
+    if script == "bench_peer.py":  # --parts: every executable timed alone, and the schedule
+        parts = by_setting["w64_L2_t64_fp32"]["engine_parts_seconds"]
+        assert set(parts["compute"]) >= {"block_fwd", "block_bwd", "head", "update/block"}
+        assert parts["schedule_step_seconds"] > 0
     if script == "bench_compile.py":
         # the warm process finds every executable in the persistent cache
         assert by_setting["L3_warm"]["compile_seconds"] < by_setting["L3_cold"]["compile_seconds"]

@@ -15,7 +15,7 @@ import copy
 import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, get_origin
 
 import yaml
 
@@ -241,6 +241,6 @@ def _parse_override_value(text: str, tp: Any, where: str) -> Any:
                 return kind(text)
             except ValueError:
                 pass
-    if str in opts:
+    if str in opts or get_origin(tp) is tuple:  # its section builder parses the text
         return text
     raise ConfigError(f"{where}: {text!r} is not a valid {type_name(opts)}")

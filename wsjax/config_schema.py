@@ -206,6 +206,9 @@ class RunConfig:
     model_dir: str | None = None
     on_nonfinite: str = "stop"  # "stop" | "skip": a non-finite loss or gradient norm
     max_consecutive_skips: int = 10  # with "skip": this many in a row stop the run
+    # global steps (1-based, as logged) whose jax.profiler trace goes to model_dir/profile;
+    # YAML: a list, one step, or an inclusive range "10-12"
+    profile_steps: tuple[int, ...] = ()
 
     @property
     def checkpoints_to_keep(self) -> int | None:

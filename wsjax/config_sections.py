@@ -198,7 +198,8 @@ def _build_phase(value: Any, i: int, last: bool, source: str) -> LRPhase:
 
 
 def _build_runconfig(body: dict, source: str) -> RunConfig:
-    r = build_section(RunConfig, body, "runconfig", source)
+    profile = _profile_steps(body.get("profile_steps", ()), source)
+    r = build_section(RunConfig, body, "runconfig", source, profile_steps=profile)
     check_min(r, "runconfig", source, 1, "max_steps", "log_steps", "save_summary_steps")
     check_min(r, "runconfig", source, 1, "max_consecutive_skips")
     # Cerebras: keep_checkpoint_max 0 keeps all; eval_steps <= 0 is a full pass (any int)
@@ -206,6 +207,29 @@ def _build_runconfig(body: dict, source: str) -> RunConfig:
     check_min(r, "runconfig", source, 0, "save_checkpoints_steps", "seed")  # 0: no periodic ckpt
     check_choice(r.on_nonfinite, ("stop", "skip"), source, "runconfig.on_nonfinite")
     return r
+
+
+def _profile_steps(value: Any, source: str) -> tuple[int, ...]:
+    """runconfig.profile_steps: a list of steps, one step, or inclusive ranges "A-B" (as text,
+    e.g. a command-line override, also "3,5" or "[3, 5]")."""
+    key, valid = "runconfig.profile_steps", 'expected steps >= 1: a list, one step or "A-B"'
+    parts = value.strip("[] ").split(",") if isinstance(value, str) else value
+    steps: list = []
+    for part in parts if isinstance(parts, list | tuple) else [parts]:
+        if isinstance(part, str):
+            first, dash, last = part.strip().partition("-")
+            if not (first.isdigit() and (not dash or last.strip().isdigit())):
+                bad(source, key, value, valid)
+            end = int(last) if dash else int(first)
+            if end < int(first):
+                bad(source, key, value, f"the range {part.strip()!r} is empty; {valid}")
+            steps.extend(range(int(first), end + 1))
+        else:
+            steps.append(part)
+    for step in steps:
+        if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+            bad(source, key, value, valid)
+    return tuple(sorted(set(steps)))
 
 
 def _build_streaming(body: dict, source: str) -> StreamingConfig:

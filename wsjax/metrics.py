@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -93,32 +94,94 @@ def _measure_h2d(device, nbytes: int = 32 << 20, repeats: int = 3) -> float:
     return nbytes / max(best, 1e-9)
 
 
+@dataclass(frozen=True)
+class StepTimes:
+    """Seconds of one call of each executable of a training step and of each transfer, timed
+    on the run's own device (:func:`measure_step_times`)."""
+
+    compute: dict[str, float]  # embed_fwd, block_fwd, head, block_bwd, embed_bwd, update/<kind>
+    to_device: dict[str, float]  # segment kind -> its streamed weights, host -> device
+    to_host: dict[str, float]  # segment kind -> its fp32 gradients, device -> host
+
+
 def estimate_step_seconds(
-    records: list[dict], *, num_layers: int, n_micro: int, seg_bytes: dict, peaks: DevicePeaks
+    times: StepTimes, *, num_layers: int, n_micro: int, overlap: bool = True
 ) -> float:
-    """Sum over the step's segments (embed, L blocks fwd, head, L blocks bwd, embed) of
-    max(compute = flops / peak, transfer = bytes / bandwidth), plus the optimizer updates.
+    """The step's schedule over measured parts: per streamed item (embed, L blocks forward,
+    head, L blocks backward, embed backward) max(compute x micro-batches, its transfers: the
+    weights in, and for the backward items the gradients out), then the host updates, which
+    run after the global norm is known. ``overlap=False`` adds the two instead: on a CPU
+    "device" a transfer is a copy by the same cores that compute, so nothing hides it."""
+    c = times.compute
+    combine = max if overlap else (lambda a, b: a + b)
 
-    Compute uses each executable's cost-analysis FLOPs times the micro-batches; transfer is the
-    segment's streamed weights (and, for backward segments, its fp32 gradients going back).
-    """
-    flops = {r["name"]: float(r.get("flops", 0.0)) for r in records}
-    # ``streaming.recompute: false`` names its block executables *_save / *_saved
-    flops.setdefault("block_fwd", flops.get("block_fwd_save", 0.0))
-    flops.setdefault("block_bwd", flops.get("block_bwd_saved", 0.0))
-    bw, peak = peaks.h2d_bandwidth, peaks.flops
-
-    def seg(name: str, kind: str, grads: bool) -> float:
-        moved = seg_bytes[kind] * (1 + (2 if grads else 0))  # fp32 grads = 2x a bf16 copy
-        return max(flops.get(name, 0.0) * n_micro / peak, moved / bw)
+    def item(exe: str, kind: str, grads: bool) -> float:
+        moved = times.to_device[kind] + (times.to_host[kind] if grads else 0.0)
+        return combine(c[exe] * n_micro, moved)
 
     L = num_layers
-    total = seg("embed_fwd", "embed", False) + L * seg("block_fwd", "block", False)
-    total += seg("head_train", "head", True) + L * seg("block_bwd", "block", True)
-    total += seg("embed_bwd", "embed", True)
-    updates = flops.get("update/embed", 0) + flops.get("update/head", 0)
-    updates += L * flops.get("update/block", 0)
-    return total + updates / peak
+    total = item("embed_fwd", "embed", False) + L * item("block_fwd", "block", False)
+    total += item("head", "head", True) + L * item("block_bwd", "block", True)
+    total += item("embed_bwd", "embed", True)
+    return total + c["update/embed"] + L * c["update/block"] + c["update/head"]
+
+
+def _zeros(shape, dtype, sharding) -> jax.Array:
+    """Zeros placed by ``sharding``, in whatever memory kind it names (e.g. pinned_host)."""
+    return jax.device_put(np.zeros(shape, dtype), sharding)
+
+
+def _zeros_like_args(exe, fallback):
+    """Fresh zero arguments for a compiled executable, laid out as it expects them (a fresh
+    set per call: donated arguments are consumed)."""
+    args_info = exe.args_info[0]
+    shardings = exe.input_shardings[0]
+    info_leaves, treedef = jax.tree.flatten(args_info)
+    shard_leaves = jax.tree.leaves(shardings, is_leaf=lambda x: x is None)
+    if len(shard_leaves) != len(info_leaves):
+        shard_leaves = [None] * len(info_leaves)
+    leaves = [
+        _zeros(i.shape, i.dtype, sh if sh is not None else fallback)
+        for i, sh in zip(info_leaves, shard_leaves, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def measure_step_times(program, executables, placement, reps: int = 3) -> StepTimes:
+    """Time each executable of a training step (``executables``: a ``TrainExecutables`` of
+    ``program``, a ``StepExecutables``) on zero inputs, and the weight and gradient transfers
+    of each segment kind, on the devices of ``placement``: the median of ``reps`` calls after a
+    warm-up (the median, not the best: a step is a median draw of each of its parts)."""
+
+    def zeros(tree, sharding=None):
+        return jax.tree.map(lambda a: _zeros(a.shape, a.dtype, sharding or a.sharding), tree)
+
+    def seconds(make_args, fn) -> float:
+        times = []
+        for _ in range(reps + 1):  # the first call is the warm-up
+            args = jax.block_until_ready(make_args())  # building inputs is not the call's time
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[1:])
+
+    def call(exe) -> float:
+        return seconds(lambda: _zeros_like_args(exe, placement.replicated), exe)
+
+    names = ("embed_fwd", "block_fwd", "head", "block_bwd", "embed_bwd")
+    compute = {name: call(getattr(executables, name)) for name in names}
+    compute.update({f"update/{kind}": call(exe) for kind, exe in executables.update.items()})
+    to_device, to_host = {}, {}
+    for kind in program.weights:
+        to_device[kind] = seconds(
+            lambda k=kind: (zeros(program.weights[k], placement.stream),),
+            lambda w: jax.device_put(w, placement.replicated),
+        )
+        to_host[kind] = seconds(
+            lambda k=kind: (zeros(program.grads[k]),),
+            lambda g: jax.device_put(g, placement.host),
+        )
+    return StepTimes(compute, to_device, to_host)
 
 
 @dataclass

@@ -365,18 +365,22 @@ def compile_engine(r: Run, engine) -> tuple[list[dict], float]:
 
 
 def estimate(r: Run, engine, records: list[dict]):
-    """(estimated samples/s of a training step, the device peaks it assumed)."""
-    from wsjax.metrics import device_peaks, estimate_step_seconds
+    """(estimated samples/s of a training step, the device peaks): each compiled executable and
+    each transfer timed once on the device, combined by the step's schedule (see
+    ``wsjax.metrics.estimate_step_seconds``); the peaks are what MFU is measured against."""
+    import jax
+
+    from wsjax.metrics import device_peaks, estimate_step_seconds, measure_step_times
 
     peaks = device_peaks()
     prog = engine.program(r.shape, train=True)
+    exes = prog.training(recompute=bool(r.config.streaming.recompute))  # compiled: cache hits
+    times = measure_step_times(prog, exes, engine.placement)
+    overlap = jax.devices()[0].platform != "cpu"  # a CPU's "transfers" are its own copies
     step_s = estimate_step_seconds(
-        records,
-        num_layers=r.model.num_layers,
-        n_micro=prog.n_micro,
-        seg_bytes=prog.seg_bytes,
-        peaks=peaks,
+        times, num_layers=r.model.num_layers, n_micro=prog.n_micro, overlap=overlap
     )
+    log.info("estimated step: %.4f s from timed executables and transfers", step_s)
     return (r.shape[0] / step_s if step_s > 0 else 0.0), peaks
 
 

@@ -15,6 +15,7 @@ train_and_eval, the eval data. Then one loop: step, log, summaries, checkpoint (
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -137,10 +138,13 @@ def train_loop(
     bar = Progress(engine.step, target, r.options.progress)
     steps_done, wait, t_start = 0, 0.0, time.perf_counter()
     batches = itertools.chain([first], loader)
+    profiler = StepProfiler(rc.profile_steps, r.md.path / "profile")
     try:
         with PreemptionGuard() as preemption:
             while engine.step < target:
-                m = engine.train_step(next(batches))
+                batch = next(batches)
+                with profiler.step(engine.step + 1):
+                    m = engine.train_step(batch)
                 m["input/wait_seconds"] = loader.wait_seconds_last
                 wait += loader.wait_seconds_last
                 steps_done += 1
@@ -170,6 +174,7 @@ def train_loop(
                         "resume exactly"
                     )
     finally:
+        profiler.close()
         bar.close()
         tb.close()
     return LoopStats(steps_done, time.perf_counter() - t_start, wait)
@@ -232,6 +237,44 @@ def finish(r: Run, result: RunResult, stats: LoopStats, est, peaks, init_s, prog
             "suspected input bottleneck: waited for data %.0f%% of the time", 100 * wait_share
         )
     return result
+
+
+class StepProfiler:
+    """A ``jax.profiler`` trace of the steps in ``runconfig.profile_steps``, into ``log_dir``.
+
+    A trace starts before the first step of each run of consecutive chosen steps and stops after
+    its last, so other steps cost nothing. Each step is a ``StepTraceAnnotation`` (TensorBoard's
+    step view); the engine names its spans inside (wsjax/streaming/step.py). The trace is
+    written as TensorBoard's ``plugins/profile/<run>/*.xplane.pb`` and as Perfetto's
+    ``perfetto_trace.json.gz`` next to it.
+    """
+
+    def __init__(self, steps: tuple[int, ...], log_dir):
+        self.steps, self.log_dir = frozenset(steps), log_dir
+        self.tracing = False
+
+    @contextlib.contextmanager
+    def step(self, step: int):
+        if step not in self.steps:
+            yield
+            return
+        import jax
+
+        if not self.tracing:
+            log.info("profiling from global step %d into %s", step, self.log_dir)
+            jax.profiler.start_trace(self.log_dir, create_perfetto_trace=True)
+            self.tracing = True
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+            yield
+        if step + 1 not in self.steps:
+            self.close()
+
+    def close(self) -> None:
+        if self.tracing:
+            import jax
+
+            jax.profiler.stop_trace()
+            self.tracing = False
 
 
 # ---- fault policies -----------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.profiler import TraceAnnotation
 
 from wsjax.optim import clip_factor, global_norm_from_sq
 from wsjax.streaming.executables import StepExecutables
@@ -77,12 +78,18 @@ def drive(items: list[StreamItem], stream: WeightStream, dispatch: Callable) -> 
     """
     previous = None
     for item in items:
-        outputs = dispatch(item, stream.take())
+        # named spans for runconfig.profile_steps traces (free when no trace is running)
+        with TraceAnnotation("stream/take", segment=item.segment):
+            weights = stream.take()
+        with TraceAnnotation(f"dispatch/{item.phase}", segment=item.segment):
+            outputs = dispatch(item, weights)
         if previous is not None:
-            jax.block_until_ready(previous)
+            with TraceAnnotation("wait/previous_item"):
+                jax.block_until_ready(previous)
             stream.release()
         previous = outputs
-    jax.block_until_ready(previous)
+    with TraceAnnotation("wait/previous_item"):
+        jax.block_until_ready(previous)
     stream.release()
 
 
@@ -156,7 +163,8 @@ class TrainStep:
 
         # how long the step waits for the last gradients to reach the host
         t0 = time.perf_counter()
-        jax.block_until_ready(list(state.grads_host.values()))
+        with TraceAnnotation("wait/gradients_to_host"):
+            jax.block_until_ready(list(state.grads_host.values()))
         stats.d2h_wait += time.perf_counter() - t0
 
         loss = float(np.sum([np.float64(s) for s in state.loss_sums])) / float(denom)
@@ -165,7 +173,8 @@ class TrainStep:
         if not skip:  # updates in the order the next forward needs them
             scale = clip_factor(grad_norm, self.max_norm)
             for name in segment_names(self.num_layers):
-                self._update(store, name, state.grads_host[name], scale, stats)
+                with TraceAnnotation("update", segment=name):
+                    self._update(store, name, state.grads_host[name], scale, stats)
         return {
             "train/loss": loss,
             "train/grad_norm": grad_norm,
