@@ -82,3 +82,33 @@ def test_cerebras_format_trains_with_mask_honoured(tmp_path, tiny_config, proces
     losses = [engine.train_step(b)["train/loss"] for b in batches]
     assert losses[0] == pytest.approx(expected, rel=1e-5)
     assert np.mean(losses[-2:]) < losses[0] - 0.1  # it learns (the data repeats every 2 steps)
+
+
+def test_run_on_the_builtin_corpus_records_it_with_its_eval_loss(tmp_path):
+    """A run on the built-in corpus writes model_dir/train/corpus.json: the corpus' size and
+    split (from its meta.json) and the run's own eval results, the last one under "eval"."""
+    import json
+
+    from conftest import tiny_config_dict
+    from train_helpers import MODEL_VOCAB, make_shards
+
+    from wsjax.config import config_from_dict
+    from wsjax.train import run
+
+    shards = make_shards(tmp_path / "shards")
+    meta = json.loads((shards / "meta.json").read_text())
+    meta["builtin"] = {"python": "3.x", "train": {"files": 3}, "eval": {"files": 1}}  # as builtin
+    (shards / "meta.json").write_text(json.dumps(meta))
+    d = tiny_config_dict("gptj", layers=1, model={"vocab_size": MODEL_VOCAB})
+    data = {"data_processor": "GptTokenShardsProcessor", "data_dir": str(shards)}
+    d["train_input"] = {"batch_size": 2, "max_sequence_length": 16, **data}
+    d["eval_input"] = {"batch_size": 2, "max_sequence_length": 16, "split": "eval", **data}
+    d["runconfig"] |= {"save_checkpoints_steps": 2, "eval_steps": 2}
+    result = run(config_from_dict(d), "train_and_eval", tmp_path / "md", max_steps=2)
+    record = json.loads((tmp_path / "md" / "train" / "corpus.json").read_text())
+    assert record["corpus"] == meta["builtin"]
+    assert result.evals and record["eval"]["loss"] == result.evals[-1]["loss"]
+
+    # mode train evaluates nothing: the record says so instead of inventing a loss
+    run(config_from_dict(d), "train", tmp_path / "md2", max_steps=1)
+    assert json.loads((tmp_path / "md2" / "train" / "corpus.json").read_text())["eval"] is None

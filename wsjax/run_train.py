@@ -34,6 +34,7 @@ def train_mode(r: Run) -> RunResult:
     """``train`` / ``train_and_eval``: resume or start, check inputs, build, compile, loop."""
     from wsjax.checkpoint import Checkpoints
     from wsjax.data import make_loader
+    from wsjax.data.builtin import CORPUS_RECORD, corpus_record, write_corpus_record
     from wsjax.run import write_effective_config
     from wsjax.run_eval import check_eval_input
     from wsjax.run_tokenizer import save_run_tokenizer
@@ -62,6 +63,7 @@ def train_mode(r: Run) -> RunResult:
     )
     try:
         save_run_tokenizer(loader.source, r.md.path, r.config.model.max_position_embeddings)
+        corpus = corpus_record(loader.source)
         first = next(loader)  # read now: a corrupt first record fails before weights or compile
         if r.mode == "train_and_eval":
             check_eval_input(r)
@@ -73,7 +75,10 @@ def train_mode(r: Run) -> RunResult:
         stats = train_loop(r, engine, first, loader, ckpts, target, result, peaks.flops)
     finally:
         loader.close()
-    return finish(r, result, stats, est, peaks, init_s, programming_s)
+    finish(r, result, stats, est, peaks, init_s, programming_s)
+    if corpus is not None:
+        write_corpus_record(r.md.train_dir / CORPUS_RECORD, corpus, result.evals)
+    return result
 
 
 def replace_max_steps(config, max_steps: int):

@@ -182,3 +182,27 @@ def ensure_builtin_corpus(
         f"{100 * info['eval_fraction_bytes']:.1f}% of the bytes): {target}"
     )
     return target
+
+
+CORPUS_RECORD = "corpus.json"  # in model_dir/train/: the corpus a run trained on, and its eval
+
+
+def corpus_record(source) -> dict | None:
+    """The ``builtin`` section of the built-in corpus' meta.json (Python, files, bytes and tokens
+    of each split, eval unigram entropy) when ``source`` reads that corpus, else None."""
+    for root in getattr(source, "roots", ()):
+        meta = Path(root) / "meta.json"
+        if meta.is_file():
+            info = json.loads(meta.read_text()).get("builtin")
+            if info is not None:
+                return info
+    return None
+
+
+def write_corpus_record(path: Path, corpus: dict, evals: list[dict]) -> None:
+    """``model_dir/train/corpus.json``: the corpus record beside the run's own eval results (the
+    last one under ``eval``), so a run says what it trained on and what loss it reached."""
+    body = {"corpus": corpus, "eval": evals[-1] if evals else None, "evals": evals}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(body, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
