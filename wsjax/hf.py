@@ -168,7 +168,13 @@ class _Tensors:
             raise CheckpointError(f"{f}: cannot read safetensors file ({e})") from None
 
     def _load_pickle(self, f: Path) -> list[str]:
-        import torch  # only for pickled checkpoints the user explicitly allowed
+        try:
+            import torch  # only for pickled checkpoints the user explicitly allowed
+        except ImportError:  # torch is no dependency of wsjax
+            raise CheckpointError(
+                f"{f}: cannot load PyTorch checkpoint without torch (pip install torch), or "
+                "convert it to safetensors"
+            ) from None
 
         try:
             state = torch.load(str(f), map_location="cpu", weights_only=True)
