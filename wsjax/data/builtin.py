@@ -189,14 +189,10 @@ CORPUS_RECORD = "corpus.json"  # in model_dir/train/: the corpus a run trained o
 
 def corpus_record(source) -> dict | None:
     """The ``builtin`` section of the built-in corpus' meta.json (Python, files, bytes and tokens
-    of each split, eval unigram entropy) when ``source`` reads that corpus, else None."""
-    for root in getattr(source, "roots", ()):
-        meta = Path(root) / "meta.json"
-        if meta.is_file():
-            info = json.loads(meta.read_text()).get("builtin")
-            if info is not None:
-                return info
-    return None
+    of each split, eval unigram entropy) when ``source`` reads that corpus, else None. The token
+    shards source has already parsed its meta.json (``ShardSource.meta``): no second read."""
+    meta = getattr(source, "meta", None) or {}
+    return meta.get("builtin")
 
 
 def write_corpus_record(path: Path, corpus: dict, evals: list[dict]) -> None:
