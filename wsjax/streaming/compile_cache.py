@@ -107,7 +107,7 @@ class ExecutableCache:
 
     def _path(self, name, sig, out_shardings, donate) -> Path | None:
         root = jax.config.jax_compilation_cache_dir
-        if not root:
+        if not root or jax.process_count() > 1:  # one writer per file; leave it to XLA's cache
             return None
         text = repr((self.context, name, sig, str(out_shardings), tuple(donate)))
         digest = hashlib.sha256(text.encode()).hexdigest()[:32]

@@ -28,14 +28,17 @@ from wsjax.reference import step_key
 from wsjax.streaming.compile_cache import ExecutableCache, source_digest
 from wsjax.streaming.executables import SegmentFunctions, StepExecutables
 from wsjax.streaming.placement import Placement
+from wsjax.streaming.shards import global_mesh_devices
 from wsjax.streaming.step import EvalStep, TrainStep
 from wsjax.streaming.store import HostStore
 from wsjax.streaming.transfer import Residency
 
 
 def default_mesh(devices=None) -> Mesh:
-    """A 1-D ``data`` mesh over all local devices."""
-    devices = devices if devices is not None else jax.local_devices()
+    """A 1-D ``data`` mesh over all devices: this process's, or with several processes
+    (``jax.distributed``) every process's, grouped by process."""
+    if devices is None:
+        devices = global_mesh_devices() if jax.process_count() > 1 else jax.local_devices()
     return Mesh(np.asarray(devices), ("data",))
 
 
@@ -66,6 +69,12 @@ class StreamingEngine:
         self.optimizer = make_optimizer(config.optimizer)
         self.lr_schedule = learning_rate_schedule(config.optimizer)
         self.placement = Placement.create(self.mesh, config.streaming)
+        if self.placement.shards is not None and not self.placement.optimizer_on_host:
+            raise ConfigError(
+                f"{config.source}: streaming.optimizer_placement: device is not supported with "
+                f"{jax.process_count()} processes (each process updates its slice on the host); "
+                "use host"
+            )
         self.functions = SegmentFunctions(
             model, self.optimizer if train else None, model.compute_dtype
         )
@@ -86,6 +95,7 @@ class StreamingEngine:
                 self.placement.stream,
                 model.compute_dtype,
                 opt_state=opt_state,
+                shards=self.placement.shards,
             )
 
     @property
@@ -111,11 +121,9 @@ class StreamingEngine:
         if not self.training:
             raise ValueError("this engine was built with train=False: it cannot train_step")
         t0 = time.perf_counter()
-        train = self._step(batch["input_ids"].shape, train=True)
+        train = self._step(self.global_shape(batch), train=True)
         key = jax.device_put(step_key(self.seed, self.step), self.placement.replicated)
-        denom = float(
-            loss_normalizer(self.config.model, np.asarray(batch["loss_mask"], np.float64))
-        )
+        denom = self._denominator(np.asarray(batch["loss_mask"], np.float64))
         metrics = train.run(self.store, batch, key, denom)
         metrics["train/lr"] = float(self.lr_schedule(self.step))
         self.step += 1
@@ -123,9 +131,27 @@ class StreamingEngine:
         metrics["memory/device_peak_bytes"] = float(self.residency.peak)
         return metrics
 
+    def global_shape(self, batch: dict) -> tuple[int, int]:
+        """(batch size, sequence length) of the global batch: with several processes ``batch``
+        holds this process's rows only (:func:`~wsjax.streaming.shards.process_rows`)."""
+        rows, seq = batch["input_ids"].shape
+        shards = self.placement.shards
+        return (rows * (shards.count if shards is not None else 1), seq)
+
+    def _denominator(self, loss_mask: np.ndarray) -> float:
+        """The global batch's loss denominator; with several processes ``loss_mask`` holds this
+        process's rows, so the count is summed over the processes."""
+        if self.placement.shards is None:
+            return float(loss_normalizer(self.config.model, loss_mask))
+        from jax.experimental import multihost_utils
+
+        parts = np.asarray(loss_mask.sum(axis=1), np.float32)  # token counts: exact
+        rows = np.asarray(multihost_utils.process_allgather(parts)).reshape(-1)
+        return float(loss_normalizer(self.config.model, rows[:, None]))
+
     def eval_step(self, batch: dict) -> dict:
         """Forward-only: summed loss, token count and correct predictions of the batch."""
-        evaluate = self._step(batch["input_ids"].shape, train=False)
+        evaluate = self._step(self.global_shape(batch), train=False)
         key = jax.device_put(step_key(self.seed, 0), self.placement.replicated)
         return evaluate.run(self.store, batch, key)
 

@@ -219,6 +219,48 @@ class StepExecutables:
         self.denom = jax.ShapeDtypeStruct((), master_dtype, sharding=rep)
         self.wte = self.weights["embed"]["wte"] if self.tied else None
         self.g_wte = self.grads["embed"]["wte"] if self.tied else None
+        # what the host store holds per segment: whole leaves, or this process's slices
+        shards = placement.shards
+        self.host_shapes = (
+            self.master_shapes
+            if shards is None
+            else {k: shards.local_abstract(v) for k, v in self.master_shapes.items()}
+        )
+        self._moves: dict = {}
+
+    # ---- the link: host store <-> devices ------------------------------------------------
+    def broadcast(self, kind: str, stream_copy):
+        """A segment's stream copy from the host onto every device (replicated). With several
+        processes each sends its slice to its own devices and they all-gather (SwarmX's
+        broadcast)."""
+        shards = self.placement.shards
+        if shards is None:
+            return jax.device_put(stream_copy, self.placement.replicated)
+        weights = self.weights[kind]
+        sharded = shards.to_devices(stream_copy, weights)
+        return self._move(f"gather/{kind}", sharded, self.placement.replicated)(sharded)
+
+    def reduce_to_host(self, kind: str, grads):
+        """A segment's summed gradients (replicated) to the host; with several processes each
+        process receives only its slice (SwarmX's reduction: the sum over the data axis is
+        already in the replicated gradients)."""
+        shards = self.placement.shards
+        if shards is None:
+            return jax.device_put(grads, self.placement.host)
+        sharded = self._move(f"scatter/{kind}", grads, shards.device_shardings(grads))(grads)
+        return shards.to_host(sharded, self.placement.host)
+
+    def _move(self, name: str, example, out_shardings):
+        """A compiled identity into ``out_shardings`` (XLA chooses the collective)."""
+        if name not in self._moves:
+            abstract_args = jax.tree.map(
+                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), example
+            )
+            self._moves[name] = self.cache.get(
+                name, lambda t: t, (abstract_args,), out_shardings=out_shardings,
+                out_tree=lambda n: jax.tree.structure(_structure(example)),
+            )  # fmt: skip
+        return self._moves[name]
 
     def _get(self, name, fn, args, out_shardings, out_tree, donate=()):
         return self.cache.get(
@@ -308,8 +350,8 @@ class StepExecutables:
         optimizer, where = self.functions.optimizer, self.placement.update
         if optimizer is None:
             raise ValueError("this engine was built with train=False: it has no optimizer")
-        master = abstract(self.master_shapes[kind], where)
-        opt_state = abstract(jax.eval_shape(optimizer.init, self.master_shapes[kind]), where)
+        master = abstract(self.host_shapes[kind], where)
+        opt_state = abstract(jax.eval_shape(optimizer.init, self.host_shapes[kind]), where)
         scale = jax.ShapeDtypeStruct((), self.master_dtype, sharding=where)
         out_tree = lambda n: jax.tree.structure(
             (_structure(master), _structure(opt_state), _structure(master))

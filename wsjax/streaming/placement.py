@@ -19,6 +19,8 @@ import jax
 from jax.sharding import Mesh, NamedSharding, Sharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
+from wsjax.streaming.shards import ProcessShards
+
 
 @dataclass(frozen=True)
 class Placement:
@@ -30,10 +32,15 @@ class Placement:
     activation_memory_kind: str | None  # None: the accelerator has no host memory kind
     optimizer_on_host: bool
     update_writes_stream: bool  # the host update emits the stream copy in its final place
+    shards: ProcessShards | None = None  # several processes: each host holds 1/P (shards.py)
 
     @classmethod
     def create(cls, mesh: Mesh, streaming_cfg) -> Placement:
-        first, host_device = mesh.devices.flat[0], jax.devices("cpu")[0]
+        # this process's first device and CPU device (with several processes, the mesh also
+        # holds the others' devices)
+        index = jax.process_index()
+        first = next(d for d in mesh.devices.flat if d.process_index == index)
+        host_device = jax.local_devices(backend="cpu")[0]
         kinds = {m.kind for m in first.addressable_memories()}
         kind = streaming_cfg.host_memory_kind if streaming_cfg.host_memory_kind in kinds else None
         on_host = streaming_cfg.optimizer_placement == "host"
@@ -49,6 +56,7 @@ class Placement:
             activation_memory_kind=kind,
             optimizer_on_host=on_host,
             update_writes_stream=on_host and same_platform,
+            shards=ProcessShards.create(mesh) if jax.process_count() > 1 else None,
         )
 
     @property

@@ -260,7 +260,7 @@ class TrainStep:
         """Start a segment's summed gradients back to the host (updated once the norm is known)."""
         state.sq_norms[name] = sq
         state.stats.d2h_bytes += tree_bytes(g)
-        state.grads_host[name] = jax.device_put(g, self.placement.host)
+        state.grads_host[name] = self.exes.reduce_to_host(segment_kind(name), g)
         self.residency.drop(f"grads:{name}")
 
     # ---- the update ------------------------------------------------------------------------
@@ -334,7 +334,7 @@ def weight_fetch(
     step's list of host kept values, the abstract kept value) fetches the block's kept values
     too, once they exist. The closures hold the store and that list, never the step's state,
     so a finished step is freed by reference counting."""
-    name, rep = item.segment, placement.replicated
+    name = item.segment
     with_wte = name == "head" and exes.tied
     nbytes = exes.seg_bytes[segment_kind(name)] + (exes.seg_bytes["embed"] if with_wte else 0)
     data_exist = None
@@ -345,8 +345,8 @@ def weight_fetch(
         data_exist = lambda: kept_host[item.layer] is not None  # noqa: E731
 
     def issue():
-        weights = jax.device_put(store.stream[name], rep)
-        wte = jax.device_put(store.stream["embed"]["wte"], rep) if with_wte else None
+        weights = exes.broadcast(segment_kind(name), store.stream[name])
+        wte = exes.broadcast("embed", store.stream["embed"])["wte"] if with_wte else None
         kept = None
         if kept_back is not None:
             kept = [jax.device_put(k, device) for k in kept_host[item.layer]]
@@ -362,8 +362,15 @@ def split_batch(batch: dict, exes: StepExecutables, placement: Placement, stats:
 
     def split(values, dtype):
         values = np.asarray(values, dtype)
-        parts = [values[i * micro : (i + 1) * micro] for i in range(n)]
-        return [jax.device_put(part, placement.data) for part in parts]
+        if placement.shards is None:
+            parts = [values[i * micro : (i + 1) * micro] for i in range(n)]
+            return [jax.device_put(part, placement.data) for part in parts]
+        # several processes: ``values`` holds this process's rows of each micro-batch, in
+        # micro-batch order (wsjax.streaming.shards.process_rows)
+        rows = micro // placement.shards.count
+        shape = (micro, *values.shape[1:])
+        parts = [values[i * rows : (i + 1) * rows] for i in range(n)]
+        return [jax.make_array_from_process_local_data(placement.data, p, shape) for p in parts]
 
     stats.h2d_bytes += 3 * n * micro * exes.seq * 4
     return (

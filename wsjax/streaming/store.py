@@ -9,6 +9,10 @@ layer axis, the layout of checkpoints and of the resident reference.
 Tiers: ``master`` and ``optimizer`` live on the host compute device (where the host update
 runs); ``stream`` (bf16 under mixed precision) lives in the accelerator's ``pinned_host`` memory
 where it has one: the bytes that cross the link.
+
+With several processes (``shards``), every entry is this process's slice of each leaf (the
+layout: :mod:`~wsjax.streaming.shards`), and the two trees come back as global arrays over the
+processes, whole-shaped, for a checkpoint that every process writes its part of.
 """
 
 from __future__ import annotations
@@ -53,12 +57,16 @@ def stack_trees(trees: list):
 class HostStore:
     """Per-segment host state. Build with :meth:`create`; the step's updates replace entries."""
 
-    def __init__(self, num_layers: int, master: dict, opt_state: dict, stream: dict):
+    def __init__(
+        self, num_layers: int, master: dict, opt_state: dict, stream: dict, shards=None, full=None
+    ):
         self.num_layers = num_layers
         self.names = segment_names(num_layers)
         self.master = master  # name -> fp32 pytree on the host compute device
         self.opt_state = opt_state  # name -> optax state pytree (host)
         self.stream = stream  # name -> compute-dtype pytree (stream memory)
+        self.shards = shards  # ProcessShards with several processes, else None
+        self.full = full  # with shards: {"params", "opt_state"}: whole-shaped abstract trees
 
     @classmethod
     def create(
@@ -70,12 +78,22 @@ class HostStore:
         stream_sharding,
         compute_dtype,
         opt_state: dict | None = None,
+        shards=None,
     ) -> HostStore:
         """Place ``params`` ({"embed", "blocks" (stacked), "head"}) and optimizer state on the host.
 
         ``opt_state`` (optional) is in the :meth:`opt_state_tree` layout, e.g. from a checkpoint.
-        ``optimizer=None`` (an eval-only engine): no optimizer state at all.
+        ``optimizer=None`` (an eval-only engine): no optimizer state at all. ``shards``
+        (several processes): ``params`` / ``opt_state`` are whole (numpy) or global arrays over
+        the processes; the store keeps this process's slices.
         """
+        full = None
+        if shards is not None:
+            full = {"params": abstract_tree(params)}
+            full["opt_state"] = full_opt_state(optimizer, full["params"], num_layers)
+            params = slice_stacked(shards, params, full["params"])
+            if opt_state is not None:
+                opt_state = slice_stacked(shards, opt_state, full["opt_state"])
         # Copies (may_alias=False): updates donate these buffers, the caller's arrays stay valid.
         place = lambda t: jax.device_put(t, host_sharding, may_alias=False)
         master = {n: place(p) for n, p in _split_segments(params, num_layers).items()}
@@ -90,17 +108,23 @@ class HostStore:
             n: jax.device_put(jax.tree.map(lambda a: a.astype(compute_dtype), p), stream_sharding)
             for n, p in master.items()
         }
-        return cls(num_layers, master, opt, stream)
+        return cls(num_layers, master, opt, stream, shards, full)
 
     def params_tree(self) -> dict:
-        """fp32 master weights as one tree with blocks stacked (numpy, host)."""
-        return self._join(self.master)
+        """fp32 master weights as one tree with blocks stacked (numpy, host; with several
+        processes, global arrays over them)."""
+        return self._whole(self._join(self.master), "params")
 
     def opt_state_tree(self) -> dict:
-        """Optimizer state {"embed", "blocks" (stacked per leaf), "head"} (numpy, host)."""
+        """Optimizer state {"embed", "blocks" (stacked per leaf), "head"} (as params_tree)."""
         if not self.opt_state:
             raise ValueError("this engine was built with train=False: it has no optimizer state")
-        return self._join(self.opt_state)
+        return self._whole(self._join(self.opt_state), "opt_state")
+
+    def _whole(self, tree: dict, item: str) -> dict:
+        if self.shards is None:
+            return tree
+        return self.shards.host_global(tree, self.full[item])
 
     def _join(self, per_seg: dict) -> dict:
         blocks = [per_seg[f"block/{i}"] for i in range(self.num_layers)]
@@ -109,6 +133,49 @@ class HostStore:
             "blocks": stack_trees(blocks),
             "head": jax.tree.map(np.asarray, per_seg["head"]),
         }
+
+
+def abstract_tree(tree) -> dict:
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(tuple(a.shape), a.dtype), tree)
+
+
+def full_opt_state(optimizer, params_abstract: dict, num_layers: int) -> dict | None:
+    """Whole-shaped abstract optimizer state in the :meth:`HostStore.opt_state_tree` layout."""
+    if optimizer is None:
+        return None
+    layer = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), params_abstract["blocks"]
+    )
+    per_segment = {
+        "embed": jax.eval_shape(optimizer.init, params_abstract["embed"]),
+        "block/0": jax.eval_shape(optimizer.init, layer),
+        "head": jax.eval_shape(optimizer.init, params_abstract["head"]),
+    }
+    stack = lambda a: jax.ShapeDtypeStruct((num_layers, *a.shape), a.dtype)  # noqa: E731
+    return {
+        "embed": per_segment["embed"],
+        "blocks": jax.tree.map(stack, per_segment["block/0"]),
+        "head": per_segment["head"],
+    }
+
+
+def local_stacked(shards, full: dict) -> dict:
+    """This process's slice shapes of a whole {"embed", "blocks" (stacked), "head"} tree: a
+    block leaf is cut as one layer's leaf is, below its layer axis."""
+    blocks = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct((a.shape[0], *shards.local_shape(a.shape[1:])), a.dtype),
+        full["blocks"],
+    )
+    return {
+        "embed": shards.local_abstract(full["embed"]),
+        "blocks": blocks,
+        "head": shards.local_abstract(full["head"]),
+    }
+
+
+def slice_stacked(shards, tree: dict, full: dict) -> dict:
+    """This process's slices (numpy) of a whole or process-global stacked tree."""
+    return shards.slice_tree(tree, full, local_stacked(shards, full))
 
 
 def _split_segments(tree: dict, num_layers: int) -> dict:
