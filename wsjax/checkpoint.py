@@ -32,6 +32,14 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint._src.path import step as step_lib
 
+from wsjax.checkpoint_shards import (
+    barrier,
+    multi_process,
+    process_digest,
+    restore_targets,
+    verify_process_digest,
+)
+from wsjax.distributed import is_main_process
 from wsjax.errors import CheckpointError, NonFiniteError
 
 log = logging.getLogger("wsjax.checkpoint")
@@ -111,8 +119,9 @@ class Checkpoints:
             "opt_state": ocp.StandardCheckpointHandler(),
             "meta": ocp.JsonCheckpointHandler(),
         }
-        if not read_only:
+        if not read_only and is_main_process():
             self._clear_leftovers()
+        barrier("checkpoints-open")
         self._mngr = ocp.CheckpointManager(self.directory, options=opts, item_handlers=handlers)
 
     def steps(self) -> list[int]:
@@ -132,10 +141,15 @@ class Checkpoints:
 
         Raises NonFiniteError, writing nothing, when any array holds a NaN or an infinity.
         """
-        params, opt_state = jax.device_get(params), jax.device_get(opt_state)
-        digest = array_digest({"params": params, "opt_state": opt_state}, f"{PREFIX}-{step}")
-        if self.path(step).exists():  # an unreadable leftover at this step: replace it
+        trees, name = {"params": params, "opt_state": opt_state}, f"{PREFIX}-{step}"
+        if multi_process():  # every process writes its blocks (wsjax.checkpoint_shards)
+            digest = process_digest(trees, name)
+        else:
+            params, opt_state = jax.device_get(params), jax.device_get(opt_state)
+            digest = array_digest({"params": params, "opt_state": opt_state}, name)
+        if self.path(step).exists() and is_main_process():  # an unreadable leftover: replace it
             self._trash(self.path(step))
+        barrier(f"checkpoint-{step}-clear")
         try:
             self._mngr.save(
                 step,
@@ -148,7 +162,8 @@ class Checkpoints:
             )
             self._mngr.wait_until_finished()
         except READ_ERRORS as e:
-            self._clear_leftovers()  # orbax's uncommitted temporary folder
+            if is_main_process():
+                self._clear_leftovers()  # orbax's uncommitted temporary folder
             raise CheckpointError(
                 f"{self.path(step)}: cannot write the checkpoint ({_first_line(e)}); "
                 "the earlier checkpoints are kept (free disk space and rerun to resume)"
@@ -160,8 +175,10 @@ class Checkpoints:
         if self.keep is None:
             return
         others = [s for s in self.steps() if s != newest_good]
-        for step in others[: max(0, len(others) - (self.keep - 1))]:
-            self._trash(self.path(step))
+        if is_main_process():
+            for step in others[: max(0, len(others) - (self.keep - 1))]:
+                self._trash(self.path(step))
+        barrier(f"checkpoint-{newest_good}-prune")
         self._mngr.reload()
 
     def _trash(self, path: Path) -> None:
@@ -207,21 +224,30 @@ class Checkpoints:
         layout checked first, the digest after reading."""
         where = self.path(step)
         check_shapes(params_shapes, self.param_shapes(step), where)
-        items = {
-            "params": ocp.args.StandardRestore(_shape_tree(params_shapes)),
-            "meta": ocp.args.JsonRestore(),
-        }
         if opt_shapes is not None:
             self._check_optimizer(step, opt_shapes)
-            items["opt_state"] = ocp.args.StandardRestore(_shape_tree(opt_shapes))
+        params_target, opt_target = restore_targets(params_shapes, opt_shapes)
+        items = {"params": ocp.args.StandardRestore(params_target), "meta": ocp.args.JsonRestore()}
+        if opt_shapes is not None:
+            items["opt_state"] = ocp.args.StandardRestore(opt_target)
         try:
             r = self._mngr.restore(step, args=ocp.args.Composite(**items))
         except READ_ERRORS as e:
             raise CorruptCheckpoint(f"{where}: unreadable ({_first_line(e)})") from None
         meta = dict(r["meta"] or {})
         opt = r["opt_state"] if opt_shapes is not None else None
-        verify_digest(meta.pop(DIGEST_KEY, None), r["params"], opt, where)
-        return r["params"], opt, meta
+        params = r["params"]
+        if not multi_process():  # numpy, as the callers (export, the store) take it
+            params, opt = jax.tree.map(np.asarray, params), jax.tree.map(np.asarray, opt)
+        digest = meta.pop(DIGEST_KEY, None)
+        trees = {"params": params} if opt is None else {"params": params, "opt_state": opt}
+        if digest and isinstance(next(iter(digest.values())), dict):  # written by P processes
+            verify_process_digest(digest, trees, where)
+        elif multi_process():
+            log.info("%s: written by one process; its digest is checked by one process", where)
+        else:
+            verify_digest(digest, params, opt, where)
+        return params, opt, meta
 
     def _check_optimizer(self, step: int, opt_shapes: dict) -> None:
         """One line instead of orbax's tree dump when the optimizer changed since the save."""

@@ -137,8 +137,10 @@ def _zeros_like_args(exe, fallback):
     args_info = exe.args_info[0]
     shardings = exe.input_shardings[0]
     info_leaves, treedef = jax.tree.flatten(args_info)
-    shard_leaves = jax.tree.leaves(shardings, is_leaf=lambda x: x is None)
-    if len(shard_leaves) != len(info_leaves):
+    # one sharding per argument leaf; None where the executable does not use the argument
+    try:
+        shard_leaves = treedef.flatten_up_to(shardings)
+    except (ValueError, TypeError):
         shard_leaves = [None] * len(info_leaves)
     leaves = [
         _zeros(i.shape, i.dtype, sh if sh is not None else fallback)
@@ -173,13 +175,19 @@ def measure_step_times(program, executables, placement, reps: int = 3) -> StepTi
     compute.update({f"update/{kind}": call(exe) for kind, exe in executables.update.items()})
     to_device, to_host = {}, {}
     for kind in program.weights:
+        # the host holds the stream copy's shape of this process (a slice with several)
+        stream = jax.tree.map(
+            lambda w, h: jax.ShapeDtypeStruct(h.shape, w.dtype),
+            program.weights[kind],
+            program.host_shapes[kind],
+        )
         to_device[kind] = seconds(
-            lambda k=kind: (zeros(program.weights[k], placement.stream),),
-            lambda w: jax.device_put(w, placement.replicated),
+            lambda s=stream: (zeros(s, placement.stream),),
+            lambda w, k=kind: program.broadcast(k, w),
         )
         to_host[kind] = seconds(
             lambda k=kind: (zeros(program.grads[k]),),
-            lambda g: jax.device_put(g, placement.host),
+            lambda g, k=kind: program.reduce_to_host(k, g),
         )
     return StepTimes(compute, to_device, to_host)
 
@@ -205,6 +213,10 @@ class Performance:
     weight_init_time: float = 0.0
 
     def write(self, path: Path) -> None:
+        from wsjax.distributed import is_main_process
+
+        if not is_main_process():  # process 0 writes the run's files
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -226,6 +238,10 @@ class Summaries:
         return self._writers[split]
 
     def scalars(self, split: str, values: dict, step: int) -> None:
+        from wsjax.distributed import is_main_process
+
+        if not is_main_process():  # process 0 writes the events
+            return
         w = self._writer(split)
         for tag, value in values.items():
             if value is not None and math.isfinite(float(value)):

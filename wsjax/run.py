@@ -124,6 +124,7 @@ def run(
     ``eval_steps <= 0`` evaluates the whole eval set); 0 is a value, None is "not given".
     ``eval_text`` (eval modes): evaluate on this text or jsonl file (wsjax.eval_text).
     """
+    from wsjax.distributed import is_main_process
     from wsjax.metrics import setup_logging
     from wsjax.run_dir import DEFAULT_MODEL_DIR, ModelDir
 
@@ -153,14 +154,16 @@ def run(
     setup_logging()
     with md:
         split = "train" if mode.startswith("train") else "eval"
-        handler = setup_logging(md.path / split / "run.log")
+        # process 0 writes the run's files; the others only compute (wsjax.distributed)
+        handler = setup_logging(md.path / split / "run.log") if is_main_process() else None
         try:
             return dispatch(make_run(config, mode, md, options))
         except OSError as e:
             raise disk_error(e, md.path) from None
         finally:
-            logging.getLogger("wsjax").removeHandler(handler)
-            handler.close()
+            if handler is not None:
+                logging.getLogger("wsjax").removeHandler(handler)
+                handler.close()
 
 
 def with_runconfig_flags(config, flags: dict, steps: int | None):
@@ -255,7 +258,31 @@ def action(r: Run) -> Callable[[Run], RunResult]:
     return {"train": train_mode, "train_and_eval": train_mode}.get(r.mode, eval_mode)
 
 
+def process_rows_of(config, batch_size: int, *, train: bool):
+    """The rows of each global batch this process reads (None with one process)."""
+    import jax
+
+    from wsjax.streaming.shards import process_rows
+
+    count = jax.process_count()
+    if count == 1:
+        return None
+    n_micro = config.micro_batches(int(batch_size), train=train)
+    if (int(batch_size) // n_micro) % count:
+        section = "train_input" if train else "eval_input"
+        raise ConfigError(
+            f"{config.source}: {section}.batch_size {batch_size} in {n_micro} micro-batches "
+            f"does not split over {count} processes; give a batch size whose micro-batch is a "
+            f"multiple of {count}"
+        )
+    return process_rows(int(batch_size), n_micro, count, jax.process_index())
+
+
 def write_effective_config(md, config, training: bool) -> None:
+    from wsjax.distributed import is_main_process
+
+    if not is_main_process():  # process 0 writes the run's files
+        return
     split_dir = md.train_dir if training else md.eval_dir
     split_dir.mkdir(parents=True, exist_ok=True)
     name = "params_train.yaml" if training else "params_eval.yaml"
@@ -400,7 +427,10 @@ def build_engine(r: Run, start):
         train=r.training,  # eval modes: no optimizer state, no gradient buffers
     )
     init_s = time.perf_counter() - t0
-    first = jax.device_put(engine.store.stream["embed"], engine.replicated)  # first weights in
+    # the first weights in, as a step streams them
+    first = engine.program(r.shape, train=r.training).broadcast(
+        "embed", engine.store.stream["embed"]
+    )
     jax.block_until_ready(first)
     programming_s = time.perf_counter() - t0
     where = jax.devices()[0].platform.upper()

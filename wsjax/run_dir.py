@@ -76,6 +76,10 @@ class ModelDir:
 
     def lock(self) -> None:
         """Hold ``.lock`` (fcntl) for this process; error naming the holder if it is taken."""
+        from wsjax.distributed import is_main_process
+
+        if not is_main_process():  # process 0 holds the lock for the whole run
+            return
         lock_path = self.path / ".lock"
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -168,6 +172,10 @@ def _reset_cache() -> None:
 
 def write_compile_log(path: Path, records: list[dict], extra: dict) -> None:
     """``compile_log.json``: per executable seconds, FLOPs, bytes and memory analysis."""
+    from wsjax.distributed import is_main_process
+
+    if not is_main_process():  # process 0 writes the run's files
+        return
     path.mkdir(parents=True, exist_ok=True)
     body = {**extra, "executables": records}
     (path / "compile_log.json").write_text(json.dumps(body, indent=2) + "\n")

@@ -37,12 +37,14 @@ def eval_batches(config, batches_per_epoch: int) -> int:
 
 def open_eval_loader(r: Run):
     from wsjax.data import make_loader
+    from wsjax.run import process_rows_of
 
     return make_loader(
         r.config.eval_input,
         split="eval",
         model_vocab_size=r.config.model.vocab_size,
         seed=r.config.runconfig.seed,
+        rows=process_rows_of(r.config, r.config.eval_input.batch_size, train=False),
     )
 
 

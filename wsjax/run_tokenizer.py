@@ -57,6 +57,10 @@ def save_run_tokenizer(source, model_dir: Path, max_length: int) -> Path | None:
         return None
     tokenizer_json, eos = found
     target = Path(model_dir) / TOKENIZER_DIR
+    from wsjax.distributed import is_main_process
+
+    if not is_main_process():  # process 0 writes the run's files
+        return target
     tmp = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=model_dir))
     try:
         write_hf_tokenizer(load_tokenizer(tokenizer_json), eos, max_length, tmp)

@@ -35,7 +35,7 @@ def train_mode(r: Run) -> RunResult:
     from wsjax.checkpoint import Checkpoints
     from wsjax.data import make_loader
     from wsjax.data.builtin import CORPUS_RECORD, corpus_record, write_corpus_record
-    from wsjax.run import write_effective_config
+    from wsjax.run import process_rows_of, write_effective_config
     from wsjax.run_eval import check_eval_input
     from wsjax.run_tokenizer import save_run_tokenizer
 
@@ -60,6 +60,7 @@ def train_mode(r: Run) -> RunResult:
         model_vocab_size=r.config.model.vocab_size,
         seed=rc.seed,
         start_state=start.loader_state,
+        rows=process_rows_of(r.config, r.config.train_input.batch_size, train=True),
     )
     try:
         save_run_tokenizer(loader.source, r.md.path, r.config.model.max_position_embeddings)

@@ -198,6 +198,10 @@ def corpus_record(source) -> dict | None:
 def write_corpus_record(path: Path, corpus: dict, evals: list[dict]) -> None:
     """``model_dir/train/corpus.json``: the corpus record beside the run's own eval results (the
     last one under ``eval``), so a run says what it trained on and what loss it reached."""
+    from wsjax.distributed import is_main_process
+
+    if not is_main_process():  # process 0 writes the run's files
+        return
     body = {"corpus": corpus, "eval": evals[-1] if evals else None, "evals": evals}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(body, indent=2, default=str) + "\n")

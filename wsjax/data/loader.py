@@ -61,8 +61,12 @@ class Loader:
         num_workers: int = 1,
         prefetch_factor: int = 2,
         start_state: dict | None = None,
+        rows: np.ndarray | None = None,
     ):
         self.source = source
+        # with several processes: the positions in each global batch this process reads (the
+        # batch order stays the global one, so batch k is the same whatever the process count)
+        self.rows = rows
         self.batch_size = batch_size
         self.shuffle, self.shuffle_seed, self.repeat = shuffle, shuffle_seed, repeat
         self.num_examples = source.num_examples
@@ -105,7 +109,8 @@ class Loader:
         return self._perm(epoch)[lo:hi].astype(np.int64)
 
     def _fetch(self, k: int) -> dict[str, np.ndarray]:
-        batch = self.source.read(self.batch_indices(k))
+        indices = self.batch_indices(k)
+        batch = self.source.read(indices if self.rows is None else indices[self.rows])
         return {
             "input_ids": np.ascontiguousarray(batch["input_ids"], dtype=np.int32),
             "labels": np.ascontiguousarray(batch["labels"], dtype=np.int32),
@@ -234,8 +239,10 @@ def make_loader(
     model_vocab_size: int,
     seed: int,
     start_state: dict | None = None,
+    rows: np.ndarray | None = None,
 ) -> Loader:
-    """A Loader for ``train_input`` / ``eval_input``; ``start_state`` is a ``Loader.state()``."""
+    """A Loader for ``train_input`` / ``eval_input``; ``start_state`` is a ``Loader.state()``;
+    ``rows``: read only these positions of each global batch (this process's share)."""
     source = make_source(input_cfg, split=split, model_vocab_size=model_vocab_size, seed=seed)
     synthetic = getattr(input_cfg, "data_processor", None) == "SyntheticDataProcessor"
     return Loader(
@@ -247,4 +254,5 @@ def make_loader(
         num_workers=int(getattr(input_cfg, "num_workers", 1) or 1),
         prefetch_factor=int(getattr(input_cfg, "prefetch_factor", 2) or 2),
         start_state=start_state,
+        rows=rows,
     )

@@ -83,6 +83,10 @@ class MemoryPlan:
         return d
 
     def write(self, path: str | os.PathLike) -> None:
+        from wsjax.distributed import is_main_process
+
+        if not is_main_process():  # process 0 writes the run's files
+            return
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     def summary(self) -> str:

@@ -201,5 +201,8 @@ def process_rows(batch_size: int, n_micro: int, count: int, index: int) -> np.nd
     micro = batch_size // n_micro
     rows = micro // count
     return np.concatenate(
-        [np.arange(m * micro + index * rows, m * micro + (index + 1) * rows) for m in range(n_micro)]
+        [
+            np.arange(m * micro + index * rows, m * micro + (index + 1) * rows)
+            for m in range(n_micro)
+        ]
     )
