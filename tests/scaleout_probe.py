@@ -1,0 +1,62 @@
+"""Run by tests/test_scaleout.py, once per process (``python -m wsjax.launch --module``) or alone:
+a few engine steps on fixed batches; writes what each process measured as JSON.
+
+    python tests/scaleout_probe.py OUT_DIR STEPS
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from wsjax import distributed
+
+
+def main(out: Path, steps: int) -> None:
+    distributed.initialize()  # from the launcher's environment; nothing with one process
+    sys.path.insert(0, str(Path(__file__).parent))
+    from jax.experimental import multihost_utils
+    from train_helpers import small_config
+
+    from wsjax.models import get_model
+    from wsjax.run import process_rows_of
+    from wsjax.streaming import StreamingEngine
+
+    # micro-batching on, so the rows of a process are spread over two micro-batches
+    config = small_config("streaming.micro_batch_size=4", "train_input.batch_size=8")
+    engine = StreamingEngine(get_model(config.model), config)
+    rows = process_rows_of(config, 8, train=True)
+    rng = np.random.default_rng(0)
+    losses, norms = [], []
+    for _ in range(steps):
+        ids = rng.integers(0, 512, (8, 33)).astype(np.int32)
+        batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": np.ones((8, 32))}
+        batch["loss_mask"][0, :5] = 0.0  # an uneven mask: the denominator sums over processes
+        if rows is not None:
+            batch = {k: v[rows] for k, v in batch.items()}
+        m = engine.train_step(batch)
+        losses.append(m["train/loss"])
+        norms.append(m["train/grad_norm"])
+    gc.collect()
+    host_bytes = sum(a.nbytes for a in jax.live_arrays())  # what this process really holds
+    params = engine.params_tree()
+    if jax.process_count() > 1:  # whole arrays, gathered (a tiny model)
+        params = multihost_utils.process_allgather(params, tiled=True)
+    index = jax.process_index()
+    if index == 0:
+        flat = {
+            jax.tree_util.keystr(p): np.asarray(a)
+            for p, a in jax.tree_util.tree_flatten_with_path(params)[0]
+        }
+        np.savez(out / "params.npz", **flat)
+    record = {"losses": losses, "grad_norms": norms, "host_bytes": host_bytes}
+    (out / f"process{index}.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), int(sys.argv[2]))
