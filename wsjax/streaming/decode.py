@@ -17,7 +17,8 @@ caches are ever on the device. The executables are the same in both modes, and s
 
 Cost: a decode step moves the whole model across the link once, for the whole batch, so the link
 carries model bytes / batch per generated token; batch is the knob, as tokens per step in
-training.
+training. Offloaded, every step also moves each layer's cache in and back out: (model bytes +
+2 x KV cache bytes) / batch per token.
 
 Executables compile once per shape bucket: prompts are left-padded to a power-of-two length and
 the cache length is fixed per call, so embed / block / head compile once for the prefill and once

@@ -19,7 +19,7 @@ caches on the device when that fits and offloads them when only that fits; when 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 import jax.numpy as jnp
 
@@ -42,6 +42,7 @@ class GenerationPlan:
     kv_cache_per_layer: int  # keys + values of one layer
     fixed: dict[str, int]  # weights_in_flight, activations, executable_temp
     device_available: int | None
+    budget: str  # where device_available comes from
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -57,17 +58,10 @@ class GenerationPlan:
     def fits(self, where: str) -> bool:
         return self.device_available is None or self.device_bytes(where) <= self.device_available
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["device_bytes"] = {w: self.device_bytes(w) for w in ("device", "host")}
-        return d
-
     def summary(self) -> str:
-        have = (
-            f"{_size(self.device_available)} available"
-            if self.device_available is not None
-            else "not checked"
-        )
+        have = "not checked"
+        if self.device_available is not None:
+            have = f"{_size(self.device_available)} available: {self.budget}"
         lines = [
             f"Generation plan (batch {self.batch}, cache {self.cache_len} slots, "
             f"{self.num_layers} layers; device {have}):",
@@ -110,8 +104,11 @@ def plan_generation(
     available = device_budget(streaming_cfg, device)
     notes = ["executable_temp estimated (fp32 upper bound of the largest executable)"]
     if streaming_cfg.device_memory_gb is not None:
-        notes.append("planned against streaming.device_memory_gb")
-    elif available is None:
+        budget = f"streaming.device_memory_gb {streaming_cfg.device_memory_gb:g}"
+    elif available is not None:
+        budget = "free on the device (memory_stats)"
+    else:
+        budget = "unknown"
         notes.append("the device reports no memory limit (CPU backend): the plan is not checked")
     plan = GenerationPlan(
         kv_cache="device",
@@ -123,6 +120,7 @@ def plan_generation(
         kv_cache_per_layer=per_layer,
         fixed=fixed,
         device_available=available,
+        budget=budget,
         notes=notes,
     )
     where = kv_cache
@@ -147,26 +145,22 @@ def decode_temp_bytes(cfg, batch: int, width: int, cache_len: int) -> int:
 
 
 def _refusal(plan: GenerationPlan, where: str, max_new_tokens: int, depth: int) -> str:
-    """One line: the bytes each placement needs, the budget, and the knobs that shrink them."""
-    need = f"{_size(plan.device_bytes('host'))} with the KV cache offloaded to host"
-    if where == "device":
-        need = (
-            f"{_size(plan.device_bytes('device'))} with the KV cache on the device "
-            f"(--kv_cache device), {need}"
-        )
+    """One line: the bytes of both placements, the budget, and the knobs that shrink them."""
     knobs = [
         f"fewer prompts per batch (now {plan.batch})",
         f"a lower max_new_tokens (now {max_new_tokens})",
     ]
-    if where == "device" and plan.fits("host"):
+    if where == "device" and plan.fits("host"):  # only a forced --kv_cache device gets here
         knobs.insert(0, "--kv_cache host or auto")
     if depth > 0:
         knobs.append(f"a lower streaming.prefetch_depth (now {depth})")
     return (
-        f"generation does not fit the device: it needs {need}; "
-        f"{_size(plan.device_available)} available (streaming.device_memory_gb, else the "
-        f"device's memory_stats); the KV cache is {_size(plan.kv_cache_per_layer)} a layer at "
-        f"batch {plan.batch} x {plan.cache_len} slots; to fit: {', or '.join(knobs)}"
+        f"generation does not fit the device (--kv_cache {plan.requested}): it needs "
+        f"{_size(plan.device_bytes('device'))} with the KV cache on the device, "
+        f"{_size(plan.device_bytes('host'))} with it offloaded to host; "
+        f"{_size(plan.device_available)} available ({plan.budget}); the KV cache is "
+        f"{_size(plan.kv_cache_per_layer)} a layer at batch {plan.batch} x {plan.cache_len} "
+        f"slots; to fit: {', or '.join(knobs)}"
     )
 
 
