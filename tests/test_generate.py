@@ -71,9 +71,15 @@ def test_greedy_equals_transformers_generate(tmp_path, family):
 
 
 @pytest.fixture(scope="module")
-def gpt2_decoder(tmp_path_factory):
+def gpt2(tmp_path_factory):
+    """A tiny GPT-2 (tied embeddings) from transformers, every tensor random: (model, params)."""
     cfg, params = import_hf(_save(_torch_model("gpt2"), tmp_path_factory.mktemp("hf")))
-    return StreamingDecoder(get_model(cfg), params, StreamingConfig())
+    return get_model(cfg), params
+
+
+@pytest.fixture(scope="module")
+def gpt2_decoder(gpt2):
+    return StreamingDecoder(*gpt2, StreamingConfig())
 
 
 def test_sampling_is_deterministic_for_a_seed(gpt2_decoder):
@@ -187,41 +193,72 @@ def _cache_arrays(shape: tuple) -> dict[str, list]:
     return by_kind
 
 
+def _device_bytes() -> int:
+    """Bytes of every live array in device memory (host memory kinds excluded)."""
+    live = (a for a in jax.live_arrays() if not a.is_deleted())
+    return sum(a.nbytes for a in live if a.sharding.memory_kind == "device")
+
+
 @pytest.mark.parametrize("depth", [1, 2])
 def test_offload_keeps_only_the_layers_in_flight_on_the_device(tiny_config, depth):
     """Measured on the live arrays, each time a block runs: offloaded, the device (memory kind
     "device") holds the caches of the prefetch window only, depth + 1 layers, and every layer's
-    cache stays in host memory ("pinned_host"); resident, the device holds all L."""
+    cache stays in host memory ("pinned_host"); resident, the device holds all L. Either way,
+    what the call adds to device memory stays within the plan's array terms."""
     layers = 4
     config = tiny_config("gptj", layers=layers, streaming={"prefetch_depth": depth})
-    model = get_model(config.model)
-    params = jax.jit(model.init)(jax.random.PRNGKey(0))
+    model, rng = get_model(config.model), np.random.default_rng(0)
+    # random weights without compiling the initialiser: only bytes and placement are checked
+    params = jax.tree.map(
+        lambda a: rng.normal(0, 0.02, a.shape).astype(a.dtype), model.param_shapes()
+    )
     decoder = StreamingDecoder(model, params, config.streaming)
     heads, head_dim = config.model.num_heads, config.model.hidden_size // config.model.num_heads
     shape = (len(PROMPTS), 8 + NEW, heads, head_dim)  # (B, prompt bucket + NEW, H, K)
-    seen = []
+    seen, added = [], []
     run = decoder._run
 
     def measure_then_run(name, fn, *args, **kw):
+        added.append(_device_bytes() - before)
         if name == "block":
             seen.append(_cache_arrays(shape))
         return run(name, fn, *args, **kw)
 
+    def arrays_planned(where: str) -> int:  # the plan's terms that are arrays, not scratch
+        return decoder.plan.device_bytes(where) - decoder.plan.fixed["executable_temp"]
+
     decoder._run = measure_then_run
+    before = _device_bytes()  # whatever else this process holds on the device
     decoder.generate(PROMPTS, NEW, kv_cache="host")
     on_device = [len(s.get("device", [])) for s in seen]
     # keys + values of the window: prefetched with the weights, depth layers ahead
     assert max(on_device) == 2 * (depth + 1)
     assert all(len(s["pinned_host"]) == 2 * layers for s in seen)
-    plan = decoder.plan
-    assert max(sum(s.get("device", [])) for s in seen) <= plan.window * plan.kv_cache_per_layer
+    offloaded_peak = max(added)
+    assert 0 < offloaded_peak <= arrays_planned("host")
 
-    seen.clear()
+    seen.clear(), added.clear()
     decoder.generate(PROMPTS, NEW, kv_cache="device")
     assert {len(s["device"]) for s in seen} == {2 * layers} and "pinned_host" not in seen[0]
+    assert max(added) <= arrays_planned("device")
+    # offload saved exactly the caches of the layers not in flight, as the plan says
+    saved = arrays_planned("device") - arrays_planned("host")
+    per_layer = 2 * int(np.prod(shape)) * 4  # keys + values, fp32
+    assert max(added) - offloaded_peak == saved == (layers - depth - 1) * per_layer
     # the plan's scratch bounds what XLA compiled for every executable
     temps = [exe.memory_analysis().temp_size_in_bytes for exe in decoder._compiled.values()]
     assert max(temps) <= decoder.plan.fixed["executable_temp"]
+
+
+def test_offload_without_a_host_memory_kind_uses_the_host_cpu_device(gpt2):
+    """An accelerator without the configured host memory kind keeps offloaded caches on the
+    host CPU device (as activation offload falls back); the tokens do not change."""
+    model, params = gpt2
+    decoder = StreamingDecoder(model, params, StreamingConfig(host_memory_kind="no_such_kind"))
+    assert decoder.cache_home(True) == decoder.placement.host
+    offloaded = decoder.generate(PROMPTS, NEW, kv_cache="host")
+    resident = StreamingDecoder(model, params, StreamingConfig()).generate(PROMPTS, NEW)
+    np.testing.assert_array_equal(offloaded, resident)
 
 
 def test_plan_offloads_when_only_that_fits_and_refuses_below(tiny_config):
