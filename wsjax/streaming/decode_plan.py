@@ -68,7 +68,8 @@ class GenerationPlan:
             *(f"    {k:<22} {_size(v):>12}" for k, v in self.fixed.items()),
             f"    {'kv_cache per layer':<22} {_size(self.kv_cache_per_layer):>12}",
             f"  KV cache on the device: {_size(self.device_bytes('device'))}; offloaded to host "
-            f"({self.window} layers in flight): {_size(self.device_bytes('host'))}",
+            f"({self.window} layers in flight): {_size(self.device_bytes('host'))} "
+            f"(+ {_size(self.kv_cache_bytes)} in host memory)",
             f"  KV cache: {self.kv_cache} (--kv_cache {self.requested})",
         ]
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
