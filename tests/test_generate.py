@@ -71,9 +71,15 @@ def test_greedy_equals_transformers_generate(tmp_path, family):
 
 
 @pytest.fixture(scope="module")
-def gpt2_decoder(tmp_path_factory):
+def gpt2(tmp_path_factory):
+    """A tiny GPT-2 (tied embeddings) from transformers, every tensor random: (model, params)."""
     cfg, params = import_hf(_save(_torch_model("gpt2"), tmp_path_factory.mktemp("hf")))
-    return StreamingDecoder(get_model(cfg), params, StreamingConfig())
+    return get_model(cfg), params
+
+
+@pytest.fixture(scope="module")
+def gpt2_decoder(gpt2):
+    return StreamingDecoder(*gpt2, StreamingConfig())
 
 
 def test_sampling_is_deterministic_for_a_seed(gpt2_decoder):
@@ -154,10 +160,10 @@ def test_cli_streams_the_greedy_continuation(trained):
     params_file = model_dir / "train" / "params_train.yaml"
     cmd = [sys.executable, "-m", "wsjax.generate", "-p", str(params_file)]
     cmd += ["--checkpoint_path", str(model_dir), "--prompt", prompt, "--max_new_tokens", "6"]
-    proc = subprocess.run(
-        [*cmd, "--tokenizer", str(tok_file)], capture_output=True, text=True, env=env, timeout=300
-    )
+    offload = ["--tokenizer", str(tok_file), "--kv_cache", "host"]  # offloaded: the same tokens
+    proc = subprocess.run([*cmd, *offload], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
+    assert "KV cache: host (--kv_cache host)" in proc.stderr  # the plan, logged at the start
     ids = _resident_greedy(config, load_params(config, model_dir), tok.encode(prompt).ids, 6)
     expected = prompt + tok.decode(ids[: ids.index(0)] if 0 in ids else ids)  # id 0: EOS
     assert proc.stdout.rstrip("\n") == expected
@@ -167,3 +173,144 @@ def test_cli_streams_the_greedy_continuation(trained):
     bad = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 2
     assert bad.stderr.startswith("error: no tokenizer found") and bad.stderr.count("\n") == 1
+
+
+# ---- where the KV caches live: the generation plan and offload -----------------------------------
+def test_offloaded_cache_gives_the_same_tokens(gpt2_decoder):
+    for sampling in (Sampling(), Sampling(temperature=1.0, top_k=20, seed=7)):
+        resident = gpt2_decoder.generate(PROMPTS, NEW, sampling, kv_cache="device")
+        offloaded = gpt2_decoder.generate(PROMPTS, NEW, sampling, kv_cache="host")
+        assert gpt2_decoder.plan.kv_cache == "host"
+        np.testing.assert_array_equal(offloaded, resident)
+
+
+def _cache_arrays(shape: tuple) -> dict[str, list]:
+    """The live arrays of the KV caches' shape, by memory kind (what really holds memory)."""
+    by_kind: dict[str, list] = {}
+    for a in jax.live_arrays():
+        if a.shape == shape and not a.is_deleted():
+            by_kind.setdefault(a.sharding.memory_kind, []).append(a.nbytes)
+    return by_kind
+
+
+def _device_bytes() -> int:
+    """Bytes of every live array in device memory (host memory kinds excluded)."""
+    live = (a for a in jax.live_arrays() if not a.is_deleted())
+    return sum(a.nbytes for a in live if a.sharding.memory_kind == "device")
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_offload_keeps_only_the_layers_in_flight_on_the_device(tiny_config, depth):
+    """Measured on the live arrays, each time a block runs: offloaded, the device (memory kind
+    "device") holds the caches of the prefetch window only, depth + 1 layers, and every layer's
+    cache stays in host memory ("pinned_host"); resident, the device holds all L. Either way,
+    what the call adds to device memory stays within the plan's array terms."""
+    layers = 4
+    config = tiny_config("gptj", layers=layers, streaming={"prefetch_depth": depth})
+    model, rng = get_model(config.model), np.random.default_rng(0)
+    # random weights without compiling the initialiser: only bytes and placement are checked
+    params = jax.tree.map(
+        lambda a: rng.normal(0, 0.02, a.shape).astype(a.dtype), model.param_shapes()
+    )
+    decoder = StreamingDecoder(model, params, config.streaming)
+    heads, head_dim = config.model.num_heads, config.model.hidden_size // config.model.num_heads
+    shape = (len(PROMPTS), 8 + NEW, heads, head_dim)  # (B, prompt bucket + NEW, H, K)
+    seen, added = [], []
+    run = decoder._run
+
+    def measure_then_run(name, fn, *args, **kw):
+        added.append(_device_bytes() - before)
+        if name == "block":
+            seen.append(_cache_arrays(shape))
+        return run(name, fn, *args, **kw)
+
+    def arrays_planned(where: str) -> int:  # the plan's terms that are arrays, not scratch
+        return decoder.plan.device_bytes(where) - decoder.plan.fixed["executable_temp"]
+
+    decoder._run = measure_then_run
+    before = _device_bytes()  # whatever else this process holds on the device
+    decoder.generate(PROMPTS, NEW, kv_cache="host")
+    on_device = [len(s.get("device", [])) for s in seen]
+    # keys + values of the window: prefetched with the weights, depth layers ahead
+    assert max(on_device) == 2 * (depth + 1)
+    assert all(len(s["pinned_host"]) == 2 * layers for s in seen)
+    offloaded_peak = max(added)
+    assert 0 < offloaded_peak <= arrays_planned("host")
+
+    seen.clear(), added.clear()
+    decoder.generate(PROMPTS, NEW, kv_cache="device")
+    assert {len(s["device"]) for s in seen} == {2 * layers} and "pinned_host" not in seen[0]
+    assert max(added) <= arrays_planned("device")
+    # offload saved exactly the caches of the layers not in flight, as the plan says
+    saved = arrays_planned("device") - arrays_planned("host")
+    per_layer = 2 * int(np.prod(shape)) * 4  # keys + values, fp32
+    assert max(added) - offloaded_peak == saved == (layers - depth - 1) * per_layer
+    # the plan's scratch bounds what XLA compiled for every executable
+    temps = [exe.memory_analysis().temp_size_in_bytes for exe in decoder._compiled.values()]
+    assert max(temps) <= decoder.plan.fixed["executable_temp"]
+
+
+def test_offload_without_a_host_memory_kind_uses_the_host_cpu_device(gpt2):
+    """An accelerator without the configured host memory kind keeps offloaded caches on the
+    host CPU device (as activation offload falls back); the tokens do not change."""
+    model, params = gpt2
+    decoder = StreamingDecoder(model, params, StreamingConfig(host_memory_kind="no_such_kind"))
+    assert decoder.cache_home(True) == decoder.placement.host
+    offloaded = decoder.generate(PROMPTS, NEW, kv_cache="host")
+    resident = StreamingDecoder(model, params, StreamingConfig()).generate(PROMPTS, NEW)
+    np.testing.assert_array_equal(offloaded, resident)
+
+
+def test_plan_offloads_when_only_that_fits_and_refuses_below(tiny_config):
+    from wsjax.errors import PlanError
+    from wsjax.streaming.decode import generation_plan
+    from wsjax.streaming.plan import GiB
+
+    layers, batch, prompt_len, new = 6, 4, 5, 24
+    prompts = [[1] * prompt_len] * batch
+
+    def plan_with(device_gb=None, kv_cache="auto"):
+        streaming = {} if device_gb is None else {"device_memory_gb": device_gb}
+        config = tiny_config("gptj", layers=layers, streaming=streaming)
+        model = get_model(config.model)
+        return generation_plan(model, config.streaming, prompts, new, kv_cache), config
+
+    free, config = plan_with()  # the CPU reports no limit: not checked, caches stay resident
+    assert free.kv_cache == "device" and free.device_available is None
+    m = config.model
+    cache_len = 8 + new  # prompts padded to the 8-slot bucket
+    hand = 2 * layers * batch * cache_len * m.num_heads * (m.hidden_size // m.num_heads) * 4
+    assert free.kv_cache_bytes == hand
+    window = 2  # prefetch_depth 1: the layer computed and the one arriving
+    saved = free.device_bytes("device") - free.device_bytes("host")
+    assert saved == (layers - window) * hand // layers
+
+    between = (free.device_bytes("host") + free.device_bytes("device")) / 2 / GiB
+    plan, _ = plan_with(between)
+    assert plan.kv_cache == "host" and plan.device_available == int(between * GiB)
+    with pytest.raises(PlanError, match="--kv_cache host or auto"):
+        plan_with(between, kv_cache="device")
+
+    below = 0.9 * free.device_bytes("host") / GiB
+    with pytest.raises(PlanError) as refused:
+        plan_with(below)
+    message = str(refused.value)
+    assert refused.value.exit_code == 3 and "\n" not in message
+    assert "fewer prompts per batch (now 4)" in message and "max_new_tokens (now 24)" in message
+
+
+def test_cli_refuses_a_call_that_fits_no_way_in_one_line(tmp_path, capsys):
+    import yaml
+
+    from wsjax.data.textio import train_bpe
+    from wsjax.generate import main
+
+    params = yaml.safe_load((REPO / "configs" / "params_gptj_tiny.yaml").read_text())
+    params.setdefault("streaming", {})["device_memory_gb"] = 1e-4  # 105 kB: less than a layer
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    train_bpe(["def main():\n    return 0\n"], 300).save(str(tmp_path / "tokenizer.json"))
+    argv = ["-p", str(tmp_path / "params.yaml"), "--checkpoint_path", str(tmp_path / "none")]
+    argv += ["--tokenizer", str(tmp_path / "tokenizer.json"), "--prompt", "def main"]
+    assert main([*argv, "--kv_cache", "host", "--max_new_tokens", "16"]) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("error: generation does not fit the device") and err.count("\n") == 1

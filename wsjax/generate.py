@@ -1,7 +1,8 @@
 """Text generation from a trained model: ``python -m wsjax.generate`` and :func:`generate`.
 
     python -m wsjax.generate -p params.yaml --checkpoint_path model_dir --prompt "def main(" \\
-        --max_new_tokens 40 [--prompts_file F] [--temperature T --top_k K --top_p P --seed S]
+        --max_new_tokens 40 [--prompts_file F] [--temperature T --top_k K --top_p P --seed S] \\
+        [--kv_cache auto|device|host]
 
 ``--checkpoint_path`` is a model_dir (its newest good checkpoint), a ``model-ckpt-<step>``
 folder or a HuggingFace folder, read by the loaders training uses (:func:`wsjax.checkpoint.
@@ -9,6 +10,12 @@ load_start`). The weights are streamed layer by layer from host memory
 (:class:`~wsjax.streaming.decode.StreamingDecoder`). The tokenizer is the run's: a
 ``tokenizer.json`` in the checkpoint folder or in ``model_dir/tokenizer``, else the one of the
 config's training data (the built-in corpus' BPE, or a shards folder's).
+
+Before any weight is loaded, the generation plan (:mod:`wsjax.streaming.decode_plan`) is logged:
+the device bytes with the KV caches on the device and offloaded to host memory, against
+``streaming.device_memory_gb`` or the device's own limit. ``--kv_cache auto`` (the default)
+keeps them on the device when that fits and offloads them when only that fits; ``device`` and
+``host`` force a place. A call that does not fit either way is one line, exit 3.
 
 In a notebook::
 
@@ -19,17 +26,23 @@ In a notebook::
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from wsjax.errors import DataError, WsjaxError
 
+if TYPE_CHECKING:
+    from wsjax.streaming.decode_plan import GenerationPlan
+
 TOKENIZER_FILE = "tokenizer.json"
+log = logging.getLogger("wsjax.generate")
 
 
 @dataclass
@@ -39,6 +52,7 @@ class GenerationResult:
     token_ids: np.ndarray  # (B, N) generated ids
     seconds: float  # prefill + decode wall time
     compile_count: int  # executables compiled for this call's shape bucket
+    plan: GenerationPlan | None = None  # device bytes, and where the KV caches lived
 
     @property
     def tokens_per_second(self) -> float:
@@ -115,27 +129,34 @@ def generate(
     tokenizer=None,
     stop_at_eos: bool = True,
     on_step: Callable[[int, np.ndarray], None] | None = None,
+    kv_cache: str = "auto",
 ) -> GenerationResult:
     """Continue each of ``prompts`` by up to ``max_new_tokens`` tokens (one batch).
 
     ``params_or_path``: a parameter tree, or a checkpoint path as ``--checkpoint_path`` takes.
     ``temperature`` 0 is greedy; ``tokenizer`` defaults to the run's (:func:`find_tokenizer`).
+    ``kv_cache``: auto (the plan decides), device or host (see the module docstring).
     """
     from wsjax.models import get_model
-    from wsjax.streaming.decode import Sampling, StreamingDecoder
+    from wsjax.streaming.decode import Sampling, StreamingDecoder, generation_plan
 
     path = None if isinstance(params_or_path, dict) else Path(params_or_path)
-    params = params_or_path if path is None else load_params(config, path)
     tok = tokenizer if tokenizer is not None else find_tokenizer(config, path)
     sampling = Sampling(temperature, top_k, top_p, seed)
-    decoder = StreamingDecoder(get_model(config.model), params, config.streaming)
+    model = get_model(config.model)
     ids = [tok.encode(p).ids for p in prompts]
+    plan = generation_plan(model, config.streaming, ids, max_new_tokens, kv_cache)
+    log.info("%s", plan.summary())  # before loading: a call that cannot fit has stopped
+    params = params_or_path if path is None else load_params(config, path)
+    decoder = StreamingDecoder(model, params, config.streaming)
     t0 = time.perf_counter()
     eos = _eos_id(tok) if stop_at_eos else None
-    new = decoder.generate(ids, max_new_tokens, sampling, eos_id=eos, on_step=on_step)
+    new = decoder.generate(
+        ids, max_new_tokens, sampling, eos_id=eos, on_step=on_step, kv_cache=plan.kv_cache
+    )
     seconds = time.perf_counter() - t0
     texts = [tok.decode(_until(row, eos)) for row in new.tolist()]
-    return GenerationResult(list(prompts), texts, new, seconds, decoder.compile_count)
+    return GenerationResult(list(prompts), texts, new, seconds, decoder.compile_count, decoder.plan)
 
 
 def _until(row: list[int], eos: int | None) -> list[int]:
@@ -144,6 +165,7 @@ def _until(row: list[int], eos: int | None) -> list[int]:
 
 # ---- command line --------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from wsjax.streaming.decode_plan import KV_CACHE_MODES
     from wsjax.train import _Parser
 
     p = _Parser(
@@ -164,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top_p", type=float, default=1.0, help="1.0: off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", help="a tokenizer.json (default: the run's)")
+    p.add_argument(
+        "--kv_cache",
+        choices=KV_CACHE_MODES,
+        default="auto",
+        help="where each layer's KV cache lives: auto (default: the generation plan decides), "
+        "device, or host (offloaded, streamed with its layer's weights)",
+    )
     return p
 
 
@@ -209,6 +238,12 @@ class _Printer:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # the plan's lines go to stderr (stdout carries only the generated text), for this call
+    to_stderr = logging.StreamHandler(sys.stderr)
+    to_stderr.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(to_stderr)
+    log.setLevel(logging.INFO)
+    propagate, log.propagate = log.propagate, False  # not also on a notebook's stdout handler
     try:
         from wsjax.config import load_config
         from wsjax.data.textio import load_tokenizer
@@ -232,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             tokenizer=tok,
             on_step=printer,
+            kv_cache=args.kv_cache,
         )
         if printer:
             printer.finish()
@@ -246,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     except WsjaxError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return e.exit_code
+    finally:
+        log.removeHandler(to_stderr)
+        log.propagate = propagate
     return 0
 
 

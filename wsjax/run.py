@@ -300,17 +300,17 @@ def plan_run(r: Run, records: list[dict] | None = None, *, strict: bool):
     import jax
 
     from wsjax.streaming import make_plan
-    from wsjax.streaming.plan import GiB, available_device_bytes, available_host_bytes
+    from wsjax.streaming.plan import GiB, available_host_bytes, device_budget
 
     s, dev = r.config.streaming, jax.devices()[0]
     target = s.device_memory_gb is not None or s.host_memory_gb is not None
     if target:
         platform, n_devices = "gpu", (jax.device_count() if dev.platform != "cpu" else 1)
-        device_avail = int(s.device_memory_gb * GiB) if s.device_memory_gb else None
+        device_avail = device_budget(s)  # the target's device: unchecked unless given
         host_avail = int(s.host_memory_gb * GiB) if s.host_memory_gb else None
     else:
         platform, n_devices = dev.platform, jax.device_count()
-        device_avail, host_avail = available_device_bytes(dev), available_host_bytes()
+        device_avail, host_avail = device_budget(s, dev), available_host_bytes()
     plan = make_plan(
         r.model,
         r.config,

@@ -6,12 +6,19 @@ the prefill of the prompts and then each decode step, streams the segments throu
 one at a time with :class:`~wsjax.streaming.transfer.WeightStream` (``prefetch_depth`` ahead),
 so the device holds ``prefetch_depth + 1`` segments, the activations and the KV caches, never the
 model. The prefill is layer-major (every prompt of the batch through layer i, then layer i+1);
-each decode step runs the whole batch through each layer. Each layer's KV cache
-(:class:`~wsjax.models.kv_cache.KVCache`) stays on the device.
+each decode step runs the whole batch through each layer.
+
+Each layer's KV cache (:class:`~wsjax.models.kv_cache.KVCache`) stays on the device, or, when the
+generation plan (:mod:`~wsjax.streaming.decode_plan`) says all L do not fit, lives in host memory
+(the stream copy's memory kind, else the host CPU device) and streams in with its layer's weights
+in the same fetch, so it is prefetched ``prefetch_depth`` ahead; the updated cache goes back to
+host memory before the layer's weights are released, so at most ``prefetch_depth + 1`` layers'
+caches are ever on the device. The executables are the same in both modes, and so are the tokens.
 
 Cost: a decode step moves the whole model across the link once, for the whole batch, so the link
 carries model bytes / batch per generated token; batch is the knob, as tokens per step in
-training.
+training. Offloaded, every step also moves each layer's cache in and back out: (model bytes +
+2 x KV cache bytes) / batch per token.
 
 Executables compile once per shape bucket: prompts are left-padded to a power-of-two length and
 the cache length is fixed per call, so embed / block / head compile once for the prefill and once
@@ -31,6 +38,7 @@ import numpy as np
 from wsjax.errors import ConfigError
 from wsjax.models import Model, cast_params
 from wsjax.models.kv_cache import KVCache
+from wsjax.streaming.decode_plan import GenerationPlan, plan_generation
 from wsjax.streaming.engine import default_mesh
 from wsjax.streaming.placement import Placement
 from wsjax.streaming.store import segment_names, split_blocks, tree_bytes
@@ -83,9 +91,11 @@ class StreamingDecoder:
 
     def __init__(self, model: Model, params: dict, streaming_cfg, *, device=None):
         self.model = model
-        mesh = default_mesh([device or jax.local_devices()[0]])
-        self.placement = Placement.create(mesh, streaming_cfg)
+        self.device = device or jax.local_devices()[0]
+        self.placement = Placement.create(default_mesh([self.device]), streaming_cfg)
+        self.streaming_cfg = streaming_cfg
         self.depth = int(streaming_cfg.prefetch_depth)
+        self.plan: GenerationPlan | None = None  # the last call's plan
         params = cast_params(params, model.compute_dtype)
         host = {"embed": params["embed"], "head": params["head"]}
         for i, layer in enumerate(split_blocks(params["blocks"], model.num_layers)):
@@ -126,44 +136,68 @@ class StreamingDecoder:
         return self.model.head_apply(w, x_last)[:, 0]
 
     # ---- one pass over the streamed segments ----------------------------------------------------
-    def _pass(self, tokens: np.ndarray, index: int, start: np.ndarray, caches: list) -> jax.Array:
-        """tokens (B, T) at cache slot ``index`` through every segment -> last logits (B, V)."""
+    def _pass(
+        self, tokens: np.ndarray, index: int, start: np.ndarray, caches: list, offload: bool
+    ) -> jax.Array:
+        """tokens (B, T) at cache slot ``index`` through every segment -> last logits (B, V).
+        ``caches[i]`` is layer i's (k, v), replaced by its update; ``offload``: they live in
+        host memory and travel with their layer's weights."""
         put = lambda a: jax.device_put(a, self.placement.replicated)
         slots = index + np.arange(tokens.shape[1], dtype=np.int32)
         positions = np.maximum(slots[None, :] - start[:, None], 0).astype(np.int32)
         index_dev, start_dev = put(np.int32(index)), put(start)
+        cache_bytes = tree_bytes(caches[0]) if offload else 0
         fetches = [
-            Fetch(n, tree_bytes(self.host[n]), lambda n=n: put(self.host[n]))
-            for n in segment_names(self.model.num_layers)
+            self._fetch(name, caches, offload) for name in segment_names(self.model.num_layers)
         ]
         stream = WeightStream(fetches, self.depth, self.stats, self.residency)
-        x = self._run("embed", self._embed, stream.take(), put(tokens), put(positions))
+        x = self._run("embed", self._embed, stream.take()[0], put(tokens), put(positions))
         jax.block_until_ready(x)  # the computation is done: its weights may leave
         stream.release()
-        for i, (k, v) in enumerate(caches):
-            w = stream.take()
+        for i in range(self.model.num_layers):
+            w, fetched = stream.take()
+            k, v = fetched if offload else caches[i]
+            del fetched  # donated below: no reference may outlive the step
             args = (w, x, k, v, index_dev, start_dev)
             x, k, v = self._run("block", self._block, *args, donate=(2, 3))  # cache in place
+            if offload:  # back to host memory before this layer's window slot frees
+                k, v = jax.device_put((k, v), self.cache_home(True))
+                self.stats.d2h_bytes += cache_bytes
             caches[i] = (k, v)
-            jax.block_until_ready(x)
+            jax.block_until_ready((x, k, v))
             stream.release()
-        logits = self._run("head", self._head, stream.take(), x)
+        logits = self._run("head", self._head, stream.take()[0], x)
         jax.block_until_ready(logits)
         stream.release()
         return logits
 
-    def _empty_caches(self, batch: int, length: int) -> list:
+    def _fetch(self, name: str, caches: list, offload: bool) -> Fetch:
+        """A segment's weights; a block's also brings its KV cache when ``offload``: one fetch,
+        so the cache is prefetched with the weights. The cache is read when the fetch is
+        issued, after the previous pass wrote it back."""
+        put = lambda a: jax.device_put(a, self.placement.replicated)
+        nbytes = tree_bytes(self.host[name])
+        if not (offload and name.startswith("block/")):
+            return Fetch(name, nbytes, lambda: (put(self.host[name]), None))
+        layer = int(name.split("/")[1])
+        issue = lambda: (put(self.host[name]), put(caches[layer]))  # noqa: E731
+        return Fetch(name, nbytes + tree_bytes(caches[layer]), issue)
+
+    def cache_home(self, offload: bool):
+        """Where the KV caches live: the device, or host memory (the stream copy's memory kind
+        where the accelerator has one, as activation offload does; else the host CPU device)."""
+        if not offload:
+            return self.placement.replicated
+        if self.placement.activation_memory_kind is None:
+            return self.placement.host
+        return self.placement.offloaded(self.placement.replicated)
+
+    def _empty_caches(self, batch: int, length: int, offload: bool) -> list:
         cfg = self.model.cfg
         shape = (batch, length, cfg.num_heads, cfg.head_dim)  # (B, S, H, K)
-        dtype, where = self.model.compute_dtype, self.placement.replicated
+        dtype, where = self.model.compute_dtype, self.cache_home(offload)
         zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=where)
         return [(zeros(), zeros()) for _ in range(self.model.num_layers)]
-
-    def kv_cache_bytes(self, batch: int, length: int) -> int:
-        cfg = self.model.cfg
-        itemsize = jnp.dtype(self.model.compute_dtype).itemsize
-        per_layer = 2 * batch * length * cfg.num_heads * cfg.head_dim * itemsize  # keys + values
-        return self.model.num_layers * per_layer
 
     # ---- generation -----------------------------------------------------------------------------
     def generate(
@@ -174,36 +208,29 @@ class StreamingDecoder:
         *,
         eos_id: int | None = None,
         on_step: Callable[[int, np.ndarray], None] | None = None,
+        kv_cache: str = "auto",
     ) -> np.ndarray:
         """(B, N) new token ids for the token-id ``prompts`` (N <= max_new_tokens: all rows
         stopped at ``eos_id``; a stopped row repeats ``eos_id``). ``on_step(step, tokens (B,))``
-        sees each step's tokens as they come."""
-        cfg = self.model.cfg
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ConfigError("generate: every prompt needs at least one token")
-        if max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens {max_new_tokens}: must be at least 1")
-        longest = max(len(p) for p in prompts)
-        if longest + max_new_tokens > cfg.max_position_embeddings:
-            raise ConfigError(
-                f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the "
-                f"model's max_position_embeddings {cfg.max_position_embeddings}"
-            )
-        bad = [t for p in prompts for t in p if not 0 <= t < cfg.vocab_size]
-        if bad:
-            vocab = cfg.vocab_size
-            raise ConfigError(f"prompt token id {bad[0]} is outside the vocabulary 0..{vocab - 1}")
-        batch, width = len(prompts), prompt_bucket(longest)
+        sees each step's tokens as they come. ``kv_cache``: auto (the plan decides), device or
+        host; the call's plan is ``self.plan`` (PlanError, before allocating, if it fits not)."""
+        self.plan = generation_plan(
+            self.model, self.streaming_cfg, prompts, max_new_tokens, kv_cache, self.device
+        )
+        offload = self.plan.kv_cache == "host"
+        batch, width = len(prompts), prompt_bucket(max(len(p) for p in prompts))
         tokens = np.zeros((batch, width), np.int32)  # left-padded: pad slots are never attended
         start = np.asarray([width - len(p) for p in prompts], np.int32)
         for row, p in enumerate(prompts):
             tokens[row, start[row] :] = p
-        caches = self._empty_caches(batch, width + max_new_tokens)
+        caches = self._empty_caches(batch, width + max_new_tokens, offload)
+        if not offload:
+            self.residency.add("kv_cache", self.plan.kv_cache_bytes)
         pick = jax.jit(sample_next, static_argnums=2)
         root = jax.random.PRNGKey(sampling.seed)
         done = np.zeros(batch, bool)
         out = []
-        logits = self._pass(tokens, 0, start, caches)  # the prefill, layer-major
+        logits = self._pass(tokens, 0, start, caches, offload)  # the prefill, layer-major
         for step in range(max_new_tokens):
             new = np.asarray(pick(logits, jax.random.fold_in(root, step), sampling))
             if eos_id is not None:
@@ -214,11 +241,52 @@ class StreamingDecoder:
                 on_step(step, new)
             if step + 1 == max_new_tokens or done.all():
                 break
-            logits = self._pass(new[:, None], width + step, start, caches)
+            logits = self._pass(new[:, None], width + step, start, caches, offload)
+        self.residency.drop("kv_cache")
         return np.stack(out, axis=1).astype(np.int32)
 
     def model_bytes(self) -> int:
         return sum(tree_bytes(t) for t in self.host.values())
+
+
+def check_request(model_cfg, prompts: list[list[int]], max_new_tokens: int) -> None:
+    """ConfigError (one line) for a request the model cannot serve."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ConfigError("generate: every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens {max_new_tokens}: must be at least 1")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > model_cfg.max_position_embeddings:
+        raise ConfigError(
+            f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the "
+            f"model's max_position_embeddings {model_cfg.max_position_embeddings}"
+        )
+    vocab = model_cfg.vocab_size
+    bad = [t for p in prompts for t in p if not 0 <= t < vocab]
+    if bad:
+        raise ConfigError(f"prompt token id {bad[0]} is outside the vocabulary 0..{vocab - 1}")
+
+
+def generation_plan(
+    model: Model,
+    streaming_cfg,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    kv_cache: str = "auto",
+    device=None,
+) -> GenerationPlan:
+    """The plan of generating for these token-id ``prompts`` (checked first), before any weight
+    is loaded: the caller can refuse early (PlanError) and log where the KV caches will live."""
+    check_request(model.cfg, prompts, max_new_tokens)
+    return plan_generation(
+        model,
+        streaming_cfg,
+        batch=len(prompts),
+        width=prompt_bucket(max(len(p) for p in prompts)),
+        max_new_tokens=max_new_tokens,
+        kv_cache=kv_cache,
+        device=device or jax.local_devices()[0],
+    )
 
 
 def link_bytes_per_token(model_bytes: int, batch: int) -> float:

@@ -165,6 +165,27 @@ def available_device_bytes(device) -> int | None:
     return int(limit) - int(stats.get("bytes_in_use", 0)) if limit else None
 
 
+def device_budget(streaming_cfg, device=None) -> int | None:
+    """Device bytes a plan is checked against: ``streaming.device_memory_gb`` when set (a
+    target accelerator, whatever this machine is), else what ``device`` reports free (None
+    without a device, or where it reports nothing: the CPU backend)."""
+    if streaming_cfg.device_memory_gb is not None:
+        return int(streaming_cfg.device_memory_gb * GiB)
+    return None if device is None else available_device_bytes(device)
+
+
+def segment_params(model) -> dict[str, int]:
+    """Parameters each streamed segment carries: embed, one block, head (+ wte when tied)."""
+    shapes = model.param_shapes()
+    layer = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), shapes["blocks"])
+    tied_wte = tree_bytes(shapes["embed"]["wte"]) // 4 if model.tied else 0
+    return {
+        "embed": tree_bytes(shapes["embed"]) // 4,
+        "block": tree_bytes(layer) // 4,
+        "head": tree_bytes(shapes["head"]) // 4 + tied_wte,
+    }
+
+
 def make_plan(
     model,
     config,
@@ -188,13 +209,7 @@ def make_plan(
     dt = jnp.dtype(model.compute_dtype).itemsize
     n_params = model.num_params()
     layer = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), shapes["blocks"])
-    seg_params = {
-        "embed": tree_bytes(shapes["embed"]) // 4,
-        "block": tree_bytes(layer) // 4,
-        "head": tree_bytes(shapes["head"]) // 4
-        + (tree_bytes(shapes["embed"]["wte"]) // 4 if model.tied else 0),
-    }
-    largest = max(seg_params.values())
+    largest = max(segment_params(model).values())
     L = model.num_layers
     per_dev_batch = max(1, batch_size // n_devices)
     act = per_dev_batch * seq * cfg.hidden_size * dt  # one (B, T, D) activation, whole batch
