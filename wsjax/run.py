@@ -57,6 +57,7 @@ class RunOptions:
     compile_only: bool = False
     progress: bool | None = None
     eval_text: Path | None = None  # eval modes: a text / jsonl file instead of eval_input
+    plan_processes: int | None = None  # validate_only: plan for this many processes
 
 
 @dataclass
@@ -116,6 +117,7 @@ def run(
     compile_only: bool = False,
     progress: bool | None = None,
     eval_text: str | Path | None = None,
+    plan_processes: int | None = None,
 ) -> RunResult:
     """Run ``mode`` for ``config`` (a :class:`wsjax.config.Config`) into ``model_dir``.
 
@@ -147,6 +149,7 @@ def run(
         compile_only=compile_only,
         progress=progress,
         eval_text=Path(eval_text) if eval_text is not None else None,
+        plan_processes=plan_processes,
     )
     if eval_text is not None and mode not in ("eval", "eval_all"):
         raise ConfigError(f"--eval_text needs -m eval or eval_all, not {mode}")
@@ -311,6 +314,9 @@ def plan_run(r: Run, records: list[dict] | None = None, *, strict: bool):
     else:
         platform, n_devices = dev.platform, jax.device_count()
         device_avail, host_avail = device_budget(s, dev), available_host_bytes()
+    # this run's processes, or (--validate_only --num_processes P) the P of a run to plan
+    processes = r.options.plan_processes or jax.process_count()
+    n_devices = max(1, n_devices // jax.process_count()) * processes
     plan = make_plan(
         r.model,
         r.config,
@@ -325,6 +331,7 @@ def plan_run(r: Run, records: list[dict] | None = None, *, strict: bool):
         device_available=device_avail,
         train=r.training,
         input_prefetch=int(r.input.prefetch_factor) * int(r.input.num_workers),
+        processes=processes,
     )
     if target:
         plan.notes.append("planned against streaming.device_memory_gb / host_memory_gb")

@@ -201,9 +201,14 @@ def make_plan(
     device_available: int | None = None,
     train: bool = True,
     input_prefetch: int = 2,
+    processes: int = 1,
 ) -> MemoryPlan:
     """The plan of a training (or, ``train=False``, evaluation) step on ``batch_size`` x ``seq``
-    tokens, with ``input_prefetch`` batches queued by the loader; allocates nothing."""
+    tokens, with ``input_prefetch`` batches queued by the loader; allocates nothing.
+
+    ``n_devices`` counts the devices of all ``processes``; host bytes are per process: with
+    several, each host holds 1/P of the weights, optimizer state and gradients
+    (wsjax.streaming.shards) and reads 1/P of each batch."""
     cfg, s = model.cfg, config.streaming
     shapes = model.param_shapes()
     dt = jnp.dtype(model.compute_dtype).itemsize
@@ -224,7 +229,10 @@ def make_plan(
         host["gradients"] = 4 * n_params
         # one segment's update: the new stream copy and the update's fp32 scratch
         host["update_scratch"] = (4 + dt) * largest
-    host["input_batches"] = (input_prefetch + 2) * batch_size * seq * BATCH_BYTES_PER_TOKEN
+    if processes > 1:  # each host holds its slice of every leaf
+        host = {k: -(-v // processes) for k, v in host.items()}
+    rows = -(-batch_size // processes)  # the rows of each batch this process reads
+    host["input_batches"] = (input_prefetch + 2) * rows * seq * BATCH_BYTES_PER_TOKEN
     host["process_overhead"] = PROCESS_OVERHEAD["gpu" if gpu else "cpu"]
     if gpu:
         host["process_overhead"] += int(GPU_PINNED_POOL_FRACTION * host["stream_copy"])
@@ -238,8 +246,11 @@ def make_plan(
         temp = _estimate_temp(cfg, micro_dev, seq, train)
         notes.append("executable_temp estimated (not compiled yet)")
 
+    # with several processes a segment also arrives as this device's 1/n_devices piece before
+    # the all-gather makes it whole
+    pieces = largest * dt // n_devices if processes > 1 else 0
     device = {
-        "weights_in_flight": (s.prefetch_depth + 1) * largest * dt,
+        "weights_in_flight": (s.prefetch_depth + 1) * (largest * dt + pieces),
         "activations": 2 * act,
         "batch": 3 * per_dev_batch * seq * 4,
         "executable_temp": temp,
@@ -257,6 +268,8 @@ def make_plan(
             device["optimizer_update"] = int(2 * (4 + opt_per_param) * largest)
     else:
         notes.append("evaluation: no optimizer state, no gradients, nothing kept for a backward")
+    if processes > 1:
+        notes.append(f"host bytes are per process, for {processes} processes")
     return MemoryPlan(host, device, host_available, device_available, not gpu, notes)
 
 
