@@ -146,6 +146,13 @@ def read_eval_text(r: Run):
 
     if r.options.eval_text is None:
         return None
+    import jax
+
+    if jax.process_count() > 1:
+        raise ConfigError(
+            f"--eval_text runs in one process, not {jax.process_count()}: evaluate the text "
+            "without the launcher (a checkpoint restores with any process count)"
+        )
     source = r.options.checkpoint_path
     tokenizer, eos_id = load_run_tokenizer(run_model_dir(source) if source else r.md.path)
     text = tokenize_text(r.options.eval_text, tokenizer, eos_id)

@@ -24,6 +24,8 @@ import threading
 import time
 from dataclasses import dataclass, replace
 
+import numpy as np
+
 from wsjax.errors import NonFiniteError, Preempted
 from wsjax.run import Run, RunResult, build_engine, compile_engine, estimate, plan_run
 
@@ -169,13 +171,14 @@ def train_loop(
                     tags = train_scalars(m, samples_per_sec=sps, tokens_per_sec=sps * T, mfu=mfu)
                     tb.scalars("train", {**tags, "skipped_updates": policy.total}, step)
                 periodic = rc.save_checkpoints_steps and step % rc.save_checkpoints_steps == 0
-                if periodic or last or preemption.signal:
+                preempted = preemption.agreed()
+                if periodic or last or preempted:
                     result.checkpoints.append(save(r, engine, loader, ckpts, step))
                     if r.mode == "train_and_eval":
                         result.evals.append(evaluate(r, engine, step, tb))
-                if preemption.signal and not last:  # on the last step the run is simply done
+                if preempted and not last:  # on the last step the run is simply done
                     raise Preempted(
-                        f"preempted by {signal.Signals(preemption.signal).name}: finished global "
+                        f"preempted by {signal.Signals(preempted).name}: finished global "
                         f"step {step} and saved {ckpts.path(step)}; rerun the same command to "
                         "resume exactly"
                     )
@@ -360,3 +363,16 @@ class PreemptionGuard:
     def __exit__(self, *exc) -> None:
         for s, handler in self._before.items():
             signal.signal(s, handler)
+
+    def agreed(self) -> int | None:
+        """The signal, as every process sees it after this step: with several processes one
+        that got it makes all of them save at the same step (they save together)."""
+        import jax
+
+        if jax.process_count() == 1:
+            return self.signal
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.asarray(self.signal or 0, np.int32))
+        found = int(np.max(flags))
+        return found or None
