@@ -3,8 +3,9 @@ tests.launch_probe -- OUT_DIR ACTION``: joins the run through :func:`wsjax.distr
 (settings from the launcher's environment), writes ``OUT_DIR/ready-<process>.json`` (pid,
 process index and count), then does ACTION:
 
-- ``sum``: a jitted sum over a global mesh of every process's devices, each device holding
-  ``1 + its global position``; writes the value to ``OUT_DIR/sum-<process>.json``;
+- ``sum``: log ``probe info`` and ``probe warning`` (through wsjax.metrics.setup_logging, also
+  into ``OUT_DIR/run.log``), then a jitted sum over a global mesh of every process's devices,
+  each device holding ``1 + its global position``; writes it to ``OUT_DIR/sum-<process>.json``;
 - ``exit:<process>:<code>``: that process exits with ``code``, the others wait (for the launcher
   to stop them);
 - ``wait``: wait, exiting 5 on SIGTERM after writing ``OUT_DIR/sigterm-<process>``, like a
@@ -18,6 +19,7 @@ process index and count), then does ACTION:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -55,6 +57,7 @@ def main(out: Path, action: str, heartbeat_s: int | None) -> int:
     import jax
 
     from wsjax import distributed
+    from wsjax.metrics import setup_logging
 
     kwargs = {"heartbeat_timeout_s": heartbeat_s} if heartbeat_s else {}
     distributed.initialize(**kwargs)
@@ -72,6 +75,12 @@ def main(out: Path, action: str, heartbeat_s: int | None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     (out / f"ready-{index}.json").write_text(json.dumps(ready))
     if action == "sum":
+        handler = setup_logging(out / "run.log")
+        log = logging.getLogger("wsjax.probe")
+        log.info("probe info")
+        log.warning("probe warning")
+        logging.getLogger("wsjax").removeHandler(handler)
+        handler.close()
         value, devices = global_sum()
         (out / f"sum-{index}.json").write_text(json.dumps({"sum": value, "devices": devices}))
         return 0

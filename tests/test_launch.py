@@ -80,8 +80,9 @@ def test_two_process_gloo_sum(tmp_path, per_process):
     """2 processes x 1 and x 2 CPU devices: every process sees the global sum of
     1 + global device position, 1 + 2 + ... + n = n (n + 1) / 2 by hand."""
     flags = ["--nproc", "2"] + (["--devices_per_process", "2"] if per_process == 2 else [])
-    code, err = finish(start(tmp_path, "sum", *flags))
-    assert code == 0, err
+    launcher = start(tmp_path, "sum", *flags)
+    out, err = launcher.communicate(timeout=START_S)
+    assert launcher.returncode == 0, err
     n = 2 * per_process
     for index in range(2):
         ready = json.loads((tmp_path / f"ready-{index}.json").read_text())
@@ -90,6 +91,18 @@ def test_two_process_gloo_sum(tmp_path, per_process):
         assert ready["local_devices"] == per_process
         result = json.loads((tmp_path / f"sum-{index}.json").read_text())
         assert result == {"sum": n * (n + 1) / 2, "devices": n}
+    # process 0 logs as a single process does; process 1 only warnings, prefixed
+    lines = out.splitlines()
+    assert lines.count("INFO: probe info") == 1
+    assert lines.count("WARNING: probe warning") == 1
+    assert lines.count("[process 1] WARNING: probe warning") == 1
+    assert not [line for line in lines if line.startswith("[process 1] INFO")]
+    # the run log is process 0's alone
+    logged = (tmp_path / "run.log").read_text().splitlines()
+    assert [line.split(" ", 2)[2] for line in logged] == [
+        "INFO: probe info",
+        "WARNING: probe warning",
+    ]
 
 
 # ---- faults --------------------------------------------------------------------------------------
@@ -131,11 +144,18 @@ def test_sigterm_to_the_launcher_reaches_every_child(tmp_path):
     assert (tmp_path / "sigterm-0").is_file() and (tmp_path / "sigterm-1").is_file()
 
 
-def test_a_peer_dying_mid_collective_does_not_hang_the_survivor(tmp_path):
-    """Without the launcher's help: two processes started directly, in a loop of collectives;
-    process 1 is SIGKILLed. The survivor's collective fails when gloo sees the connection close,
-    and its exit (JAX's shutdown barrier) ends at the latest when the coordination service
-    declares process 1 dead: one heartbeat timeout. Bound: heartbeat + a generous margin."""
+@pytest.mark.parametrize("action", ["collectives", "wait"])
+def test_a_dead_peer_does_not_hang_the_survivor(tmp_path, action):
+    """Without the launcher's help: two processes started directly, process 1 is SIGKILLed.
+
+    - ``collectives``: process 0 is in a loop of collectives; the one waiting on the dead peer
+      fails as soon as gloo sees the connection close, and the probe exits 1 at once
+      (``exit_process`` skips JAX's shutdown barrier).
+    - ``wait``: process 0 is idle (no collective to fail); JAX's coordination service, which
+      process 0 hosts, declares process 1 dead after one heartbeat timeout without a heartbeat
+      and aborts process 0 (SIGABRT, JAX's ``stopped sending heartbeats`` line).
+
+    Bound: the heartbeat timeout + a generous margin for a loaded machine."""
     heartbeat_s = 3
     port = launch.free_port()
     survivor_log = tmp_path / "survivor.log"
@@ -144,8 +164,14 @@ def test_a_peer_dying_mid_collective_does_not_hang_the_survivor(tmp_path):
         env = launch.child_env(probe_env(), port, 2, index, None)
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "tests.launch_probe"]
-                + [str(tmp_path), "collectives", str(heartbeat_s)],
+                [
+                    sys.executable,
+                    "-m",
+                    "tests.launch_probe",
+                    str(tmp_path),
+                    action,
+                    str(heartbeat_s),
+                ],
                 cwd=ROOT,
                 env=env,
                 stdout=survivor_log.open("w") if index == 0 else subprocess.DEVNULL,
@@ -157,7 +183,7 @@ def test_a_peer_dying_mid_collective_does_not_hang_the_survivor(tmp_path):
         while not all((tmp_path / f"ready-{i}.json").is_file() for i in range(2)):
             assert time.monotonic() < deadline and procs[0].poll() is None
             time.sleep(0.05)
-        time.sleep(0.5)  # in the loop of collectives
+        time.sleep(0.5)  # in the loop of collectives, or idle
         killed_at = time.monotonic()
         procs[1].kill()
         code = procs[0].wait(timeout=heartbeat_s + 30)
@@ -166,38 +192,85 @@ def test_a_peer_dying_mid_collective_does_not_hang_the_survivor(tmp_path):
         for p in procs:
             p.kill()
             p.wait()
-    assert code != 0
     assert elapsed < heartbeat_s + 20, elapsed
-    assert "collective failed" in survivor_log.read_text()
+    log = survivor_log.read_text()
+    if action == "collectives":
+        assert code == 1 and "collective failed" in log
+    else:
+        assert code == -signal.SIGABRT and "stopped sending heartbeats" in log
 
 
 # ---- settings: flags, environment, cluster; one-line errors --------------------------------------
-def test_single_process_needs_nothing():
-    assert distributed.resolve(environ={}) is None
-    assert distributed.resolve(num_processes=1, environ={}) is None
-    # a one-task SLURM allocation is a single-process run too
-    assert distributed.resolve(environ={"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) is None
+CLUSTER_VARS = (
+    "SLURM_JOB_ID",
+    "SLURM_STEP_NODELIST",
+    "SLURM_NTASKS",
+    "SLURM_PROCID",
+    "SLURM_LOCALID",
+    "OMPI_MCA_orte_hnp_uri",
+    "OMPI_COMM_WORLD_SIZE",
+    "OMPI_COMM_WORLD_RANK",
+    "OMPI_COMM_WORLD_LOCAL_RANK",
+    "PMIX_NAMESPACE",
+)
 
 
-def test_flags_win_over_environment():
-    env = {
-        distributed.ENV_COORDINATOR_ADDRESS: "10.0.0.1:1234",
-        distributed.ENV_NUM_PROCESSES: "4",
-        distributed.ENV_PROCESS_ID: "3",
-        distributed.ENV_LOCAL_DEVICE_IDS: "2,3",
-    }
-    from_env = distributed.resolve(environ=env)
+@pytest.fixture
+def environ(monkeypatch):
+    """A clean slate: no WSJAX_* variable and no cluster launcher; returns a setter."""
+    for name in CLUSTER_VARS + (
+        distributed.ENV_COORDINATOR_ADDRESS,
+        distributed.ENV_NUM_PROCESSES,
+        distributed.ENV_PROCESS_ID,
+        distributed.ENV_LOCAL_DEVICE_IDS,
+    ):
+        monkeypatch.delenv(name, raising=False)
+
+    def set_env(values: dict[str, str]) -> None:
+        for name, value in values.items():
+            monkeypatch.setenv(name, value)
+
+    return set_env
+
+
+SLURM_TWO_TASKS = {
+    "SLURM_JOB_ID": "77",
+    "SLURM_STEP_NODELIST": "node1",
+    "SLURM_NTASKS": "2",
+    "SLURM_PROCID": "1",
+    "SLURM_LOCALID": "1",
+}
+
+
+def test_single_process_needs_nothing(environ):
+    assert distributed.resolve() is None
+    assert distributed.resolve(num_processes=1) is None
+    # a one-task srun is a single-process run too
+    environ({**SLURM_TWO_TASKS, "SLURM_NTASKS": "1", "SLURM_PROCID": "0"})
+    assert distributed.resolve() is None
+
+
+def test_flags_win_over_environment(environ):
+    environ(
+        {
+            distributed.ENV_COORDINATOR_ADDRESS: "10.0.0.1:1234",
+            distributed.ENV_NUM_PROCESSES: "4",
+            distributed.ENV_PROCESS_ID: "3",
+            distributed.ENV_LOCAL_DEVICE_IDS: "2,3",
+        }
+    )
+    from_env = distributed.resolve()
     assert (from_env.coordinator_address, from_env.num_processes, from_env.process_id) == (
         "10.0.0.1:1234",
         4,
         3,
     )
     assert from_env.local_device_ids == (2, 3)
-    flags = distributed.resolve("host:99", 2, 0, [0], environ=env)
+    flags = distributed.resolve("host:99", 2, 0, [0])
     assert (flags.coordinator_address, flags.num_processes, flags.process_id) == ("host:99", 2, 0)
     assert flags.local_device_ids == (0,)
     # each setting on its own: a flag for one, the environment for the others
-    mixed = distributed.resolve(process_id=1, environ=env)
+    mixed = distributed.resolve(process_id=1)
     assert (mixed.coordinator_address, mixed.num_processes, mixed.process_id) == (
         "10.0.0.1:1234",
         4,
@@ -205,24 +278,33 @@ def test_flags_win_over_environment():
     )
 
 
-def test_cluster_leaves_the_rest_to_jax():
-    """Under srun / mpirun with several tasks, unset settings stay None for JAX to detect."""
-    for env, name in (
-        ({"SLURM_NTASKS": "2", "SLURM_PROCID": "1"}, "SLURM srun"),
-        ({"OMPI_COMM_WORLD_SIZE": "8"}, "Open MPI mpirun"),
-    ):
-        settings = distributed.resolve(environ=env)
-        assert settings.cluster == name
-        assert (settings.coordinator_address, settings.num_processes, settings.process_id) == (
-            None,
-            None,
-            None,
-        )
+def test_cluster_leaves_the_rest_to_jax(environ):
+    """Under srun / mpirun with several tasks (JAX's own detection says so), the unset settings
+    stay None for jax.distributed.initialize to detect; a flag still wins."""
+    environ(SLURM_TWO_TASKS)
+    settings = distributed.resolve()
+    assert settings.cluster == "SLURM srun"
+    assert (settings.coordinator_address, settings.num_processes, settings.process_id) == (
+        None,
+        None,
+        None,
+    )
+    assert distributed.resolve(coordinator_address="10.0.0.1:99").coordinator_address == (
+        "10.0.0.1:99"
+    )
 
 
-def test_launcher_environment_per_child():
+def test_cluster_variables_without_srun_are_not_a_cluster(environ):
+    """Inside an allocation but not started by srun (no step variables), JAX detects no SLURM
+    launch: a plain single-process run."""
+    environ({"SLURM_JOB_ID": "77", "SLURM_NTASKS": "4"})
+    assert distributed.resolve() is None
+
+
+def test_launcher_environment_per_child(environ):
     env = launch.child_env({"XLA_FLAGS": "--xla_dump_to=/tmp/x"}, 4321, 2, 1, 2)
-    settings = distributed.resolve(environ=env)
+    environ(env)
+    settings = distributed.resolve()
     assert settings.coordinator_address == "127.0.0.1:4321"
     assert (settings.num_processes, settings.process_id) == (2, 1)
     assert settings.local_device_ids == (2, 3)  # process 1 of 2 devices each
@@ -231,7 +313,7 @@ def test_launcher_environment_per_child():
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "environ", "names"),
+    ("kwargs", "variables", "names"),
     [
         ({"num_processes": 2, "process_id": 2, "coordinator_address": "h:1"}, {}, "0..1"),
         ({"num_processes": 0}, {}, "--num_processes 0"),
@@ -241,9 +323,10 @@ def test_launcher_environment_per_child():
         ({}, {distributed.ENV_LOCAL_DEVICE_IDS: "0;1"}, "WSJAX_LOCAL_DEVICE_IDS='0;1'"),
     ],
 )
-def test_bad_settings_are_one_line(kwargs, environ, names):
+def test_bad_settings_are_one_line(kwargs, variables, names, environ):
+    environ(variables)
     with pytest.raises(ConfigError) as err:
-        distributed.resolve(**kwargs, environ=environ)
+        distributed.resolve(**kwargs)
     assert names in str(err.value) and "\n" not in str(err.value)
 
 

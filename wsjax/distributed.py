@@ -79,10 +79,6 @@ HEARTBEAT_TIMEOUT_S = 60
 INITIALIZATION_TIMEOUT_S = 300
 SHUTDOWN_TIMEOUT_S = 300
 
-# The task count each launcher JAX detects sets; read only to know whether this is a
-# multi-process launch at all. JAX itself finds the coordinator, the id and the local devices.
-_CLUSTER_TASK_COUNTS = {"SLURM_NTASKS": "SLURM srun", "OMPI_COMM_WORLD_SIZE": "Open MPI mpirun"}
-
 
 @dataclass(frozen=True)
 class Settings:
@@ -100,17 +96,16 @@ def resolve(
     num_processes: int | None = None,
     process_id: int | None = None,
     local_device_ids: Sequence[int] | None = None,
-    environ: Mapping[str, str] | None = None,
 ) -> Settings | None:
     """The settings of this process (arguments, then ``WSJAX_*`` variables, then the cluster),
     or ``None`` for a single-process run. Raises a one-line :class:`ConfigError` for a bad
     value or an incomplete set outside a cluster."""
-    env = os.environ if environ is None else environ
+    env = os.environ
     address = coordinator_address or env.get(ENV_COORDINATOR_ADDRESS) or None
     count = _int_setting("--num_processes", num_processes, env, ENV_NUM_PROCESSES)
     index = _int_setting("--process_id", process_id, env, ENV_PROCESS_ID)
     devices = _device_ids(local_device_ids, env)
-    cluster = _cluster(env)
+    cluster = _cluster()
     if count is not None and count < 1:
         raise ConfigError(f"--num_processes {count} is invalid: must be >= 1")
     if index is not None and index < 0:
@@ -310,12 +305,20 @@ def _check_reachable(address: str, process_id: int, timeout_s: float) -> None:
             time.sleep(0.2)
 
 
-def _cluster(env: Mapping[str, str]) -> str | None:
-    """The cluster launcher that started more than one task, if any."""
-    for name, launcher in _CLUSTER_TASK_COUNTS.items():
-        text = env.get(name, "")
-        if text.isdigit() and int(text) > 1:
-            return launcher
+def _cluster() -> str | None:
+    """The cluster launcher (SLURM srun, Open MPI mpirun) that started this process as one of
+    several tasks, if any: JAX's own detection (its SLURM and Open MPI cluster classes, the ones
+    ``jax.distributed.initialize()`` consults), asked only whether it applies here."""
+    try:
+        from jax._src.clusters import OmpiCluster, SlurmCluster
+    except ImportError:  # pragma: no cover - a JAX that moved them: flags and WSJAX_* still work
+        return None
+    for cluster, launcher in ((SlurmCluster, "SLURM srun"), (OmpiCluster, "Open MPI mpirun")):
+        try:
+            if cluster.is_env_present() and cluster.get_process_count() > 1:
+                return launcher
+        except (KeyError, ValueError):  # a partial environment: not a launch by it
+            continue
     return None
 
 

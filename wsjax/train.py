@@ -19,11 +19,12 @@ import logging
 import sys
 import traceback
 from pathlib import Path
+from typing import NoReturn
 
 from wsjax.errors import WsjaxError
 from wsjax.run import MODES, RunResult, run
 
-__all__ = ["MODES", "RunResult", "build_parser", "default_params_path", "main", "run"]
+__all__ = ["MODES", "RunResult", "build_parser", "cli", "default_params_path", "main", "run"]
 
 log = logging.getLogger("wsjax.train")
 
@@ -187,12 +188,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> NoReturn:
+    """The process entry point (``python -m wsjax.train``, ``wsjax-train``): :func:`main`, then
+    exit with its code; a process of a multi-process run that fails exits at once
+    (:func:`wsjax.distributed.exit_process`) instead of waiting for the others."""
     from wsjax.distributed import exit_process
 
     try:
         code = main()
-    except Exception:  # a bug: its traceback, then exit 1 (at once in a multi-process run)
+    except Exception:  # a bug: its traceback, then exit 1
         traceback.print_exc()
         code = 1
     exit_process(code)
+
+
+if __name__ == "__main__":
+    cli()
