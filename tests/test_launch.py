@@ -144,6 +144,21 @@ def test_sigterm_to_the_launcher_reaches_every_child(tmp_path):
     assert (tmp_path / "sigterm-0").is_file() and (tmp_path / "sigterm-1").is_file()
 
 
+def test_a_second_signal_kills_every_child(tmp_path):
+    """Children that ignore the forwarded SIGTERM: a second SIGTERM to the launcher kills them
+    (SIGKILL, exit 128 + 9) at once, without waiting for a grace period."""
+    launcher = start(tmp_path, "stubborn", "--nproc", "2", "--grace_s", "100")
+    ready = wait_ready(tmp_path, 2, launcher)
+    launcher.send_signal(signal.SIGTERM)
+    time.sleep(0.5)  # forwarded and ignored
+    assert launcher.poll() is None and all(alive(r["pid"]) for r in ready)
+    launcher.send_signal(signal.SIGTERM)
+    code, err = finish(launcher, timeout=30)  # far below the 100 s grace
+    assert code == 128 + signal.SIGKILL
+    assert "second signal" in err
+    assert not any(alive(r["pid"]) for r in ready)
+
+
 @pytest.mark.parametrize("action", ["collectives", "wait"])
 def test_a_dead_peer_does_not_hang_the_survivor(tmp_path, action):
     """Without the launcher's help: two processes started directly, process 1 is SIGKILLed.
@@ -373,3 +388,14 @@ def test_launcher_flag_errors_are_one_line():
     )
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == ["error: --nproc 0 is invalid: must be >= 1"]
+
+
+def test_a_late_initialize_is_a_clear_error(environ):
+    """After a JAX backend exists, joining is too late (the CPU client has read its collectives
+    setting, the devices are fixed): a clear error instead of a run with the wrong devices."""
+    import jax
+
+    jax.devices()  # a backend exists from here on
+    with pytest.raises(RuntimeError, match="must run before anything uses a JAX backend"):
+        distributed.initialize("127.0.0.1:1234", 2, 0)
+    assert not jax.distributed.is_initialized()
