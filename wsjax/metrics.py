@@ -296,17 +296,31 @@ class _CurrentStdout(logging.StreamHandler):
 
 def setup_logging(log_file: Path | None = None) -> logging.Handler | None:
     """Plain ``INFO: message`` lines on stdout for the ``wsjax`` loggers (once per process);
-    with ``log_file``, also into that file (the returned handler; remove it when done)."""
+    with ``log_file``, also into that file (the returned handler; remove it when done).
+
+    In a multi-process run only process 0 logs as above and writes ``log_file``; the others log
+    warnings and errors only, each line prefixed ``[process N]``, and get a handler that writes
+    nothing (so the caller's remove/close stays the same)."""
+    from wsjax.distributed import process_index
+
+    index = process_index()
     root = logging.getLogger("wsjax")
-    if not any(getattr(h, "_wsjax_console", False) for h in root.handlers):
-        h = _CurrentStdout()
-        h.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-        h._wsjax_console = True
-        root.addHandler(h)
+    console = next((h for h in root.handlers if getattr(h, "_wsjax_console", False)), None)
+    if console is None:
+        console = _CurrentStdout()
+        console._wsjax_console = True
+        root.addHandler(console)
         root.setLevel(logging.INFO)
         root.propagate = False
+    # set on every call: the process index is known only once the run has joined the others
+    prefix = f"[process {index}] " if index else ""
+    console.setFormatter(logging.Formatter(prefix + "%(levelname)s: %(message)s"))
+    if index != 0:
+        root.setLevel(logging.WARNING)
     if log_file is None:
         return None
+    if index != 0:
+        return logging.NullHandler()
     log_file.parent.mkdir(parents=True, exist_ok=True)
     fh = _RunLogFile(log_file)
     fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s: %(message)s"))

@@ -3,6 +3,7 @@
     python -m wsjax.train                              # the built-in tiny GPT-J, ./model_dir
     python -m wsjax.train -p configs/params_gptj_6B.yaml -m train -o model_dir --max_steps 100
     python -m wsjax.train -p params.yaml --validate_only model.num_hidden_layers=4
+    python -m wsjax.launch --nproc 2 -- -p params.yaml    # 2 processes (wsjax.launch)
 
 ``main`` only parses and calls :func:`run`, which tests and notebooks call directly. The run's
 artifacts (compile cache, checkpoints, events, performance.json, plan) are laid out in
@@ -16,12 +17,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from pathlib import Path
+from typing import NoReturn
 
 from wsjax.errors import WsjaxError
 from wsjax.run import MODES, RunResult, run
 
-__all__ = ["MODES", "RunResult", "build_parser", "default_params_path", "main", "run"]
+__all__ = ["MODES", "RunResult", "build_parser", "cli", "default_params_path", "main", "run"]
 
 log = logging.getLogger("wsjax.train")
 
@@ -120,6 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="compile every executable into the compile dir, write plan and estimate; no weights",
     )
+    multi = p.add_argument_group(
+        "several processes",
+        "join a multi-process run (jax.distributed). Not needed under SLURM srun or Open MPI "
+        "mpirun (detected) nor under python -m wsjax.launch (it sets WSJAX_COORDINATOR_ADDRESS, "
+        "WSJAX_NUM_PROCESSES, WSJAX_PROCESS_ID); a flag wins over its variable",
+    )
+    multi.add_argument(
+        "--coordinator_address", metavar="HOST:PORT", help="process 0's host and a free port"
+    )
+    multi.add_argument("--num_processes", type=int, help="processes in the run (>= 1)")
+    multi.add_argument("--process_id", type=int, help="this process's id, 0 .. num_processes-1")
     p.add_argument(
         "overrides",
         nargs="*",
@@ -133,9 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     # intermixed: overrides may come before, between or after the options
     args = build_parser().parse_intermixed_args(argv)
     try:
+        from wsjax import distributed
         from wsjax.config import load_config
         from wsjax.metrics import setup_logging
 
+        # first: joining the other processes must precede any use of a JAX backend
+        distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
         setup_logging()
         for flag in IGNORED_FLAGS:
             if (value := getattr(args, flag)) is not None:
@@ -171,5 +188,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli() -> NoReturn:
+    """The process entry point (``python -m wsjax.train``, ``wsjax-train``): :func:`main`, then
+    exit with its code; a process of a multi-process run that fails exits at once
+    (:func:`wsjax.distributed.exit_process`) instead of waiting for the others."""
+    from wsjax.distributed import exit_process
+
+    try:
+        code = main()
+    except Exception:  # a bug: its traceback, then exit 1
+        traceback.print_exc()
+        code = 1
+    exit_process(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()
