@@ -171,3 +171,18 @@ def test_a_killed_process_stops_the_run_and_the_rerun_resumes_exactly(tmp_path):
     ref = tmp_path / "ref"
     _ok(alone(2, "-m", "wsjax.train", *_train(ref, target)))
     _assert_same(_restored(md, target), _restored(ref, target))
+
+
+def test_validate_only_plans_a_two_process_run_from_one(tmp_path):
+    """``--validate_only --num_processes 2`` on one process: the weights, optimizer state and
+    gradients each host holds are half the one-process plan's (exactly: every leaf of the
+    default model has an even axis); nothing joins a coordinator."""
+    plans = {}
+    for n in (1, 2):
+        md = tmp_path / f"p{n}"
+        extra = ["--num_processes", "2"] if n == 2 else []
+        proc = alone(1, "-m", "wsjax.train", "--validate_only", "-o", str(md), *extra)
+        _ok(proc)
+        plans[n] = json.loads((md / "plan.json").read_text())["host"]
+    for term in ("master_fp32", "stream_copy", "optimizer_state", "gradients"):
+        assert plans[2][term] == -(-plans[1][term] // 2), term

@@ -143,7 +143,10 @@ def train_loop(
     flops_tok = model_flops_per_token(r.config.model, r.model.num_params(), T)
     policy = NonFinitePolicy(rc.on_nonfinite, rc.max_consecutive_skips)
     tb = Summaries(r.md.path)
-    bar = Progress(engine.step, target, r.options.progress)
+    from wsjax.distributed import is_main_process
+
+    # one progress bar: process 0's
+    bar = Progress(engine.step, target, r.options.progress if is_main_process() else False)
     steps_done, wait, t_start = 0, 0.0, time.perf_counter()
     batches = itertools.chain([first], loader)
     profiler = StepProfiler(rc.profile_steps, r.md.path / "profile")

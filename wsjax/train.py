@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -151,8 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         from wsjax.config import load_config
         from wsjax.metrics import setup_logging
 
-        # first: joining the other processes must precede any use of a JAX backend
-        distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+        # --validate_only --num_processes P alone: plan a P-process run from this one process
+        planning = args.validate_only and args.num_processes and args.coordinator_address is None
+        planning = planning and "WSJAX_COORDINATOR_ADDRESS" not in os.environ
+        if not planning:  # first: joining must precede any use of a JAX backend
+            distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
         setup_logging()
         for flag in IGNORED_FLAGS:
             if (value := getattr(args, flag)) is not None:
@@ -177,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             validate_only=args.validate_only,
             compile_only=args.compile_only,
             eval_text=args.eval_text,
+            plan_processes=args.num_processes if planning else None,
         )
     except WsjaxError as e:
         # one line whatever a library put into the text (the contract of every WsjaxError)
