@@ -1,7 +1,9 @@
 """Run by tests/test_scaleout.py, once per process (``python -m wsjax.launch --module``) or alone:
 a few engine steps on fixed batches; writes what each process measured as JSON.
 
-    python tests/scaleout_probe.py OUT_DIR STEPS
+    python tests/scaleout_probe.py OUT_DIR STEPS [f64]
+
+``f64``: jax_enable_x64 and a float64 model, as the engine's exactness tests compare.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ import numpy as np
 from wsjax import distributed
 
 
-def main(out: Path, steps: int) -> None:
+def main(out: Path, steps: int, f64: bool) -> None:
     distributed.initialize()  # from the launcher's environment; nothing with one process
+    if f64:
+        jax.config.update("jax_enable_x64", True)
     sys.path.insert(0, str(Path(__file__).parent))
     from jax.experimental import multihost_utils
     from train_helpers import small_config
@@ -29,7 +33,14 @@ def main(out: Path, steps: int) -> None:
 
     # micro-batching on, so the rows of a process are spread over two micro-batches
     config = small_config("streaming.micro_batch_size=4", "train_input.batch_size=8")
-    engine = StreamingEngine(get_model(config.model), config)
+    model = get_model(config.model)
+    params = None
+    if f64:
+        import jax.numpy as jnp
+
+        model.compute_dtype = jnp.float64  # the segment protocol's compute dtype
+        params = jax.tree.map(lambda a: np.asarray(a, np.float64), model.init(jax.random.key(0)))
+    engine = StreamingEngine(model, config, params=params)
     rows = process_rows_of(config, 8, train=True)
     rng = np.random.default_rng(0)
     losses, norms = [], []
@@ -59,4 +70,4 @@ def main(out: Path, steps: int) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]))
+    main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:] == ["f64"])

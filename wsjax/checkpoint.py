@@ -164,9 +164,10 @@ class Checkpoints:
         except READ_ERRORS as e:
             if is_main_process():
                 self._clear_leftovers()  # orbax's uncommitted temporary folder
+            hint = "did another process stop? " if multi_process() else ""
             raise CheckpointError(
-                f"{self.path(step)}: cannot write the checkpoint ({_first_line(e)}); "
-                "the earlier checkpoints are kept (free disk space and rerun to resume)"
+                f"{self.path(step)}: cannot write the checkpoint ({_first_line(e)}); the earlier "
+                f"checkpoints are kept ({hint}free disk space and rerun to resume)"
             ) from None
         self._prune(newest_good=step)
         return self.path(step)
