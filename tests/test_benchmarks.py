@@ -67,6 +67,11 @@ EXPECTED = {
             "resident_vs_torch",
         ),
     },
+    "bench_scaleout.py": {
+        "P1": ("tokens_per_sec", "host_update_seconds_per_process", "live_bytes_per_process"),
+        "P2": ("tokens_per_sec", "host_update_seconds_per_process", "live_bytes_per_process"),
+        "P2_vs_P1": ("tokens_per_sec_ratio", "host_update_ratio", "live_bytes_ratio"),
+    },
     "bench_default_run.py": {
         "smoke": ("wall_seconds", "final_train_loss"),
     },
@@ -123,6 +128,8 @@ def test_benchmark_smoke(script: str, tmp_path: Path) -> None:
         parts = by_setting["w64_L2_t64_fp32"]["engine_parts_seconds"]
         assert set(parts["compute"]) >= {"block_fwd", "block_bwd", "head", "update/block"}
         assert parts["schedule_step_seconds"] > 0
+    if script == "bench_scaleout.py":  # each of 2 processes holds half the live bytes
+        assert abs(by_setting["P2_vs_P1"]["live_bytes_ratio"] - 0.5) < 0.01
     if script == "bench_compile.py":
         # the warm process finds every executable in the persistent cache
         assert by_setting["L3_warm"]["compile_seconds"] < by_setting["L3_cold"]["compile_seconds"]
