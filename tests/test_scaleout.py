@@ -118,8 +118,13 @@ def test_checkpoints_move_between_process_counts(tmp_path):
     weights and optimizer state (2 -> 1), and from that run's step 3, two processes do too
     (1 -> 2). The HF export reads the 2-process checkpoint."""
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    _ok(launch(2, 1, *_train(a, 4, "runconfig.save_checkpoints_steps=2")))
+    first = launch(2, 1, *_train(a, 4, "runconfig.save_checkpoints_steps=2"))
+    _ok(first)
     assert sorted(p.name for p in a.glob("model-ckpt-*")) == ["model-ckpt-2", "model-ckpt-4"]
+    # process 0 alone logs progress and writes the run's files
+    assert (first.stdout + first.stderr).count("global_step = 4,") == 1
+    assert len(list((a / "train").glob("events.out.tfevents.*"))) == 1
+    assert (a / "plan.json").is_file() and (a / "performance" / "performance.json").is_file()
     shutil.copytree(a, b)
     shutil.rmtree(b / "model-ckpt-4")
     _ok(alone(2, "-m", "wsjax.train", *_train(b, 4, "runconfig.save_checkpoints_steps=1")))
