@@ -2,17 +2,16 @@
 the collectives, each process's host holds half of every leaf.
 
 The yardstick of a P-process run is the one-process run on the same total device count (1 x 2
-for 2 x 1, 1 x 4 for 2 x 2). Their arithmetic is the same operation for operation: every device
-computes the same per-device partial gradients and sums, and each process applies the same
-elementwise optimizer update to its slice. The one difference is the order in which the
-all-reduce adds the per-device partial sums:
-- with 2 devices it adds 2 terms, and a + b == b + a exactly: 2 x 1 is compared in fp32,
-  bitwise;
-- with 4 devices the in-process and the gloo all-reduce may group the 4 terms differently, so
-  2 x 2 is compared in float64 (as the engine's exactness tests do), at rtol 1e-12: regrouping
-  four terms moves a sum by at most 3 float64 ulps (~7e-16 relative), and three steps of Adam
-  amplify that by orders of magnitude less than the 1e-12 margin, whereas any real difference
-  (a wrong slice, a missed row, a double-counted shard) is of the order of the update itself.
+for 2 x 1, 1 x 4 for 2 x 2). Every device computes the same per-device partial gradients and
+sums, and each process applies the same elementwise optimizer update to its slice. What differs
+is the grouping of the sums over devices: one process all-reduces each micro-batch's gradient
+and adds it to a replicated accumulator; several reduce-scatter it into accumulators cut as the
+host store is, and XLA may fold the accumulator into the reduction (in fp32, 8 of 32,768 wte
+entries moved by one ulp after 3 steps). So the runs are compared in float64 (as the engine's
+exactness tests do) at rtol 1e-12: regrouping a handful of terms moves a float64 sum by a few
+ulps (~1e-15 relative) and three steps of Adam amplify that far less than the 1e-12 margin,
+whereas a real fault (a wrong slice, a missed row, a shard counted twice) is of the order of the
+update itself.
 """
 
 from __future__ import annotations
@@ -75,26 +74,35 @@ def _restored(md: Path, step: int) -> dict:
     return {"params": params, "opt_state": opt}
 
 
-def _assert_same(a, b) -> None:
+def _assert_same(a, b, *, exact: bool) -> None:
+    """Every array of two checkpoints' trees: bitwise (``exact``), or to fp32 float noise.
+
+    Float noise: the two runs group the gradient sums differently (all-reduce in one process,
+    reduce-scatter in two), so gradients differ by a few ulps (relative delta ~1e-6 at most).
+    Adam turns that into an update error of at most ~2 * delta * lr, and lr <= 6e-4 in the
+    first 4 steps of the tiny config's warm-up: ~1e-9 absolute. atol 1e-7 and rtol 1e-5 leave
+    a wide margin; a real fault (a lost optimizer state, a misplaced slice) moves weights by
+    about lr (>1e-5) or by their own size."""
     import jax
 
     for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(path))
+        x, y = np.asarray(x), np.asarray(y)
+        if exact:
+            np.testing.assert_array_equal(x, y, err_msg=str(path))
+        else:
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7, err_msg=str(path))
 
 
-@pytest.mark.parametrize(
-    "per_process, precision", [(1, "fp32"), (2, "f64")], ids=["2x1-bitwise", "2x2-float64"]
-)
-def test_two_processes_train_as_one(tmp_path, per_process, precision):
-    """Losses, gradient norms and weights after 3 steps equal the one-process run's (bitwise at
-    2 x 1, float64 rounding at 2 x 2); each process's live arrays (master, optimizer state,
-    stream copy) are half of one's."""
+@pytest.mark.parametrize("per_process", [1, 2], ids=["2x1", "2x2"])
+def test_two_processes_train_as_one(tmp_path, per_process):
+    """Losses, gradient norms and weights after 3 steps equal the one-process run's to float64
+    rounding; each process's live arrays (master, optimizer state, stream copy) are half of
+    one's."""
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
-    extra = ["f64"] if precision == "f64" else []
-    _ok(alone(2 * per_process, str(PROBE), str(one), "3", *extra))
-    _ok(launch(2, per_process, str(two), "3", *extra, module="tests.scaleout_probe"))
-    rtol = 0.0 if precision == "fp32" else 1e-12
+    _ok(alone(2 * per_process, str(PROBE), str(one), "3", "f64"))
+    _ok(launch(2, per_process, str(two), "3", "f64", module="tests.scaleout_probe"))
+    rtol = 1e-12
     ref = json.loads((one / "process0.json").read_text())
     for index in (0, 1):
         got = json.loads((two / f"process{index}.json").read_text())
@@ -128,13 +136,13 @@ def test_checkpoints_move_between_process_counts(tmp_path):
     shutil.copytree(a, b)
     shutil.rmtree(b / "model-ckpt-4")
     _ok(alone(2, "-m", "wsjax.train", *_train(b, 4, "runconfig.save_checkpoints_steps=1")))
-    _assert_same(_restored(b, 4), _restored(a, 4))
+    _assert_same(_restored(b, 4), _restored(a, 4), exact=False)
     shutil.copytree(b, c)
     shutil.rmtree(c / "model-ckpt-4")
     proc = launch(2, 1, *_train(c, 4, "runconfig.save_checkpoints_steps=1"))
     _ok(proc)
     assert "model-ckpt-3: resuming" in proc.stdout + proc.stderr
-    _assert_same(_restored(c, 4), _restored(a, 4))
+    _assert_same(_restored(c, 4), _restored(a, 4), exact=False)
 
     out = tmp_path / "hf"
     export = subprocess.run(
@@ -157,7 +165,8 @@ def _children(pid: int) -> list[int]:
 def test_a_killed_process_stops_the_run_and_the_rerun_resumes_exactly(tmp_path):
     """SIGKILL of process 1 mid-run: the launcher exits non-zero within its bound (the grace
     period of the survivors plus JAX's detection of the dead peer); the same command again
-    resumes from the newest checkpoint, and its next checkpoint equals an uninterrupted run's."""
+    resumes from the newest checkpoint, and its next checkpoint equals (bitwise) the one of an
+    uninterrupted 2-process run."""
     md = tmp_path / "md"
     args = _train(md, 400, "runconfig.save_checkpoints_steps=2", "runconfig.log_steps=50")
     proc = launch(2, 1, *args, popen=True)
@@ -186,8 +195,8 @@ def test_a_killed_process_stops_the_run_and_the_rerun_resumes_exactly(tmp_path):
     _ok(proc)
     assert f"model-ckpt-{newest}: resuming" in proc.stdout + proc.stderr
     ref = tmp_path / "ref"
-    _ok(alone(2, "-m", "wsjax.train", *_train(ref, target)))
-    _assert_same(_restored(md, target), _restored(ref, target))
+    _ok(launch(2, 1, *_train(ref, target)))
+    _assert_same(_restored(md, target), _restored(ref, target), exact=True)
 
 
 def test_validate_only_plans_a_two_process_run_from_one(tmp_path):

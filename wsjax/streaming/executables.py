@@ -161,6 +161,11 @@ def abstract(tree, sharding, dtype=None):
     )
 
 
+def _shardings(abstract_tree) -> Any:
+    """The shardings of an abstract tree, as out_shardings."""
+    return jax.tree.map(lambda a: a.sharding, abstract_tree)
+
+
 def _structure(tree) -> Any:
     """Output tree structure with leaves elided (to rebuild a serialized executable)."""
     return jax.tree.map(lambda _: 0, tree)
@@ -208,7 +213,20 @@ class StepExecutables:
         self.master_shapes = segment_shapes(model, master_dtype)
         rep, data = placement.replicated, placement.data
         self.weights = {k: abstract(v, rep, compute_dtype) for k, v in self.master_shapes.items()}
-        self.grads = {k: abstract(v, rep) for k, v in self.master_shapes.items()}
+        # the gradient accumulators: replicated; with several processes cut as the host store
+        # is, so the backward's sum over the data axis is a reduce-scatter (SwarmX's reduction)
+        shards = placement.shards
+        self.grads = {
+            k: abstract(v, rep)
+            if shards is None
+            else jax.tree.map(
+                lambda a: jax.ShapeDtypeStruct(
+                    a.shape, a.dtype, sharding=shards.device_sharding(a.shape)
+                ),
+                v,
+            )
+            for k, v in self.master_shapes.items()
+        }
         self.seg_bytes = {k: tree_bytes(v) for k, v in self.weights.items()}
         hidden = model.cfg.hidden_size
         self.activation = jax.ShapeDtypeStruct((micro, seq, hidden), compute_dtype, sharding=data)
@@ -241,14 +259,13 @@ class StepExecutables:
         return self._move(f"gather/{kind}", sharded, self.placement.replicated)(sharded)
 
     def reduce_to_host(self, kind: str, grads):
-        """A segment's summed gradients (replicated) to the host; with several processes each
-        process receives only its slice (SwarmX's reduction: the sum over the data axis is
-        already in the replicated gradients)."""
+        """A segment's summed gradients to the host: replicated ones whole; with several
+        processes the backward already reduce-scattered them (``self.grads``), and each process
+        takes home its slice."""
         shards = self.placement.shards
         if shards is None:
             return jax.device_put(grads, self.placement.host)
-        sharded = self._move(f"scatter/{kind}", grads, shards.device_shardings(grads))(grads)
-        return shards.to_host(sharded, self.placement.host)
+        return shards.to_host(grads, self.placement.host)
 
     def _move(self, name: str, example, out_shardings):
         """A compiled identity into ``out_shardings`` (XLA chooses the collective)."""
@@ -303,7 +320,9 @@ class StepExecutables:
         rep = self.placement.replicated
         g_wte = 0 if self.tied else None
         out_tree = lambda n: jax.tree.structure((0, 0, _structure(self.grads["head"]), g_wte, 0))
-        out_shardings = (rep, self.placement.data, rep, rep, rep)
+        g_wte_sharding = self.g_wte.sharding if self.tied else rep
+        out_shardings = (rep, self.placement.data, _shardings(self.grads["head"]), g_wte_sharding)
+        out_shardings += (rep,)
         return self._get(
             "head_train", self.functions.head_train, args, out_shardings, out_tree, donate=(6, 7)
         )
@@ -333,15 +352,17 @@ class StepExecutables:
         rep = self.placement.replicated
         out_tree = lambda n: jax.tree.structure((0, _structure(self.grads["block"]), 0))
         donate = (len(args) - 1,)  # the gradient accumulator
-        return self._get(name, fn, args, (self.placement.data, rep, rep), out_tree, donate)
+        out_shardings = (self.placement.data, _shardings(self.grads["block"]), rep)
+        return self._get(name, fn, args, out_shardings, out_tree, donate)
 
     def embed_backward(self):
         args = (self.weights["embed"], self.tokens, self.activation, self.step_key, self.index)
         args += (self.grads["embed"],)
         rep = self.placement.replicated
         out_tree = lambda n: jax.tree.structure((_structure(self.grads["embed"]), 0))
+        out_shardings = (_shardings(self.grads["embed"]), rep)
         return self._get(
-            "embed_bwd", self.functions.embed_bwd, args, (rep, rep), out_tree, donate=(5,)
+            "embed_bwd", self.functions.embed_bwd, args, out_shardings, out_tree, donate=(5,)
         )
 
     # ---- update ----------------------------------------------------------------------------

@@ -15,16 +15,17 @@ Why per leaf and along an existing axis, not one flat padded buffer per segment:
   with any process count, including 1: nothing is padded, no layout is stored;
 - no pad rows to keep at zero or to strip on export.
 
-The step moves a segment through three forms:
+The step moves a segment through these forms:
 
-    host slice (this process)  --to_devices-->  sharded global array   --gather-->   replicated
-    replicated gradient        --scatter-->     sharded global array   --to_host-->  host slice
+    host slice (this process)  --to_devices-->  sharded global array  --gather-->  replicated
+    backward: gradient accumulators cut as the store is (a reduce-scatter)  --to_host-->  slice
 
 ``gather`` is a compiled identity from the sharded to the replicated layout: XLA's all-gather
-over the devices of all processes (the broadcast). The backward already sums gradients over
-the data axis (an all-reduce), so ``scatter`` only keeps each process's block: every process
-receives the sum for its own slice (the reduction). The global gradient norm is computed from
-the replicated gradients before they are cut, so clipping stays exact.
+over the devices of all processes (the broadcast). The backward's gradient accumulators have
+the store's layout, so XLA sums each micro-batch's gradient over the data axis straight into
+the shards (a reduce-scatter): every process receives the sum for its own slice only (the
+reduction), and each device holds 1/(P * D) of a segment's gradient. The squared norms are
+summed over those shards, so the global gradient norm, and clipping, stay exact.
 
 Nothing here is used with one process: the one-process store keeps whole leaves.
 """
