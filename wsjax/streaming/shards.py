@@ -25,7 +25,10 @@ over the devices of all processes (the broadcast). The backward's gradient accum
 the store's layout, so XLA sums each micro-batch's gradient over the data axis straight into
 the shards (a reduce-scatter): every process receives the sum for its own slice only (the
 reduction), and each device holds 1/(P * D) of a segment's gradient. The squared norms are
-summed over those shards, so the global gradient norm, and clipping, stay exact.
+summed over those shards, so the global gradient norm, and clipping, stay exact. What XLA
+emits for it is its choice: XLA CPU (JAX 0.10) compiles an all-reduce and keeps each device's
+slice (seen in the compiled HLO of the block backward: same sums, twice a reduce-scatter's wire
+bytes); on GPUs it is unchecked here (the lent GPU machine has one GPU).
 
 Nothing here is used with one process: the one-process store keeps whole leaves.
 """
