@@ -238,8 +238,6 @@ class Checkpoints:
         meta = dict(r["meta"] or {})
         opt = r["opt_state"] if opt_shapes is not None else None
         params = r["params"]
-        if not multi_process():  # numpy, as the callers (export, the store) take it
-            params, opt = jax.tree.map(np.asarray, params), jax.tree.map(np.asarray, opt)
         digest = meta.pop(DIGEST_KEY, None)
         trees = {"params": params} if opt is None else {"params": params, "opt_state": opt}
         if digest and isinstance(next(iter(digest.values())), dict):  # written by P processes

@@ -107,9 +107,9 @@ def verify_process_digest(digest: dict, tree: dict, where: Path) -> bool:
 
 
 def restore_targets(params_shapes: dict, opt_shapes: dict | None):
-    """Orbax targets: whole arrays on this host's CPU device (one process), else each
-    process's slice over the host mesh."""
-    from jax.sharding import SingleDeviceSharding
+    """Orbax targets: whole numpy arrays (one process; ``np.empty`` targets say the type and
+    are never written, so they cost no memory), else each process's slice over the host mesh.
+    Numpy targets read a checkpoint whichever process count wrote it."""
 
     def shaped(tree, shardings):
         return jax.tree.map(
@@ -119,8 +119,9 @@ def restore_targets(params_shapes: dict, opt_shapes: dict | None):
         )
 
     if not multi_process():
-        host = SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
-        one = lambda tree: shaped(tree, jax.tree.map(lambda _: host, tree))  # noqa: E731
+        one = lambda tree: jax.tree.map(  # noqa: E731
+            lambda a: np.empty(tuple(a.shape), a.dtype), tree
+        )
     else:
         from wsjax.streaming.engine import default_mesh
         from wsjax.streaming.shards import ProcessShards
