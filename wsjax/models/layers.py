@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from wsjax import precision
 from wsjax.models.init import make_initializer
 from wsjax.precision import at_least_f32
 
@@ -46,7 +47,9 @@ def _initializer(cfg, kind: str, fan_in: int, fan_out: int):
 def linear(cfg, d_in: int, d_out: int, bias: bool, rngs: nnx.Rngs, kind="kernel") -> nnx.Linear:
     """``x @ kernel (+ bias)``; kernel (in, out) is the transpose of torch's Linear.weight."""
     init = _initializer(cfg, kind, d_in, d_out)
-    return nnx.Linear(d_in, d_out, use_bias=bias, kernel_init=init, rngs=rngs)
+    return nnx.Linear(
+        d_in, d_out, use_bias=bias, kernel_init=init, dot_general=precision.dot_general, rngs=rngs
+    )
 
 
 def layer_norm(cfg, rngs: nnx.Rngs) -> nnx.LayerNorm:
