@@ -186,4 +186,4 @@ def masked_attention(
     scores = jnp.where(mask, scores, jnp.finfo(acc).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     probs = dropout(rng, dropout_rate, probs)
-    return jnp.einsum("bhqs,bshk->bqhk", probs, v)  # (B, T, H, K)
+    return precision.einsum("bhqs,bshk->bqhk", probs, v)  # (B, T, H, K)
