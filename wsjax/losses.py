@@ -28,8 +28,8 @@ def token_loss_sum(
     dtype = at_least_f32(logits.dtype)
     logits = logits.astype(dtype)
     # -log softmax at the label = logsumexp - the label's logit: no (B, T, V) log-probabilities
-    # are materialised, which took the head's loss 1.2-2x longer on XLA CPU (benchmarks/README.md,
-    # "peer"); the gradient is still softmax - onehot
+    # are materialised (a full extra pass over the logits on XLA CPU; benchmarks/README.md,
+    # "bf16 speed work"); the gradient is still softmax - onehot
     picked = jnp.take_along_axis(logits, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
     nll = jax.nn.logsumexp(logits, axis=-1) - picked  # (B, T)
     mask = mask.astype(dtype)

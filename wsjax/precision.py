@@ -8,8 +8,9 @@ Matmuls of bf16 operands multiply in bf16 and accumulate in fp32, forward and ba
 (:func:`einsum`, :func:`dot_general`), as torch's CPU autocast does. Written as XLA's plain
 ``bf16 x bf16 -> bf16`` dot, XLA CPU (JAX 0.10) converts both operands to fp32, runs an fp32
 matmul and converts back: slower than fp32 alone. ``bf16 x bf16 -> fp32`` it runs natively in bf16
-(AVX512_BF16 / AMX where the CPU has them): 3-5x the fp32 rate at GPT-J layer shapes here
-(benchmarks/README.md, "peer"). fp32 and float64 operands take the plain path, unchanged.
+(AVX512_BF16 / AMX where the CPU has them): 2.8-7.5x the fp32 rate at GPT-J layer shapes here
+(``bench_peer.py --matmuls``; benchmarks/README.md, "bf16 speed work"). fp32 and float64
+operands take the plain path, unchanged.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     if bf16 and rhs.ndim == 2 and lhs.ndim >= 2 and dimension_numbers == dense:
         # (C, T, K) with C the leading dims: the weight gradient "ctk,ctn->kn" then contracts
         # two dims, a form XLA CPU runs natively in bf16; flattened to "tk,tn->kn" it does not
-        # (it converts both operands to fp32 first: measured, benchmarks/README.md "peer")
+        # (it converts both operands to fp32 first: ``bench_peer.py --matmuls``)
         rows = lhs.reshape(-1, *lhs.shape[-2:])  # (C, T, K)
         out = einsum("ctk,kn->ctn", rows, rhs, preferred_element_type)  # (C, T, N)
         return out.reshape(*lhs.shape[:-1], rhs.shape[-1])
