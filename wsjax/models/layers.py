@@ -2,9 +2,10 @@
 pure maths (attention, rotary, dropout, activation) with shape comments.
 
 Layers compute in the dtype of the parameters they are given (the engine streams a compute-dtype
-copy: fp32, or bf16 under mixed precision); layer norm statistics, rotary, softmax and the logits
-run in at least fp32 (``wsjax.precision.at_least_f32``: float64 for a float64 model, which the
-exactness tests use).
+copy: fp32, or bf16 under mixed precision); bf16 matmuls accumulate in fp32
+(``wsjax.precision.einsum``: every ``linear`` and attention's ``probs @ v``); layer norm
+statistics, rotary, softmax and the logits run in at least fp32
+(``wsjax.precision.at_least_f32``: float64 for a float64 model, which the exactness tests use).
 Shapes: B batch, T sequence, D hidden, H heads, K head dim, R rotary dims, V vocabulary.
 """
 
