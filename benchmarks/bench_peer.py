@@ -2,6 +2,7 @@
 
     python benchmarks/bench_peer.py [--smoke] [--results_dir DIR] [--shapes W:L:B:S,...]
         [--dtypes fp32,bf16] [--steps 2] [--warmup 1] [--keep_host_pages] [--parts]
+        [--matmuls M:K:N,...]
 
 For each GPT-J shape (``W:L:B:S`` = width, layers, batch, sequence; head_dim 64, filter 4 W,
 rotary 32, vocab ``--vocab``) and each precision, one JSON line with tokens/s of
@@ -21,6 +22,13 @@ line says how loaded it was. ``--keep_host_pages`` keeps freed heap pages mapped
 before JAX allocates; the line records whether it was on. ``--parts`` adds, per engine mode,
 where its step's time goes: each compiled executable and each transfer timed alone
 (``wsjax.metrics.measure_step_times``) and their sum over the step's schedule.
+
+``--matmuls`` first writes one line per matmul shape ``M:K:N`` (the layers' own: tokens x
+width x 4 width, ...): GFLOP/s of torch fp32 / bf16 and of jitted JAX fp32, bf16 -> bf16 (what
+a plain bf16 ``x @ w`` asks for) and bf16 -> fp32 (``preferred_element_type``, what
+``wsjax.precision.einsum`` asks for), the weight gradient ``x^T g`` of bf16 operands written
+flattened (``tk,tn->kn``) and with its batch axis (``ctk,ctn->kn``), and for each JAX form
+the ``convert`` ops XLA put around it in the compiled HLO (the upcasts that cost bf16 its speed).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -46,6 +55,8 @@ from wsjax.models import get_model  # noqa: E402
 # width:layers:batch:seq -- tokens per step 2k (issue 14's shape), 1k (deep and narrow), 8k (wide)
 DEFAULT_SHAPES = "512:8:8:256,256:16:4:256,1024:4:32:256"
 SMOKE_SHAPES = "64:2:2:32"
+SMOKE_MATMULS = "64:32:64"
+MATMUL_BATCH = 8  # the batch axis of the weight gradient's "ctk,ctn->kn" form (batch 8 x seq)
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc malloc.h
 
 
@@ -57,6 +68,7 @@ def _args(p) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps (the first compiles)")
     p.add_argument("--keep_host_pages", action="store_true", help="glibc: no mmap, no trim")
     p.add_argument("--parts", action="store_true", help="also time each executable alone")
+    p.add_argument("--matmuls", default="", help="M:K:N,... matmul shapes to time first")
 
 
 def keep_host_pages() -> None:
@@ -130,6 +142,50 @@ def step_parts(model, cfg, shape: tuple[int, int]) -> dict:
     }
 
 
+def matmul_line(shape: str, reps: int) -> dict:
+    """GFLOP/s of one matmul shape in torch and in the JAX forms bf16 can take (see --matmuls)."""
+    import jax.numpy as jnp
+    import torch
+
+    m, k, n = (int(v) for v in shape.split(":"))
+    gflop = 2 * m * k * n / 1e9
+    rng = np.random.default_rng(0)
+    rec = {"setting": f"matmul_{m}x{k}x{n}", "m": m, "k": k, "n": n}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        best = C.time_calls(lambda a=a, b=b: a @ b, warmup=1, reps=reps)["best"]
+        rec[f"torch_{name}_gflops"] = round(gflop / best, 1)
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    x = jnp.asarray(rng.standard_normal((m, k)), bf16)  # (T, K) activations
+    w = jnp.asarray(rng.standard_normal((k, n)), bf16)  # (K, N) kernel
+    g = jnp.asarray(rng.standard_normal((m, n)), bf16)  # (T, N) output gradient
+    c = MATMUL_BATCH if m % MATMUL_BATCH == 0 else 1
+    forms = {
+        "fp32": (lambda x, w: x @ w, (x.astype(f32), w.astype(f32))),
+        "bf16_to_bf16": (lambda x, w: x @ w, (x, w)),
+        "bf16_to_fp32": (lambda x, w: jnp.dot(x, w, preferred_element_type=f32), (x, w)),
+        "bf16_wgrad_flat": (
+            lambda x, g: jnp.einsum("tk,tn->kn", x, g, preferred_element_type=f32),
+            (x, g),
+        ),
+        "bf16_wgrad_batched": (
+            lambda x, g: jnp.einsum("ctk,ctn->kn", x, g, preferred_element_type=f32),
+            (x.reshape(c, m // c, k), g.reshape(c, m // c, n)),
+        ),
+    }
+    for name, (fn, operands) in forms.items():
+        compiled = jax.jit(fn).lower(*operands).compile()
+        hlo = compiled.as_text()
+        entry = hlo[hlo.index("ENTRY") :]  # ops of the program (fused or not) named after a convert
+        rec[f"jax_{name}_converts"] = len(re.findall(r"%[\w.-]*convert[\w.-]* = ", entry))
+        best = C.time_calls(
+            lambda f=compiled, o=operands: f(*o).block_until_ready(), warmup=1, reps=reps
+        )["best"]
+        rec[f"jax_{name}_gflops"] = round(gflop / best, 1)
+    rec["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
+    return rec
+
+
 def measure(args, shape: str, dtype: str, common: dict) -> dict:
     width, layers, batch, seq = (int(v) for v in shape.split(":"))
     bf16 = dtype == "bf16"
@@ -186,7 +242,7 @@ def main() -> None:
 
     if args.smoke:
         args.shapes, args.vocab, args.steps, args.warmup = SMOKE_SHAPES, 256, 1, 1
-        args.dtypes, args.parts = "fp32", True
+        args.dtypes, args.parts, args.matmuls = "fp32", True, SMOKE_MATMULS
     torch.set_num_threads(cores())
     out = C.results_path(args.results_dir)
     common = {
@@ -201,6 +257,10 @@ def main() -> None:
         "timing": f"best of {args.steps} after {args.warmup} warm-up",
     }
     t0 = time.perf_counter()
+    for shape in filter(None, args.matmuls.split(",")):
+        rec = {**common, **matmul_line(shape, reps=max(3, args.steps))}
+        rec["seconds_so_far"] = round(time.perf_counter() - t0, 1)
+        C.emit(rec, out)
     for shape in args.shapes.split(","):
         for dtype in args.dtypes.split(","):
             rec = measure(args, shape, dtype, common)

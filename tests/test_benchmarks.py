@@ -57,6 +57,15 @@ EXPECTED = {
         "b8": ("wsjax_tokens_per_sec", "hf_tokens_per_sec", "wsjax_vs_hf", "model_bytes"),
     },
     "bench_peer.py": {
+        "matmul_64x32x64": (
+            "torch_fp32_gflops",
+            "torch_bf16_gflops",
+            "jax_fp32_gflops",
+            "jax_bf16_to_bf16_gflops",
+            "jax_bf16_to_fp32_gflops",
+            "jax_bf16_wgrad_flat_gflops",
+            "jax_bf16_wgrad_batched_gflops",
+        ),
         "w64_L2_t64_fp32": (
             "torch_tokens_per_sec",
             "resident_tokens_per_sec",

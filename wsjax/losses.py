@@ -26,8 +26,12 @@ def token_loss_sum(
     mask: (B, T) float.
     """
     dtype = at_least_f32(logits.dtype)
-    logp = jax.nn.log_softmax(logits.astype(dtype), axis=-1)  # (B, T, V)
-    nll = -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    logits = logits.astype(dtype)
+    # -log softmax at the label = logsumexp - the label's logit: no (B, T, V) log-probabilities
+    # are materialised (a full extra pass over the logits on XLA CPU; benchmarks/README.md,
+    # "bf16 speed work"); the gradient is still softmax - onehot
+    picked = jnp.take_along_axis(logits, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    nll = jax.nn.logsumexp(logits, axis=-1) - picked  # (B, T)
     mask = mask.astype(dtype)
     return jnp.sum(nll * mask), jnp.sum(mask)
 

@@ -3,13 +3,79 @@
 Layer norm, softmax, the loss, gradient norms and master weights run in at least fp32: fp32
 when the activations are bf16 or fp32, float64 when they are float64 (``jax_enable_x64`` with a
 float64 model, how the exactness tests compare engine and reference to ~1e-12).
+
+Matmuls of bf16 operands multiply in bf16 and accumulate in fp32, forward and backward
+(:func:`einsum`, :func:`dot_general`), as torch's CPU autocast does. Written as XLA's plain
+``bf16 x bf16 -> bf16`` dot, XLA CPU (JAX 0.10) converts both operands to fp32, runs an fp32
+matmul and converts back: slower than fp32 alone. ``bf16 x bf16 -> fp32`` it runs natively in bf16
+(AVX512_BF16 / AMX where the CPU has them): 2.8-7.5x the fp32 rate at GPT-J layer shapes here
+(``bench_peer.py --matmuls``; benchmarks/README.md, "bf16 speed work"). fp32 and float64
+operands take the plain path, unchanged.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
+import jax
 import jax.numpy as jnp
+
+BF16, F32 = jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)
 
 
 def at_least_f32(dtype) -> jnp.dtype:
     """fp32 for bf16 / fp32, float64 for float64."""
     return jnp.promote_types(dtype, jnp.float32)
+
+
+def einsum(spec: str, a: jax.Array, b: jax.Array, out_dtype=None) -> jax.Array:
+    """Two-operand ``jnp.einsum`` whose output is ``out_dtype`` (default: the operands' type).
+
+    bf16 operands: bf16 products, fp32 accumulation, rounded once to ``out_dtype``; the backward
+    does the same with the cotangent in bf16 (as torch autocast's matmul backward). Every index
+    of an operand must appear in the other operand or in the output (no index summed within
+    one operand), so that the backward is two einsums of the same kind.
+    """
+    out_dtype = jnp.dtype(out_dtype or jnp.result_type(a, b))
+    if a.dtype == b.dtype == BF16:
+        return _bf16_einsum(spec, out_dtype, a, b)
+    return jnp.einsum(spec, a, b, preferred_element_type=out_dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _bf16_einsum(spec: str, out_dtype, a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.einsum(spec, a, b, preferred_element_type=F32).astype(out_dtype)
+
+
+def _bf16_einsum_fwd(spec, out_dtype, a, b):
+    return _bf16_einsum(spec, out_dtype, a, b), (a, b)
+
+
+def _bf16_einsum_bwd(spec, out_dtype, residuals, grad):
+    a, b = residuals
+    operands, out = spec.split("->")
+    spec_a, spec_b = operands.split(",")
+    grad = grad.astype(BF16)  # the cotangent enters the matmuls in bf16, as in the forward
+    grad_a = jnp.einsum(f"{out},{spec_b}->{spec_a}", grad, b, preferred_element_type=F32)
+    grad_b = jnp.einsum(f"{spec_a},{out}->{spec_b}", a, grad, preferred_element_type=F32)
+    return grad_a.astype(BF16), grad_b.astype(BF16)
+
+
+_bf16_einsum.defvjp(_bf16_einsum_fwd, _bf16_einsum_bwd)
+
+
+def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
+    """``lax.dot_general`` for ``flax.nnx.Linear``: ``x (..., K) @ kernel (K, N)`` of bf16
+    operands goes through :func:`einsum` (fp32 accumulation); anything else is unchanged."""
+    dense = (((lhs.ndim - 1,), (0,)), ((), ()))
+    bf16 = lhs.dtype == rhs.dtype == BF16
+    if bf16 and rhs.ndim == 2 and lhs.ndim >= 2 and dimension_numbers == dense:
+        # (C, T, K) with C the leading dims: the weight gradient "ctk,ctn->kn" then contracts
+        # two dims, a form XLA CPU runs natively in bf16; flattened to "tk,tn->kn" it does not
+        # (it converts both operands to fp32 first: ``bench_peer.py --matmuls``)
+        rows = lhs.reshape(-1, *lhs.shape[-2:])  # (C, T, K)
+        out = einsum("ctk,kn->ctn", rows, rhs, preferred_element_type)  # (C, T, N)
+        return out.reshape(*lhs.shape[:-1], rhs.shape[-1])
+    return jax.lax.dot_general(
+        lhs, rhs, dimension_numbers, precision, preferred_element_type=preferred_element_type, **kw
+    )

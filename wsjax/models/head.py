@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from wsjax.models.layers import layer_norm, linear
-from wsjax.precision import at_least_f32
+from wsjax.precision import at_least_f32, einsum
 
 
 class OutputBias(nnx.Module):
@@ -31,9 +31,9 @@ class Head(nnx.Module):
         """(B, T, D) -> fp32 logits (B, T, V); ``wte`` (V, D) is the embedding when tied."""
         h = self.ln_f(x)  # (B, T, D)
         out = at_least_f32(h.dtype)  # fp32 (float64 for a float64 model)
-        if not self.tied:
-            return self.lm_head(h).astype(out)
-        logits = h @ wte.T.astype(h.dtype)  # (B, T, V)
-        if hasattr(self, "lm_head"):
-            logits = logits + self.lm_head.bias[...].astype(h.dtype)
-        return logits.astype(out)
+        if self.tied:  # wte (V, D)
+            logits = einsum("btd,vd->btv", h, wte.astype(h.dtype), out)  # (B, T, V)
+        else:  # kernel (D, V)
+            logits = einsum("btd,dv->btv", h, self.lm_head.kernel[...].astype(h.dtype), out)
+        bias = getattr(getattr(self, "lm_head", None), "bias", None)
+        return logits if bias is None else logits + bias[...].astype(out)

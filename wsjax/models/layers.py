@@ -2,9 +2,10 @@
 pure maths (attention, rotary, dropout, activation) with shape comments.
 
 Layers compute in the dtype of the parameters they are given (the engine streams a compute-dtype
-copy: fp32, or bf16 under mixed precision); layer norm statistics, rotary, softmax and the logits
-run in at least fp32 (``wsjax.precision.at_least_f32``: float64 for a float64 model, which the
-exactness tests use).
+copy: fp32, or bf16 under mixed precision); bf16 matmuls accumulate in fp32
+(``wsjax.precision.einsum``: every ``linear`` and attention's ``probs @ v``); layer norm
+statistics, rotary, softmax and the logits run in at least fp32
+(``wsjax.precision.at_least_f32``: float64 for a float64 model, which the exactness tests use).
 Shapes: B batch, T sequence, D hidden, H heads, K head dim, R rotary dims, V vocabulary.
 """
 
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from wsjax import precision
 from wsjax.models.init import make_initializer
 from wsjax.precision import at_least_f32
 
@@ -46,7 +48,9 @@ def _initializer(cfg, kind: str, fan_in: int, fan_out: int):
 def linear(cfg, d_in: int, d_out: int, bias: bool, rngs: nnx.Rngs, kind="kernel") -> nnx.Linear:
     """``x @ kernel (+ bias)``; kernel (in, out) is the transpose of torch's Linear.weight."""
     init = _initializer(cfg, kind, d_in, d_out)
-    return nnx.Linear(d_in, d_out, use_bias=bias, kernel_init=init, rngs=rngs)
+    return nnx.Linear(
+        d_in, d_out, use_bias=bias, kernel_init=init, dot_general=precision.dot_general, rngs=rngs
+    )
 
 
 def layer_norm(cfg, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -183,4 +187,4 @@ def masked_attention(
     scores = jnp.where(mask, scores, jnp.finfo(acc).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     probs = dropout(rng, dropout_rate, probs)
-    return jnp.einsum("bhqs,bshk->bqhk", probs, v)  # (B, T, H, K)
+    return precision.einsum("bhqs,bshk->bqhk", probs, v)  # (B, T, H, K)
