@@ -212,3 +212,29 @@ def test_validate_only_plans_a_two_process_run_from_one(tmp_path):
         plans[n] = json.loads((md / "plan.json").read_text())["host"]
     for term in ("master_fp32", "stream_copy", "optimizer_state", "gradients"):
         assert plans[2][term] == -(-plans[1][term] // 2), term
+
+
+def test_sigterm_saves_on_every_process_at_the_same_step(tmp_path):
+    """SIGTERM to the launcher mid-run: each process finishes its step, they agree on the step
+    to save at, save one checkpoint together and exit 5 (the launcher too); it restores."""
+    md = tmp_path / "md"
+    args = _train(md, 400, "runconfig.save_checkpoints_steps=1000", "runconfig.log_steps=1")
+    proc = launch(2, 1, *args, popen=True)
+    deadline = time.monotonic() + 240
+    seen = ""
+    while "global_step = 3," not in seen and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        assert line or proc.poll() is None, "the run ended before step 3"
+        seen += line
+    proc.send_signal(signal.SIGTERM)
+    try:
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 5, (seen + rest)[-3000:]
+    from wsjax.checkpoint import Checkpoints
+
+    (step,) = Checkpoints(md, read_only=True).steps()  # one checkpoint: the preemption's
+    assert 3 <= step < 400
+    restored = _restored(md, step)
+    assert restored["params"]["embed"]["wte"].shape[0] == 512
