@@ -215,8 +215,9 @@ def test_validate_only_plans_a_two_process_run_from_one(tmp_path):
 
 
 def test_sigterm_saves_on_every_process_at_the_same_step(tmp_path):
-    """SIGTERM to the launcher mid-run: each process finishes its step, they agree on the step
-    to save at, save one checkpoint together and exit 5 (the launcher too); it restores."""
+    """SIGTERM to one of the two processes mid-run: the two agree on the step to save at (the
+    other never got a signal), save one checkpoint together and exit 5, and so does the
+    launcher; the checkpoint restores."""
     md = tmp_path / "md"
     args = _train(md, 400, "runconfig.save_checkpoints_steps=1000", "runconfig.log_steps=1")
     proc = launch(2, 1, *args, popen=True)
@@ -226,7 +227,9 @@ def test_sigterm_saves_on_every_process_at_the_same_step(tmp_path):
         line = proc.stdout.readline()
         assert line or proc.poll() is None, "the run ended before step 3"
         seen += line
-    proc.send_signal(signal.SIGTERM)
+    children = _children(proc.pid)
+    assert len(children) == 2, children
+    os.kill(children[1], signal.SIGTERM)
     try:
         rest, _ = proc.communicate(timeout=120)
     finally:
