@@ -90,17 +90,24 @@ def main() -> None:
         t_hf = C.time_calls(theirs, warmup=1, reps=reps)["best"]
         generated = batch * new_tokens
         model_bytes = decoder.model_bytes()
-        C.emit(
-            {
+
+        def record(setting: str, batch=batch) -> dict:
+            """What every line of this batch size starts with."""
+            return {
                 "bench": "generate",
-                "setting": f"b{batch}",
+                "setting": setting,
                 **C.machine(),
                 "config": Path(args.config).name,
                 "layers": model.num_layers,
-                "params": model.num_params(),
                 "batch": batch,
                 "prompt_len": args.prompt_len,
                 "new_tokens": new_tokens,
+            }
+
+        C.emit(
+            {
+                **record(f"b{batch}"),
+                "params": model.num_params(),
                 "wsjax_tokens_per_sec": round(generated / t_ours, 1),
                 "hf_tokens_per_sec": round(generated / t_hf, 1),
                 "wsjax_vs_hf": round(t_hf / t_ours, 3),
@@ -118,14 +125,7 @@ def main() -> None:
             kv_bytes = decoder.plan.kv_cache_bytes
             C.emit(
                 {
-                    "bench": "generate",
-                    "setting": f"b{batch}_kv_host",
-                    **C.machine(),
-                    "config": Path(args.config).name,
-                    "layers": model.num_layers,
-                    "batch": batch,
-                    "prompt_len": args.prompt_len,
-                    "new_tokens": new_tokens,
+                    **record(f"b{batch}_kv_host"),
                     "resident_tokens_per_sec": round(generated / t_ours, 1),
                     "offload_tokens_per_sec": round(generated / t_off, 1),
                     "offload_vs_resident": round(t_ours / t_off, 3),
