@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,7 +164,7 @@ class Checkpoints:
             self._mngr.wait_until_finished()
         except READ_ERRORS as e:
             if is_main_process():
-                self._clear_leftovers()  # orbax's uncommitted temporary folder
+                self._clear_after_failed_save()  # orbax's uncommitted temporary folder
             hint = "did another process stop? " if multi_process() else ""
             raise CheckpointError(
                 f"{self.path(step)}: cannot write the checkpoint ({_first_line(e)}); the earlier "
@@ -190,16 +191,34 @@ class Checkpoints:
         os.replace(path, hidden)
         shutil.rmtree(hidden)
 
-    def _clear_leftovers(self) -> None:
-        """Delete what a killed writer left: half-pruned ``.trash-`` folders and orbax's
-        uncommitted temporary folders (only the lock holder constructs a writable manager)."""
+    def _leftovers(self) -> list[Path]:
+        """Half-pruned ``.trash-`` folders and orbax's uncommitted temporary folders."""
         if not self.directory.is_dir():
-            return
-        for p in self.directory.iterdir():
-            if p.name.startswith(TRASH + PREFIX) or (
-                p.name.startswith(PREFIX + "-") and _TMP_MARK in p.name
-            ):
-                shutil.rmtree(p, ignore_errors=True)
+            return []
+        return [
+            p
+            for p in self.directory.iterdir()
+            if p.name.startswith(TRASH + PREFIX)
+            or (p.name.startswith(PREFIX + "-") and _TMP_MARK in p.name)
+        ]
+
+    def _clear_leftovers(self) -> None:
+        """Delete what a killed writer left (only the lock holder constructs a writable
+        manager)."""
+        for p in self._leftovers():
+            shutil.rmtree(p, ignore_errors=True)
+
+    def _clear_after_failed_save(self, quiet_s: float = 0.5, limit_s: float = 10.0) -> None:
+        """Delete what a failed save left. When one item fails, orbax's writers of the other
+        items may still be adding files for a moment (seen in CI: ocdbt data files written
+        after the first clear), so clear until the folder stays clean for ``quiet_s``."""
+        deadline = time.monotonic() + limit_s
+        self._clear_leftovers()
+        while time.monotonic() < deadline:
+            time.sleep(quiet_s)
+            if not self._leftovers():
+                return
+            self._clear_leftovers()
 
     # -- reading -------------------------------------------------------------------------------
     def param_shapes(self, step: int) -> Any:
