@@ -161,9 +161,6 @@ class ProcessShards:
         axis = leaf_axis(full_shape, self.num_devices)
         return NamedSharding(self.mesh, _spec(len(full_shape), axis, "data"))
 
-    def device_shardings(self, full_abstract):
-        return jax.tree.map(lambda a: self.device_sharding(tuple(a.shape)), full_abstract)
-
     def to_devices(self, local_tree, full_abstract):
         """Host slices -> sharded global arrays: each local device receives its block only."""
 
