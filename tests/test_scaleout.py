@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from filelock import FileLock
 from train_helpers import REPO, SMALL
 
 PY = sys.executable
@@ -121,24 +122,60 @@ def _train(md: Path, steps: int, *extra: str) -> list[str]:
     return ["-o", str(md), "--max_steps", str(steps), *SMALL, *extra]
 
 
-def test_checkpoints_move_between_process_counts(tmp_path):
-    """2 processes write step 2 and 4; from step 2, one process reaches step 4 with the same
-    weights and optimizer state (2 -> 1), and from that run's step 3, two processes do too
-    (1 -> 2). The HF export reads the 2-process checkpoint."""
-    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    first = launch(2, 1, *_train(a, 4, "runconfig.save_checkpoints_steps=2"))
-    _ok(first)
-    assert sorted(p.name for p in a.glob("model-ckpt-*")) == ["model-ckpt-2", "model-ckpt-4"]
+SHARED_STEPS = 6  # the shared run's length: past the step the kill test's rerun stops at
+
+
+@pytest.fixture(scope="session")
+def two_process_run(tmp_path_factory) -> tuple[Path, str]:
+    """One uninterrupted 2-process run that saves every step, the yardstick of the checkpoint
+    move and of the kill test (saving changes no number: the kill test's rerun, which saves
+    every 2 steps, equals it bitwise); with its launcher's output.
+
+    It runs once per session: under pytest-xdist, the first worker to ask runs it in the folder
+    all workers of this session share, under a file lock the others wait on (xdist's own recipe;
+    its ``loadgroup`` does not group on pytest 9.2, pytest-xdist issue 1386)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # this session's, shared by its workers
+    md, log = root / "two_process_run", root / "two_process_run.log"
+    with FileLock(root / "two_process_run.lock"):
+        if not log.is_file():
+            extra = ("runconfig.save_checkpoints_steps=1", "runconfig.keep_checkpoint_max=0")
+            proc = launch(2, 1, *_train(md, SHARED_STEPS, *extra))
+            _ok(proc)
+            log.write_text(proc.stdout + proc.stderr)
+    return md, log.read_text()
+
+
+def _step_of(ckpt: Path) -> int | None:
+    suffix = ckpt.name.split("-")[-1]
+    return int(suffix) if suffix.isdigit() else None
+
+
+def _as_of(src: Path, dst: Path, step: int) -> None:
+    """``dst``: run ``src`` as it stood after ``step`` (its newer checkpoints removed)."""
+    shutil.copytree(src, dst)
+    for ckpt in dst.glob("model-ckpt-*"):
+        if (_step_of(ckpt) or 0) > step:
+            shutil.rmtree(ckpt)
+
+
+def test_checkpoints_move_between_process_counts(tmp_path, two_process_run):
+    """From step 2 of a 2-process run, one process reaches step 4 with the same weights and
+    optimizer state (2 -> 1); from that run's step 3, two processes do too (1 -> 2). The HF
+    export reads the 2-process checkpoint."""
+    a, output = two_process_run
+    b, c = tmp_path / "b", tmp_path / "c"
+    steps = sorted(_step_of(p) for p in a.glob("model-ckpt-*"))
+    assert steps == list(range(1, SHARED_STEPS + 1)), steps
     # process 0 alone logs progress and writes the run's files
-    assert (first.stdout + first.stderr).count("global_step = 4,") == 1
+    assert output.count(f"global_step = {SHARED_STEPS},") == 1
     assert len(list((a / "train").glob("events.out.tfevents.*"))) == 1
     assert (a / "plan.json").is_file() and (a / "performance" / "performance.json").is_file()
-    shutil.copytree(a, b)
-    shutil.rmtree(b / "model-ckpt-4")
+    _as_of(a, b, 2)
     _ok(alone(2, "-m", "wsjax.train", *_train(b, 4, "runconfig.save_checkpoints_steps=1")))
     _assert_same(_restored(b, 4), _restored(a, 4), exact=False)
-    shutil.copytree(b, c)
-    shutil.rmtree(c / "model-ckpt-4")
+    _as_of(b, c, 3)
     proc = launch(2, 1, *_train(c, 4, "runconfig.save_checkpoints_steps=1"))
     _ok(proc)
     assert "model-ckpt-3: resuming" in proc.stdout + proc.stderr
@@ -153,7 +190,7 @@ def test_checkpoints_move_between_process_counts(tmp_path):
     from safetensors.numpy import load_file
 
     tensors = load_file(next(out.glob("*.safetensors")))
-    wte = _restored(a, 4)["params"]["embed"]["wte"]
+    wte = _restored(a, SHARED_STEPS)["params"]["embed"]["wte"]
     assert any(t.shape == wte.shape and np.array_equal(t, wte) for t in tensors.values())
 
 
@@ -162,7 +199,7 @@ def _children(pid: int) -> list[int]:
     return [int(x) for x in path.read_text().split()] if path.exists() else []
 
 
-def test_a_killed_process_stops_the_run_and_the_rerun_resumes_exactly(tmp_path):
+def test_a_killed_process_stops_the_run_and_the_rerun_resumes_exactly(tmp_path, two_process_run):
     """SIGKILL of process 1 mid-run: the launcher exits non-zero within its bound (the grace
     period of the survivors plus JAX's detection of the dead peer); the same command again
     resumes from the newest checkpoint, and its next checkpoint equals (bitwise) the one of an
@@ -194,8 +231,10 @@ def test_a_killed_process_stops_the_run_and_the_rerun_resumes_exactly(tmp_path):
     proc = launch(2, 1, *_train(md, target, "runconfig.save_checkpoints_steps=2"))
     _ok(proc)
     assert f"model-ckpt-{newest}: resuming" in proc.stdout + proc.stderr
-    ref = tmp_path / "ref"
-    _ok(launch(2, 1, *_train(ref, target)))
+    ref, _ = two_process_run
+    if target > SHARED_STEPS:  # the kill came late: an uninterrupted run to this step
+        ref = tmp_path / "ref"
+        _ok(launch(2, 1, *_train(ref, target)))
     _assert_same(_restored(md, target), _restored(ref, target), exact=True)
 
 
