@@ -276,8 +276,9 @@ def test_each_executable_compiled_once(runs, make_batches):
     batches = make_batches(2, seed=11)
     engine.eval_step(batches[0])
     n = engine.num_executables
-    # embed_fwd, block_fwd, head_train, block_bwd, embed_bwd, update/{embed,block,head}, head_eval
-    assert n == 9, [r.name for r in engine.cache.records]
+    # embed_fwd, block_fwd, head_train, block_bwd, embed_bwd, update/{embed,block,head},
+    # zeros/{embed,block,head} (the gradient accumulators), head_eval
+    assert n == 12, [r.name for r in engine.cache.records]
     for b in batches:
         engine.train_step(b)
         engine.eval_step(b)
@@ -315,7 +316,7 @@ def test_serialized_executables_reload_bitwise_and_survive_corruption(
     with use_compile_dir(tmp_path):
         cold, _ = two_steps()
         files = sorted((tmp_path / "wsjax-executables").glob("*.bin"))
-        assert len(files) == 8  # every training executable was serialized
+        assert len(files) == 11  # every training executable (8, and 3 zero fills) serialized
         warm, engine = two_steps()
         assert warm == cold
         assert {r.extra["source"] for r in engine.cache.records} == {"disk"}

@@ -181,6 +181,7 @@ class TrainExecutables:
     block_bwd: Any  # recompute: from the kept input; else from the kept residuals
     embed_bwd: Any
     update: dict  # segment kind -> update executable
+    zeros: dict  # segment kind (and "g_wte" when tied) -> fresh zero gradient accumulators
     kept: Any  # abstract value kept per block and micro-batch: its input, or its residuals
     temp_bytes: dict  # executable attribute name above -> compiled scratch bytes
 
@@ -245,12 +246,22 @@ class StepExecutables:
             else {k: shards.local_abstract(v) for k, v in self.master_shapes.items()}
         )
         self._moves: dict = {}
+        # one process whose stream copy already sits where the replicated weights go (the one
+        # device, same memory): the copy is the device weights, and a device_put per segment
+        # would only cost its Python dispatch (~2.6 ms a segment on a 2-core CPU)
+        self._stream_is_device = (
+            shards is None
+            and placement.stream.device_set == rep.device_set
+            and placement.stream.memory_kind == rep.memory_kind
+        )
 
     # ---- the link: host store <-> devices ------------------------------------------------
     def broadcast(self, kind: str, stream_copy):
         """A segment's stream copy from the host onto every device (replicated). With several
         processes each sends its slice to its own devices and they all-gather (SwarmX's
         broadcast)."""
+        if self._stream_is_device:
+            return stream_copy
         shards = self.placement.shards
         if shards is None:
             return jax.device_put(stream_copy, self.placement.replicated)
@@ -384,6 +395,14 @@ class StepExecutables:
             out_tree, donate=(0, 1),
         )  # fmt: skip
 
+    def zeros(self, name: str, grads):
+        """Zero-filled accumulators ``grads`` in one call. The backward donates them, so each
+        segment needs fresh ones every step; a ``jnp.zeros`` per leaf cost a Python dispatch
+        each: 79 ms of a 1.3 s CPU step at width 256, 16 layers (benchmarks/README.md)."""
+        fill = lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), grads)
+        out_tree = lambda n: jax.tree.structure(_structure(grads))
+        return self._get(f"zeros/{name}", fill, (), _shardings(grads), out_tree)
+
     # ---- what a step runs ------------------------------------------------------------------
     def training(self, *, recompute: bool) -> TrainExecutables:
         """Every executable of a training step, compiled (or loaded) now."""
@@ -401,9 +420,12 @@ class StepExecutables:
             "embed_bwd": self.embed_backward(),
         }
         update = {kind: self.update(kind) for kind in ("embed", "block", "head")}
+        zeros = {kind: self.zeros(kind, grads) for kind, grads in self.grads.items()}
+        if self.tied:
+            zeros["g_wte"] = self.zeros("g_wte", self.g_wte)
         # scratch of each, from the compile log (also for executables loaded from disk)
         temp = {name: self.cache.record_of(exe).temp_bytes for name, exe in exes.items()}
-        return TrainExecutables(**exes, update=update, kept=kept, temp_bytes=temp)
+        return TrainExecutables(**exes, update=update, zeros=zeros, kept=kept, temp_bytes=temp)
 
     def evaluation(self, *, recompute: bool) -> EvalExecutables:
         """Forward-only executables; the training forward serves where it is the same function

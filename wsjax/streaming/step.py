@@ -216,8 +216,8 @@ class TrainStep:
     def _head_loss(self, state, item, w, wte, _kept):
         """Loss and its gradient per micro-batch; head gradients summed on the device."""
         exe, exes = self.compiled.head, self.exes
-        g = _zeros(exes.grads["head"])
-        g_wte = _zeros(exes.g_wte) if exes.tied else None
+        g = self.compiled.zeros["head"]()
+        g_wte = self.compiled.zeros["g_wte"]() if exes.tied else None
         self.residency.add("grads:head", tree_bytes(exes.grads["head"]))
         dy = []
         for m in range(exes.n_micro):
@@ -233,7 +233,7 @@ class TrainStep:
     def _block_backward(self, state, item, w, _wte, fetched_kept):
         exe, exes = self.compiled.block_bwd, self.exes
         kept = fetched_kept if fetched_kept is not None else state.kept[item.layer]
-        g = _zeros(exes.grads["block"])
+        g = self.compiled.zeros["block"]()
         self.residency.add(f"grads:{item.segment}", tree_bytes(exes.grads["block"]))
         dy = state.x
         for m in range(exes.n_micro):
@@ -248,7 +248,7 @@ class TrainStep:
 
     def _embed_backward(self, state, item, w, _wte, _kept):
         exe, exes = self.compiled.embed_bwd, self.exes
-        g = _zeros(exes.grads["embed"])
+        g = self.compiled.zeros["embed"]()
         if exes.tied:  # the wte gradient starts from the head's share
             g["wte"] = state.g_wte
         for m in range(exes.n_micro):
@@ -382,7 +382,3 @@ def split_batch(batch: dict, exes: StepExecutables, placement: Placement, stats:
 
 def _index(micro_batch: int, item: StreamItem) -> np.ndarray:
     return np.asarray([micro_batch, item.index], np.int32)
-
-
-def _zeros(abstract_tree):
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype, device=s.sharding), abstract_tree)
