@@ -81,13 +81,53 @@ def test_dot_general_is_linear_with_fp32_accumulation():
     assert _rel(grad_w, np.einsum("btk,btn->kn", x64, g64)) <= BF16_TOL
 
 
-def test_fp32_and_float64_operands_take_the_plain_path():
-    """Outside bf16 nothing changes: bitwise ``jnp.einsum`` / ``lax.dot_general``."""
-    rng = np.random.default_rng(3)
-    a = jnp.asarray(rng.standard_normal((3, 5)), jnp.float32)
-    b = jnp.asarray(rng.standard_normal((5, 4)), jnp.float32)
-    want = jnp.einsum("tk,kn->tn", a, b)
-    np.testing.assert_array_equal(precision.einsum("tk,kn->tn", a, b), want)
+@pytest.mark.parametrize(
+    "spec, shape_a, shape_b",
+    [
+        ("ctk,kn->ctn", (2, 8, 16), (16, 12)),  # Linear
+        ("bhqs,bshk->bqhk", (2, 3, 5, 5), (2, 5, 3, 4)),  # attention's probs @ v
+        ("btd,vd->btv", (2, 4, 8), (10, 8)),  # tied head
+    ],
+)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_fp32_and_float64_einsum_is_autodiffs_arithmetic(x64, spec, shape_a, shape_b, dtype):
+    """fp32 / float64 operands: the forward is ``jnp.einsum`` bitwise; the backward (two
+    einsums, the form XLA CPU runs faster than autodiff's transposed dots) equals autodiff's
+    gradient of ``jnp.einsum`` up to the order of the sums. Each element is a sum of at most
+    K = 16 products, so each of the two is within K u of the exact sum, scaled by the sum of
+    the products' magnitudes (u = 2^-24 fp32, 2^-53 float64): the bound below is 2 K u times
+    the norm of that magnitude sum. A wrong backward is off by O(1)."""
+    operands, result = spec.split("->")
+    spec_a, spec_b = operands.split(",")
+    with x64():
+        rng = np.random.default_rng(3)
+        a = jnp.asarray(rng.standard_normal(shape_a), dtype)
+        b = jnp.asarray(rng.standard_normal(shape_b), dtype)
+        out, vjp = jax.vjp(lambda a, b: precision.einsum(spec, a, b), a, b)
+        want, want_vjp = jax.vjp(lambda a, b: jnp.einsum(spec, a, b), a, b)
+        assert out.dtype == jnp.dtype(dtype)
+        np.testing.assert_array_equal(out, want)
+        cotangent = jnp.asarray(rng.standard_normal(out.shape), dtype)
+        got, ref = vjp(cotangent), want_vjp(cotangent)
+        abs_a, abs_b, abs_g = (np.abs(np.asarray(t, np.float64)) for t in (a, b, cotangent))
+        magnitude = (
+            np.einsum(f"{result},{spec_b}->{spec_a}", abs_g, abs_b),
+            np.einsum(f"{spec_a},{result}->{spec_b}", abs_a, abs_g),
+        )
+        u = 2.0**-24 if dtype == "float32" else 2.0**-53
+        for grad, grad_ref, mag in zip(got, ref, magnitude, strict=True):
+            assert grad.dtype == grad_ref.dtype == jnp.dtype(dtype)
+            err = np.asarray(grad, np.float64) - np.asarray(grad_ref, np.float64)
+            assert np.linalg.norm(err) <= 2 * 16 * u * np.linalg.norm(mag)
+
+
+def test_integer_operands_take_the_plain_path():
+    """Outside float operands of one type nothing changes: bitwise ``jnp.einsum``."""
+    a = jnp.arange(15, dtype=jnp.int32).reshape(3, 5)
+    b = jnp.arange(20, dtype=jnp.int32).reshape(5, 4)
+    np.testing.assert_array_equal(
+        precision.einsum("tk,kn->tn", a, b), jnp.einsum("tk,kn->tn", a, b)
+    )
     dims = (((1,), (0,)), ((), ()))
     np.testing.assert_array_equal(
         precision.dot_general(a, b, dims), jax.lax.dot_general(a, b, dims)

@@ -10,7 +10,8 @@ Matmuls of bf16 operands multiply in bf16 and accumulate in fp32, forward and ba
 matmul and converts back: slower than fp32 alone. ``bf16 x bf16 -> fp32`` it runs natively in bf16
 (AVX512_BF16 / AMX where the CPU has them): 2.8-7.5x the fp32 rate at GPT-J layer shapes here
 (``bench_peer.py --matmuls``; benchmarks/README.md, "bf16 speed work"). fp32 and float64
-operands take the plain path, unchanged.
+matmuls keep their arithmetic; their backward is written as two einsums too, which XLA CPU runs
+faster than autodiff's transposed dots (the same sums in another order).
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-
-BF16, F32 = jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)
 
 
 def at_least_f32(dtype) -> jnp.dtype:
@@ -31,45 +30,51 @@ def at_least_f32(dtype) -> jnp.dtype:
 def einsum(spec: str, a: jax.Array, b: jax.Array, out_dtype=None) -> jax.Array:
     """Two-operand ``jnp.einsum`` whose output is ``out_dtype`` (default: the operands' type).
 
-    bf16 operands: bf16 products, fp32 accumulation, rounded once to ``out_dtype``; the backward
-    does the same with the cotangent in bf16 (as torch autocast's matmul backward). Every index
-    of an operand must appear in the other operand or in the output (no index summed within
-    one operand), so that the backward is two einsums of the same kind.
+    Operands of one float type: products accumulated in at least fp32 (bf16: bf16 products,
+    fp32 accumulation, rounded once to ``out_dtype``), and a backward of two einsums of the same
+    kind, the cotangent entering them in the operands' type (as torch autocast's matmul
+    backward). For fp32 that backward is the same arithmetic autodiff derives, in a form XLA CPU
+    runs faster: autodiff's transposed ``dot_general`` s took the LM head's gradient 1.3-1.5x
+    longer (benchmarks/README.md, "fp32"). Every index of an operand must appear in the other
+    operand or in the output (no index summed within one operand), so that the backward is two
+    einsums of the same kind. Other operands (mixed types, integers) take plain ``jnp.einsum``.
     """
     out_dtype = jnp.dtype(out_dtype or jnp.result_type(a, b))
-    if a.dtype == b.dtype == BF16:
-        return _bf16_einsum(spec, out_dtype, a, b)
+    if a.dtype == b.dtype and jnp.issubdtype(a.dtype, jnp.floating):
+        return _einsum(spec, out_dtype, a, b)
     return jnp.einsum(spec, a, b, preferred_element_type=out_dtype)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _bf16_einsum(spec: str, out_dtype, a: jax.Array, b: jax.Array) -> jax.Array:
-    return jnp.einsum(spec, a, b, preferred_element_type=F32).astype(out_dtype)
+def _einsum(spec: str, out_dtype, a: jax.Array, b: jax.Array) -> jax.Array:
+    acc = at_least_f32(a.dtype)
+    return jnp.einsum(spec, a, b, preferred_element_type=acc).astype(out_dtype)
 
 
-def _bf16_einsum_fwd(spec, out_dtype, a, b):
-    return _bf16_einsum(spec, out_dtype, a, b), (a, b)
+def _einsum_fwd(spec, out_dtype, a, b):
+    return _einsum(spec, out_dtype, a, b), (a, b)
 
 
-def _bf16_einsum_bwd(spec, out_dtype, residuals, grad):
+def _einsum_bwd(spec, out_dtype, residuals, grad):
     a, b = residuals
     operands, out = spec.split("->")
     spec_a, spec_b = operands.split(",")
-    grad = grad.astype(BF16)  # the cotangent enters the matmuls in bf16, as in the forward
-    grad_a = jnp.einsum(f"{out},{spec_b}->{spec_a}", grad, b, preferred_element_type=F32)
-    grad_b = jnp.einsum(f"{spec_a},{out}->{spec_b}", a, grad, preferred_element_type=F32)
-    return grad_a.astype(BF16), grad_b.astype(BF16)
+    acc = at_least_f32(a.dtype)
+    grad = grad.astype(a.dtype)  # the cotangent enters the matmuls in the operands' type
+    grad_a = jnp.einsum(f"{out},{spec_b}->{spec_a}", grad, b, preferred_element_type=acc)
+    grad_b = jnp.einsum(f"{spec_a},{out}->{spec_b}", a, grad, preferred_element_type=acc)
+    return grad_a.astype(a.dtype), grad_b.astype(b.dtype)
 
 
-_bf16_einsum.defvjp(_bf16_einsum_fwd, _bf16_einsum_bwd)
+_einsum.defvjp(_einsum_fwd, _einsum_bwd)
 
 
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
-    """``lax.dot_general`` for ``flax.nnx.Linear``: ``x (..., K) @ kernel (K, N)`` of bf16
-    operands goes through :func:`einsum` (fp32 accumulation); anything else is unchanged."""
+    """``lax.dot_general`` for ``flax.nnx.Linear``: ``x (..., K) @ kernel (K, N)`` of float
+    operands of one type goes through :func:`einsum`; anything else is unchanged."""
     dense = (((lhs.ndim - 1,), (0,)), ((), ()))
-    bf16 = lhs.dtype == rhs.dtype == BF16
-    if bf16 and rhs.ndim == 2 and lhs.ndim >= 2 and dimension_numbers == dense:
+    same_float = lhs.dtype == rhs.dtype and jnp.issubdtype(lhs.dtype, jnp.floating)
+    if same_float and rhs.ndim == 2 and lhs.ndim >= 2 and dimension_numbers == dense:
         # (C, T, K) with C the leading dims: the weight gradient "ctk,ctn->kn" then contracts
         # two dims, a form XLA CPU runs natively in bf16; flattened to "tk,tn->kn" it does not
         # (it converts both operands to fp32 first: ``bench_peer.py --matmuls``)
