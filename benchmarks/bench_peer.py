@@ -16,10 +16,12 @@ rotary 32, vocab ``--vocab``) and each precision, one JSON line with tokens/s of
 
 and each one's ratio to torch measured in the same run (``<name>_vs_torch``). torch runs with
 ``torch.set_num_threads`` = the cores this process may use, which is what XLA's CPU client uses.
-Every timing is the best of ``--steps`` steps after ``--warmup`` untimed ones (the first
-compiles): the machine may be shared, so the best is the least disturbed; ``loadavg_1m`` in each
-line says how loaded it was. ``--keep_host_pages`` keeps freed heap pages mapped (glibc mallopt)
-before JAX allocates; the line records whether it was on. ``--parts`` adds, per engine mode,
+All four stay built and take turns: ``--steps`` rounds of one step each, after ``--warmup``
+untimed ones (the first compiles), so a change in the machine's load falls on all of them alike;
+each timing is the best of its rounds (the least disturbed; the median beside it as
+``<name>_median_step_seconds``), and ``loadavg_1m`` in each line says how loaded it was.
+``--keep_host_pages`` keeps freed heap pages mapped (glibc mallopt) before JAX allocates; the
+line records whether it was on. ``--parts`` adds, per engine mode,
 where its step's time goes: each compiled executable and each transfer timed alone
 (``wsjax.metrics.measure_step_times``) and their sum over the step's schedule.
 
@@ -46,11 +48,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import _common as C  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from bench_throughput import ENGINE_MODES, compile_resident, time_engine, time_resident  # noqa: E402
+from bench_throughput import ENGINE_MODES, compile_resident  # noqa: E402
 
 from wsjax.config import config_from_dict  # noqa: E402
 from wsjax.hf_config import config_to_hf  # noqa: E402
 from wsjax.models import get_model  # noqa: E402
+from wsjax.streaming import StreamingEngine  # noqa: E402
 
 # width:layers:batch:seq -- tokens per step 2k (issue 14's shape), 1k (deep and narrow), 8k (wide)
 DEFAULT_SHAPES = "512:8:8:256,256:16:4:256,1024:4:32:256"
@@ -88,8 +91,9 @@ def cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def torch_seconds(cfg, batch: dict, bf16: bool, warmup: int, steps: int) -> float:
-    """Best step seconds of HF GPT-J + AdamW + clipping on ``batch`` (the user's usual loop)."""
+def torch_step(cfg, batch: dict, bf16: bool):
+    """One step of HF GPT-J + AdamW + clipping on ``batch`` (the user's usual loop), as a
+    callable that returns when the step is done."""
     import torch
     import transformers
 
@@ -118,14 +122,13 @@ def torch_seconds(cfg, batch: dict, bf16: bool, warmup: int, steps: int) -> floa
         opt.zero_grad(set_to_none=True)
         loss.item()  # wait for the step, as the JAX timings do
 
-    return C.time_calls(step, warmup=warmup, reps=steps)["best"]
+    return step
 
 
 def step_parts(model, cfg, shape: tuple[int, int]) -> dict:
     """Where an engine step's time goes: each executable and transfer timed alone on this
     device (``wsjax.metrics.measure_step_times``, the estimate's parts), and their schedule."""
     from wsjax.metrics import estimate_step_seconds, measure_step_times
-    from wsjax.streaming import StreamingEngine
 
     engine = StreamingEngine(model, cfg)
     engine.compile(shape)
@@ -140,6 +143,26 @@ def step_parts(model, cfg, shape: tuple[int, int]) -> dict:
         "to_host": {k: round(v, 5) for k, v in times.to_host.items()},
         "schedule_step_seconds": round(estimate_step_seconds(times, **n), 4),
     }
+
+
+def interleaved_best(steps: dict, warmup: int, rounds: int, rec: dict) -> dict:
+    """Best seconds of each step callable over ``rounds`` rounds of one step each, in turn.
+
+    All implementations stay built and take turns, so a change in the machine's load (other
+    virtual machines share its cores) falls on all of them alike, instead of on whichever ran
+    during it; the medians go into ``rec`` (``<name>_median_step_seconds``) beside the bests."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    for name, ts in times.items():
+        rec[f"{name}_median_step_seconds"] = round(float(np.median(ts)), 4)
+    return {name: min(ts) for name, ts in times.items()}
 
 
 def matmul_line(shape: str, reps: int) -> dict:
@@ -206,19 +229,26 @@ def measure(args, shape: str, dtype: str, common: dict) -> dict:
         "dtype": dtype,
         "params": model.num_params(),
     }
-    seconds = {"torch": torch_seconds(cfg, host_batch, bf16, args.warmup, args.steps)}
-    gc.collect()
+    steps = {"torch": torch_step(cfg, host_batch, bf16)}
     params = jax.tree.map(np.asarray, model.init(jax.random.PRNGKey(1)))
     ref, compiled, _ = compile_resident(model, cfg, batch, seq)
-    seconds["resident"] = time_resident(ref, compiled, params, host_batch, args.warmup, args.steps)
-    del ref, compiled
-    gc.collect()
+    resident = [ref.init_state(jax.tree.map(jax.numpy.asarray, params))]
+
+    def resident_step() -> None:
+        resident[0], metrics = compiled(resident[0], host_batch)
+        float(metrics["loss"])
+
+    steps["resident"] = resident_step
+    engines = {}
     for name, recompute in ENGINE_MODES.items():
         ecfg = config_from_dict({**d, "streaming": {"recompute": recompute}})
-        seconds[name], *_ = time_engine(model, ecfg, params, host_batch, args.warmup, args.steps)
-        gc.collect()
+        engines[name] = StreamingEngine(model, ecfg, params=params)
+        steps[name] = lambda e=engines[name]: e.train_step(host_batch)
         if args.parts:
             rec[f"{name}_parts_seconds"] = step_parts(model, ecfg, (batch, seq))
+    seconds = interleaved_best(steps, args.warmup, args.steps, rec)
+    engines.clear(), resident.clear(), steps.clear()  # free all before the next setting
+    gc.collect()
     for name, t in seconds.items():
         rec[f"{name}_step_seconds"] = round(t, 4)
         rec[f"{name}_tokens_per_sec"] = round(tokens / t, 1)
@@ -254,7 +284,7 @@ def main() -> None:
         "affinity_cores": cores(),
         "keep_host_pages": bool(args.keep_host_pages),
         "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
-        "timing": f"best of {args.steps} after {args.warmup} warm-up",
+        "timing": f"best of {args.steps} interleaved rounds after {args.warmup} warm-up",
     }
     t0 = time.perf_counter()
     for shape in filter(None, args.matmuls.split(",")):
