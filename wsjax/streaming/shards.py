@@ -64,7 +64,8 @@ def cut_axis(full_shape: tuple[int, ...], local_shape: tuple[int, ...]) -> int |
     return None
 
 
-def _spec(ndim: int, axis: int | None, name: str) -> P:
+def _spec(axis: int | None, name: str) -> P:
+    """Cut along ``axis`` over mesh axis ``name``; the rest whole (None: all of it whole)."""
     if axis is None:
         return P()
     return P(*([None] * axis), name)
@@ -138,7 +139,7 @@ class ProcessShards:
 
         def one(local, full):
             axis = cut_axis(tuple(full.shape), tuple(np.shape(local)))
-            sharding = NamedSharding(self.host_mesh, _spec(len(full.shape), axis, "proc"))
+            sharding = NamedSharding(self.host_mesh, _spec(axis, "proc"))
             return jax.make_array_from_process_local_data(
                 sharding, np.asarray(local), tuple(full.shape)
             )
@@ -150,7 +151,7 @@ class ProcessShards:
         return jax.tree.map(
             lambda f, s: NamedSharding(
                 self.host_mesh,
-                _spec(len(f.shape), cut_axis(tuple(f.shape), tuple(s.shape)), "proc"),
+                _spec(cut_axis(tuple(f.shape), tuple(s.shape)), "proc"),
             ),
             full_abstract,
             local_abstract,
@@ -159,7 +160,7 @@ class ProcessShards:
     # ---- host slice <-> devices -------------------------------------------------------------
     def device_sharding(self, full_shape: tuple[int, ...]) -> NamedSharding:
         axis = leaf_axis(full_shape, self.num_devices)
-        return NamedSharding(self.mesh, _spec(len(full_shape), axis, "data"))
+        return NamedSharding(self.mesh, _spec(axis, "data"))
 
     def to_devices(self, local_tree, full_abstract):
         """Host slices -> sharded global arrays: each local device receives its block only."""
