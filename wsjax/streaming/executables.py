@@ -246,22 +246,12 @@ class StepExecutables:
             else {k: shards.local_abstract(v) for k, v in self.master_shapes.items()}
         )
         self._moves: dict = {}
-        # one process whose stream copy already sits where the replicated weights go (the one
-        # device, same memory): the copy is the device weights, and a device_put per segment
-        # would only cost its Python dispatch (~2.6 ms a segment on a 2-core CPU)
-        self._stream_is_device = (
-            shards is None
-            and placement.stream.device_set == rep.device_set
-            and placement.stream.memory_kind == rep.memory_kind
-        )
 
     # ---- the link: host store <-> devices ------------------------------------------------
     def broadcast(self, kind: str, stream_copy):
         """A segment's stream copy from the host onto every device (replicated). With several
         processes each sends its slice to its own devices and they all-gather (SwarmX's
         broadcast)."""
-        if self._stream_is_device:
-            return stream_copy
         shards = self.placement.shards
         if shards is None:
             return jax.device_put(stream_copy, self.placement.replicated)
