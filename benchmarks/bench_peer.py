@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import _common as C  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from bench_throughput import ENGINE_MODES, compile_resident  # noqa: E402
+from bench_throughput import ENGINE_MODES, compile_resident, resident_step  # noqa: E402
 
 from wsjax.config import config_from_dict  # noqa: E402
 from wsjax.hf_config import config_to_hf  # noqa: E402
@@ -232,13 +232,7 @@ def measure(args, shape: str, dtype: str, common: dict) -> dict:
     steps = {"torch": torch_step(cfg, host_batch, bf16)}
     params = jax.tree.map(np.asarray, model.init(jax.random.PRNGKey(1)))
     ref, compiled, _ = compile_resident(model, cfg, batch, seq)
-    resident = [ref.init_state(jax.tree.map(jax.numpy.asarray, params))]
-
-    def resident_step() -> None:
-        resident[0], metrics = compiled(resident[0], host_batch)
-        float(metrics["loss"])
-
-    steps["resident"] = resident_step
+    steps["resident"] = resident_step(ref, compiled, params, host_batch)
     engines = {}
     for name, recompute in ENGINE_MODES.items():
         ecfg = config_from_dict({**d, "streaming": {"recompute": recompute}})
@@ -247,7 +241,7 @@ def measure(args, shape: str, dtype: str, common: dict) -> dict:
         if args.parts:
             rec[f"{name}_parts_seconds"] = step_parts(model, ecfg, (batch, seq))
     seconds = interleaved_best(steps, args.warmup, args.steps, rec)
-    engines.clear(), resident.clear(), steps.clear()  # free all before the next setting
+    engines.clear(), steps.clear()  # free all before the next setting
     gc.collect()
     for name, t in seconds.items():
         rec[f"{name}_step_seconds"] = round(t, 4)

@@ -63,13 +63,19 @@ def compile_resident(model, cfg, batch: int, seq: int):
     return ref, compiled, C.compiled_bytes(compiled)
 
 
-def time_resident(ref, compiled, params, batch, warmup: int, steps: int) -> float:
+def resident_step(ref, compiled, params, batch):
+    """One resident training step on ``batch`` as a callable (it holds the step's state)."""
     box = [ref.init_state(jax.tree.map(jax.numpy.asarray, params))]
 
     def step():
         box[0], m = compiled(box[0], batch)
         float(m["loss"])
 
+    return step
+
+
+def time_resident(ref, compiled, params, batch, warmup: int, steps: int) -> float:
+    step = resident_step(ref, compiled, params, batch)
     return C.time_calls(step, warmup=warmup, reps=steps)["best"]  # state freed on return
 
 

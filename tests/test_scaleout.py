@@ -208,7 +208,7 @@ def test_a_killed_process_stops_the_run_and_the_rerun_resumes_exactly(tmp_path, 
     args = _train(md, 400, "runconfig.save_checkpoints_steps=2", "runconfig.log_steps=50")
     proc = launch(2, 1, *args, popen=True)
     deadline = time.monotonic() + 240
-    committed = lambda: [p for p in md.glob("model-ckpt-*") if p.name.split("-")[-1].isdigit()]  # noqa: E731
+    committed = lambda: [p for p in md.glob("model-ckpt-*") if _step_of(p) is not None]  # noqa: E731
     while not committed() and time.monotonic() < deadline:
         assert proc.poll() is None, "the run ended before its first checkpoint"
         time.sleep(0.2)
