@@ -99,7 +99,8 @@ class StepTimes:
     """Seconds of one call of each executable of a training step and of each transfer, timed
     on the run's own device (:func:`measure_step_times`)."""
 
-    compute: dict[str, float]  # embed_fwd, block_fwd, head, block_bwd, embed_bwd, update/<kind>
+    # embed_fwd, block_fwd, head, block_bwd, embed_bwd, update/<kind>, zeros/<kind>
+    compute: dict[str, float]
     to_device: dict[str, float]  # segment kind -> its streamed weights, host -> device
     to_host: dict[str, float]  # segment kind -> its fp32 gradients, device -> host
 
@@ -107,7 +108,8 @@ class StepTimes:
 def estimate_step_seconds(
     times: StepTimes, *, num_layers: int, n_micro: int, overlap: bool = True
 ) -> float:
-    """The step's schedule over measured parts: per streamed item (embed, L blocks forward,
+    """The step's schedule over measured parts: the zero fills of the gradient accumulators,
+    per streamed item (embed, L blocks forward,
     head, L blocks backward, embed backward) max(compute x micro-batches, its transfers: the
     weights in, and for the backward items the gradients out), then the host updates, which
     run after the global norm is known. ``overlap=False`` adds the two instead: on a CPU
@@ -120,7 +122,10 @@ def estimate_step_seconds(
         return combine(c[exe] * n_micro, moved)
 
     L = num_layers
-    total = item("embed_fwd", "embed", False) + L * item("block_fwd", "block", False)
+    # each backward segment starts from fresh zero accumulators (one compiled fill each; the
+    # tied wte's gradient is a fifth, filled with the head's)
+    total = c["zeros/embed"] + L * c["zeros/block"] + c["zeros/head"] + c.get("zeros/g_wte", 0.0)
+    total += item("embed_fwd", "embed", False) + L * item("block_fwd", "block", False)
     total += item("head", "head", True) + L * item("block_bwd", "block", True)
     total += item("embed_bwd", "embed", True)
     return total + c["update/embed"] + L * c["update/block"] + c["update/head"]
@@ -173,6 +178,7 @@ def measure_step_times(program, executables, placement, reps: int = 3) -> StepTi
     names = ("embed_fwd", "block_fwd", "head", "block_bwd", "embed_bwd")
     compute = {name: call(getattr(executables, name)) for name in names}
     compute.update({f"update/{kind}": call(exe) for kind, exe in executables.update.items()})
+    compute.update({f"zeros/{name}": call(exe) for name, exe in executables.zeros.items()})
     to_device, to_host = {}, {}
     for kind in program.weights:
         # the host holds the stream copy's shape of this process (a slice with several)
