@@ -287,6 +287,22 @@ def test_each_executable_compiled_once(runs, make_batches):
     assert len(names) == len(set(names)) == n
 
 
+@pytest.mark.parametrize("family", ["gptj", "gpt2"])
+def test_zero_fills_cover_each_gradient_once(runs, family):
+    """A step's zero fills make each gradient accumulator once: tied (GPT-2), wte's gradient
+    is the head's fill, so the embed fill leaves it out (it was filled and thrown away, a
+    vocab x hidden fp32 write every step)."""
+    engine, _ = runs.engine(family, "f32")
+    exes = engine.program((8, 16), train=True)
+    compiled = exes.training(recompute=False)
+    filled = {name: fill() for name, fill in compiled.zeros.items()}
+    assert ("g_wte" in filled) == engine.model.tied
+    counted = [a.nbytes for a in jax.tree.leaves(filled)]
+    grads = [a.size * a.dtype.itemsize for a in jax.tree.leaves(exes.grads)]
+    assert sorted(counted) == sorted(grads)
+    assert all(not np.any(np.asarray(a)) for a in jax.tree.leaves(filled))
+
+
 def test_engine_leaves_callers_params_usable(tiny_config, make_batches):
     """Training must not delete (donate) the arrays the caller passed as ``params``."""
     cfg = tiny_config("gptj", layers=2)

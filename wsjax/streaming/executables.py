@@ -410,7 +410,10 @@ class StepExecutables:
             "embed_bwd": self.embed_backward(),
         }
         update = {kind: self.update(kind) for kind in ("embed", "block", "head")}
-        zeros = {kind: self.zeros(kind, grads) for kind, grads in self.grads.items()}
+        grads = dict(self.grads)
+        if self.tied:  # wte's gradient is the head's share (its own fill), added to in embed_bwd
+            grads["embed"] = {k: g for k, g in grads["embed"].items() if k != "wte"}
+        zeros = {kind: self.zeros(kind, g) for kind, g in grads.items()}
         if self.tied:
             zeros["g_wte"] = self.zeros("g_wte", self.g_wte)
         # scratch of each, from the compile log (also for executables loaded from disk)
