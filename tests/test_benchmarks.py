@@ -14,6 +14,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MACHINE = ("host", "date", "cpu", "cores", "jax", "backend", "loadavg_1m")
 
+INIT = ("at_once", "by_layer", "by_layer_p2")
+
 # script -> (setting -> keys whose values must be positive numbers); "*" applies to every line
 EXPECTED = {
     "bench_throughput.py": {
@@ -80,6 +82,10 @@ EXPECTED = {
         "P1": ("tokens_per_sec", "host_update_seconds_per_process", "live_bytes_per_process"),
         "P2": ("tokens_per_sec", "host_update_seconds_per_process", "live_bytes_per_process"),
         "P2_vs_P1": ("tokens_per_sec_ratio", "host_update_ratio", "live_bytes_ratio"),
+    },
+    "bench_init.py": {
+        **{f"analysis_{f}": ("output_bytes", "temp_bytes", "peak_bytes", "params") for f in INIT},
+        **{f"measured_{f}": ("peak_bytes", "output_bytes", "peak_over_output") for f in INIT},
     },
     "bench_default_run.py": {
         "smoke": ("wall_seconds", "final_train_loss"),

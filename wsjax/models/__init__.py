@@ -64,18 +64,29 @@ class Model:
     def num_params(self) -> int:
         return sum(math.prod(s.shape) for s in jax.tree.leaves(self.param_shapes()))
 
-    def init(self, rng: jax.Array) -> dict:
-        """fp32 parameters from the config's initializers (jit it to build them in place)."""
+    def init(self, rng: jax.Array, take=None) -> dict:
+        """fp32 parameters from the config's initializers (jit it to build them in place).
+
+        ``take`` (optional) maps a segment's parameters (one layer's for ``blocks``) to the
+        part to keep, e.g. one process's slices: then the layers are built one at a time
+        (``lax.map``), so the whole model never exists at once, and the values are those of
+        the whole init's (each layer from its own key either way)."""
         keys = dict(zip(SEGMENTS, jax.random.split(rng, 3), strict=True))
 
         def build(seg: str, key: jax.Array) -> dict:
             return _params(self._modules[seg](self.cfg, nnx.Rngs(key)))
 
         layer_keys = jax.random.split(keys["blocks"], self.num_layers)
+        if take is None:
+            return {
+                "embed": build("embed", keys["embed"]),
+                "blocks": jax.vmap(lambda k: build("blocks", k))(layer_keys),  # (L, ...) leaves
+                "head": build("head", keys["head"]),
+            }
         return {
-            "embed": build("embed", keys["embed"]),
-            "blocks": jax.vmap(lambda k: build("blocks", k))(layer_keys),  # (L, ...) leaves
-            "head": build("head", keys["head"]),
+            "embed": take("embed", build("embed", keys["embed"])),
+            "blocks": jax.lax.map(lambda k: take("blocks", build("blocks", k)), layer_keys),
+            "head": take("head", build("head", keys["head"])),
         }
 
     # ---- segments (what the engine streams) ----------------------------------------------

@@ -124,6 +124,20 @@ class ProcessShards:
         n = local_shape[axis]
         return np.take(arr, np.arange(self.index * n, (self.index + 1) * n), axis=axis)
 
+    def cut(self, tree):
+        """This process's slices of a tree of whole leaves, as static slices that trace (inside
+        a jitted init: each leaf is cut as it is built)."""
+
+        def one(leaf):
+            local = self.local_shape(tuple(leaf.shape))
+            axis = cut_axis(tuple(leaf.shape), local)
+            if axis is None:
+                return leaf
+            n = local[axis]
+            return jax.lax.slice_in_dim(leaf, self.index * n, (self.index + 1) * n, axis=axis)
+
+        return jax.tree.map(one, tree)
+
     def slice_tree(self, tree, full_abstract, local_abstract):
         """Every leaf of ``tree`` (whole, or global over the processes) as this process's slice."""
         return jax.tree.map(

@@ -79,19 +79,22 @@ class HostStore:
         compute_dtype,
         opt_state: dict | None = None,
         shards=None,
+        whole: dict | None = None,
     ) -> HostStore:
         """Place ``params`` ({"embed", "blocks" (stacked), "head"}) and optimizer state on the host.
 
         ``opt_state`` (optional) is in the :meth:`opt_state_tree` layout, e.g. from a checkpoint.
         ``optimizer=None`` (an eval-only engine): no optimizer state at all. ``shards``
         (several processes): ``params`` / ``opt_state`` are whole (numpy) or global arrays over
-        the processes; the store keeps this process's slices.
+        the processes; the store keeps this process's slices. ``whole`` (with ``shards``): the
+        whole tree's shapes, when ``params`` are this process's slices already.
         """
         full = None
         if shards is not None:
-            full = {"params": abstract_tree(params)}
+            full = {"params": whole if whole is not None else abstract_tree(params)}
             full["opt_state"] = full_opt_state(optimizer, full["params"], num_layers)
-            params = slice_stacked(shards, params, full["params"])
+            if whole is None:
+                params = slice_stacked(shards, params, full["params"])
             if opt_state is not None:
                 opt_state = slice_stacked(shards, opt_state, full["opt_state"])
         # Copies (may_alias=False): updates donate these buffers, the caller's arrays stay valid.
