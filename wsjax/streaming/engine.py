@@ -101,8 +101,8 @@ class StreamingEngine:
 
     def _init_params(self) -> tuple[dict, dict | None]:
         """One compiled init, straight into host memory, built layer by layer: its scratch is
-        one layer's, where building all layers at once needed 1.8x the model's bytes (40 GB
-        for GPT-J 6B; tests/test_models.py). (params, None); with several processes, this
+        one layer's, where building all layers at once needed 1.7x the weights' bytes (38.5 GiB
+        for GPT-J 6B; benchmarks/bench_init.py). (params, None); with several processes, this
         process's slices, each layer cut as it is built, so no process ever holds the whole
         model, and the whole tree's shapes."""
         init, shards = self.model.init, self.placement.shards
