@@ -1,5 +1,6 @@
 """What building the initial weights costs in host memory: all layers at once against the
-engine's layer by layer (``StreamingEngine._init_params``), and one process's slices of two.
+engine's layer by layer (``wsjax.streaming.engine.layerwise_init``), and one process's slices
+of two.
 
     python benchmarks/bench_init.py [--smoke] [--results_dir DIR]
         [--config configs/params_gptj_6B.yaml] [--measure_config configs/params_gpt3_xl.yaml]
@@ -12,7 +13,7 @@ Two kinds of line:
   really took from the host.
 
 Forms: ``at_once`` (``jax.jit(model.init)``: every layer's random bits at once),
-``by_layer`` (``model.init(key, take)``: ``lax.map`` over the layers), ``by_layer_p2`` (process
+``by_layer`` (``layerwise_init``: ``lax.map`` over the layers), ``by_layer_p2`` (process
 0 of 2 keeping its slices, as the engine does with two processes of one device each).
 """
 
@@ -41,6 +42,7 @@ def _init(config: str, form: str):
 
     from wsjax.config import load_config
     from wsjax.models import get_model
+    from wsjax.streaming.engine import layerwise_init
     from wsjax.streaming.shards import ProcessShards
 
     model = get_model(load_config(config, []).model)
@@ -50,8 +52,7 @@ def _init(config: str, form: str):
     if form == "by_layer_p2":  # the shapes of process 0 of 2 (one device each)
         mesh = SimpleNamespace(devices=np.empty(2))
         shards = ProcessShards(mesh=mesh, host_mesh=None, count=2, index=0)
-    take = (lambda _s, t: t) if shards is None else (lambda _s, t: shards.cut(t))
-    return model, jax.jit(lambda k: model.init(k, take))
+    return model, jax.jit(layerwise_init(model, shards))
 
 
 def child(config: str, form: str) -> None:

@@ -361,8 +361,9 @@ def _process_shards(count: int, index: int, devices: int):
 
 def _sliced_init(model, shards):
     """The engine's init: layer by layer, each process keeping its slices."""
-    take = (lambda _seg, tree: tree) if shards is None else (lambda _seg, tree: shards.cut(tree))
-    return jax.jit(lambda k: model.init(k, take))
+    from wsjax.streaming.engine import layerwise_init
+
+    return jax.jit(layerwise_init(model, shards))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

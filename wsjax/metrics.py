@@ -108,12 +108,12 @@ class StepTimes:
 def estimate_step_seconds(
     times: StepTimes, *, num_layers: int, n_micro: int, overlap: bool = True
 ) -> float:
-    """The step's schedule over measured parts: the zero fills of the gradient accumulators,
-    per streamed item (embed, L blocks forward,
-    head, L blocks backward, embed backward) max(compute x micro-batches, its transfers: the
-    weights in, and for the backward items the gradients out), then the host updates, which
-    run after the global norm is known. ``overlap=False`` adds the two instead: on a CPU
-    "device" a transfer is a copy by the same cores that compute, so nothing hides it."""
+    """The step's schedule over measured parts: the zero fills of the gradient accumulators;
+    per streamed item (embed, L blocks forward, head, L blocks backward, embed backward)
+    max(compute x micro-batches, its transfers: the weights in, and for the backward items the
+    gradients out); then the host updates, which run after the global norm is known.
+    ``overlap=False`` adds the two instead: on a CPU "device" a transfer is a copy by the same
+    cores that compute, so nothing hides it."""
     c = times.compute
     combine = max if overlap else (lambda a, b: a + b)
 

@@ -67,7 +67,7 @@ class Model:
     def init(self, rng: jax.Array, take=None) -> dict:
         """fp32 parameters from the config's initializers (jit it to build them in place).
 
-        ``take`` (optional) maps a segment's parameters (one layer's for ``blocks``) to the
+        ``take`` (optional) maps a segment's parameters (one layer's for the blocks) to the
         part to keep, e.g. one process's slices: then the layers are built one at a time
         (``lax.map``), so the whole model never exists at once, and the values are those of
         the whole init's (each layer from its own key either way)."""
@@ -84,9 +84,9 @@ class Model:
                 "head": build("head", keys["head"]),
             }
         return {
-            "embed": take("embed", build("embed", keys["embed"])),
-            "blocks": jax.lax.map(lambda k: take("blocks", build("blocks", k)), layer_keys),
-            "head": take("head", build("head", keys["head"])),
+            "embed": take(build("embed", keys["embed"])),
+            "blocks": jax.lax.map(lambda k: take(build("blocks", k)), layer_keys),
+            "head": take(build("head", keys["head"])),
         }
 
     # ---- segments (what the engine streams) ----------------------------------------------

@@ -42,6 +42,16 @@ def default_mesh(devices=None) -> Mesh:
     return Mesh(np.asarray(devices), ("data",))
 
 
+def layerwise_init(model, shards=None):
+    """The engine's init of ``model`` (a function of the PRNG key, to jit): built layer by
+    layer, so its scratch is one layer's, where building all layers at once needed 1.7x the
+    weights' bytes (38.5 GiB for GPT-J 6B; benchmarks/bench_init.py). With ``shards``
+    (several processes), each layer is cut to this process's slices as it is built, so no
+    process ever holds the whole model. The values are the whole init's, bitwise."""
+    take = (lambda tree: tree) if shards is None else shards.cut
+    return lambda key: model.init(key, take)
+
+
 class StreamingEngine:
     """Trains (or, with ``train=False``, evaluates) ``model`` by weight streaming on ``mesh``."""
 
@@ -100,17 +110,11 @@ class StreamingEngine:
             )
 
     def _init_params(self) -> tuple[dict, dict | None]:
-        """One compiled init, straight into host memory, built layer by layer: its scratch is
-        one layer's, where building all layers at once needed 1.7x the weights' bytes (38.5 GiB
-        for GPT-J 6B; benchmarks/bench_init.py). (params, None); with several processes, this
-        process's slices, each layer cut as it is built, so no process ever holds the whole
-        model, and the whole tree's shapes."""
-        init, shards = self.model.init, self.placement.shards
-        key = jax.random.PRNGKey(self.seed)
-        take = (
-            (lambda _seg, tree: tree) if shards is None else (lambda _seg, tree: shards.cut(tree))
-        )
-        params = jax.jit(lambda k: init(k, take), out_shardings=self.placement.host)(key)
+        """One compiled :func:`layerwise_init`, straight into host memory: (params, None);
+        with several processes, this process's slices and the whole tree's shapes."""
+        shards = self.placement.shards
+        init = jax.jit(layerwise_init(self.model, shards), out_shardings=self.placement.host)
+        params = init(jax.random.PRNGKey(self.seed))
         return params, (None if shards is None else self.model.param_shapes())
 
     @property

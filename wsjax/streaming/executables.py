@@ -413,9 +413,8 @@ class StepExecutables:
         grads = dict(self.grads)
         if self.tied:  # wte's gradient is the head's share (its own fill), added to in embed_bwd
             grads["embed"] = {k: g for k, g in grads["embed"].items() if k != "wte"}
-        zeros = {kind: self.zeros(kind, g) for kind, g in grads.items()}
-        if self.tied:
-            zeros["g_wte"] = self.zeros("g_wte", self.g_wte)
+            grads["g_wte"] = self.g_wte
+        zeros = {name: self.zeros(name, g) for name, g in grads.items()}
         # scratch of each, from the compile log (also for executables loaded from disk)
         temp = {name: self.cache.record_of(exe).temp_bytes for name, exe in exes.items()}
         return TrainExecutables(**exes, update=update, zeros=zeros, kept=kept, temp_bytes=temp)

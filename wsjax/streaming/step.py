@@ -248,8 +248,8 @@ class TrainStep:
 
     def _embed_backward(self, state, item, w, _wte, _kept):
         exe, exes = self.compiled.embed_bwd, self.exes
-        g = self.compiled.zeros["embed"]()  # tied: all but wte, whose gradient is the head's
-        if exes.tied:  # share so far
+        g = self.compiled.zeros["embed"]()  # tied: all but wte
+        if exes.tied:  # the wte gradient starts from the head's share
             g["wte"] = state.g_wte
         for m in range(exes.n_micro):
             g, sq = exe(w, state.ids[m], state.x[m], state.step_key, _index(m, item), g)
