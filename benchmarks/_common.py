@@ -271,7 +271,7 @@ def device_memory_bytes(device_memory_gb: float | None) -> tuple[int | None, str
     reports (GPU) or the host's available memory (CPU: device memory is host memory)."""
     if device_memory_gb:
         return int(device_memory_gb * 2**30), "nominal (--device_memory_gb)"
-    from wsjax.streaming.plan import available_device_bytes, available_host_bytes
+    from wsjax.engine.plan import available_device_bytes, available_host_bytes
 
     dev = jax.devices()[0]
     if dev.platform != "cpu":
@@ -296,8 +296,8 @@ def train_tokens_per_sec(config_path: str | os.PathLike, steps: int = 5) -> floa
     """What the engine consumes: tokens/s of ``train_step`` on the config's batch shape
     (random tokens; best of ``steps`` after a compiling warm-up step)."""
     from wsjax.config import load_config
+    from wsjax.engine import StreamingEngine
     from wsjax.models import get_model
-    from wsjax.streaming import StreamingEngine
 
     cfg = load_config(config_path)
     model = get_model(cfg.model)

@@ -58,7 +58,7 @@ def logits_agreement(model_dir: Path, hf_dir: Path, text: Path) -> dict:
     import transformers
 
     from wsjax.checkpoint import load_start
-    from wsjax.export import PARAMS_TRAIN, load_model_config
+    from wsjax.interop.export import PARAMS_TRAIN, load_model_config
     from wsjax.models import get_model
 
     cfg = load_model_config(model_dir / PARAMS_TRAIN)

@@ -45,8 +45,8 @@ def child(args) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     from wsjax.config import config_from_dict, load_config
+    from wsjax.engine import StreamingEngine
     from wsjax.models import get_model
-    from wsjax.streaming import StreamingEngine
 
     if args.smoke:
         cfg = config_from_dict(C.gptj_dict(args.layers, 64, 4, 32, vocab=256))

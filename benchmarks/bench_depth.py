@@ -30,10 +30,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from wsjax.config import config_from_dict  # noqa: E402
+from wsjax.engine import StreamingEngine  # noqa: E402
+from wsjax.engine.plan import make_plan  # noqa: E402
 from wsjax.models import get_model  # noqa: E402
 from wsjax.reference import ResidentTrainer  # noqa: E402
-from wsjax.streaming import StreamingEngine  # noqa: E402
-from wsjax.streaming.plan import make_plan  # noqa: E402
 
 
 def _args(p) -> None:

@@ -4,7 +4,7 @@
         [--batches 1,8] [--prompt_len 16] [--new_tokens 64] [--kv_cache host]
 
 The model of ``--config`` (default: the built-in tiny GPT-J, configs/params_gptj_tiny.yaml) with
-random weights is exported with ``wsjax.hf.export_hf`` and loaded by transformers (fp32, eager
+random weights is exported with ``wsjax.interop.hf.export_hf`` and loaded by transformers (fp32, eager
 attention, PyTorch's default CPU threads; on the GPU when torch sees one), so both generate
 from the same weights. Per batch
 size: greedy generation of ``--new_tokens`` tokens from random prompts of ``--prompt_len``
@@ -47,9 +47,9 @@ def main() -> None:
     import transformers
 
     from wsjax.config import load_config
-    from wsjax.hf import export_hf
+    from wsjax.inference.decode import StreamingDecoder, link_bytes_per_token
+    from wsjax.interop.hf import export_hf
     from wsjax.models import get_model
-    from wsjax.streaming.decode import StreamingDecoder, link_bytes_per_token
 
     args = C.parse_args(__doc__, _args)
     overrides = ["model.num_hidden_layers=2"] if args.smoke else []

@@ -25,9 +25,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from wsjax.config import config_from_dict  # noqa: E402
+from wsjax.engine import StreamingEngine  # noqa: E402
+from wsjax.engine.store import segment_shapes  # noqa: E402
 from wsjax.models import get_model  # noqa: E402
-from wsjax.streaming import StreamingEngine  # noqa: E402
-from wsjax.streaming.store import segment_shapes  # noqa: E402
 
 
 def _args(p) -> None:

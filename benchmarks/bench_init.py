@@ -1,5 +1,5 @@
 """What building the initial weights costs in host memory: all layers at once against the
-engine's layer by layer (``wsjax.streaming.engine.layerwise_init``), and one process's slices
+engine's layer by layer (``wsjax.engine.engine.layerwise_init``), and one process's slices
 of two.
 
     python benchmarks/bench_init.py [--smoke] [--results_dir DIR]
@@ -41,9 +41,9 @@ def _init(config: str, form: str):
     import numpy as np
 
     from wsjax.config import load_config
+    from wsjax.engine.engine import layerwise_init
+    from wsjax.engine.shards import ProcessShards
     from wsjax.models import get_model
-    from wsjax.streaming.engine import layerwise_init
-    from wsjax.streaming.shards import ProcessShards
 
     model = get_model(load_config(config, []).model)
     if form == "at_once":

@@ -10,7 +10,7 @@ rotary 32, vocab ``--vocab``) and each precision, one JSON line with tokens/s of
 - ``engine`` / ``engine_recompute``: the wsjax streaming engine, ``recompute`` false / true;
 - ``resident``: the resident JAX step (``wsjax.reference``);
 - ``torch``: HF transformers ``GPTJForCausalLM`` built from the same model config
-  (``wsjax.hf_config.config_to_hf``), ``torch.optim.AdamW`` (same lr, weight decay, betas, eps)
+  (``wsjax.interop.hf_config.config_to_hf``), ``torch.optim.AdamW`` (same lr, weight decay, betas, eps)
   and ``clip_grad_norm_`` at the same max norm; bf16 is ``torch.autocast("cpu", bfloat16)``,
   the counterpart of wsjax's ``mixed_precision`` (fp32 master weights and optimizer state);
 
@@ -23,7 +23,7 @@ each timing is the best of its rounds (the least disturbed; the median beside it
 ``--keep_host_pages`` keeps freed heap pages mapped (glibc mallopt) before JAX allocates; the
 line records whether it was on. ``--parts`` adds, per engine mode,
 where its step's time goes: each compiled executable and each transfer timed alone
-(``wsjax.metrics.measure_step_times``) and their sum over the step's schedule.
+(``wsjax.engine.estimate.measure_step_times``) and their sum over the step's schedule.
 
 ``--matmuls`` first writes one line per matmul shape ``M:K:N`` (the layers' own: tokens x
 width x 4 width, ...): GFLOP/s of torch fp32 / bf16 and of jitted JAX fp32, bf16 -> bf16 (what
@@ -51,9 +51,9 @@ import numpy as np  # noqa: E402
 from bench_throughput import ENGINE_MODES, compile_resident, resident_step  # noqa: E402
 
 from wsjax.config import config_from_dict  # noqa: E402
-from wsjax.hf_config import config_to_hf  # noqa: E402
+from wsjax.engine import StreamingEngine  # noqa: E402
+from wsjax.interop.hf_config import config_to_hf  # noqa: E402
 from wsjax.models import get_model  # noqa: E402
-from wsjax.streaming import StreamingEngine  # noqa: E402
 
 # width:layers:batch:seq -- tokens per step 2k (issue 14's shape), 1k (deep and narrow), 8k (wide)
 DEFAULT_SHAPES = "512:8:8:256,256:16:4:256,1024:4:32:256"
@@ -127,8 +127,8 @@ def torch_step(cfg, batch: dict, bf16: bool):
 
 def step_parts(model, cfg, shape: tuple[int, int]) -> dict:
     """Where an engine step's time goes: each executable and transfer timed alone on this
-    device (``wsjax.metrics.measure_step_times``, the estimate's parts), and their schedule."""
-    from wsjax.metrics import estimate_step_seconds, measure_step_times
+    device (``wsjax.engine.estimate.measure_step_times``, the estimate's parts), and their schedule."""
+    from wsjax.engine.estimate import estimate_step_seconds, measure_step_times
 
     engine = StreamingEngine(model, cfg)
     engine.compile(shape)

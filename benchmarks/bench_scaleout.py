@@ -55,9 +55,9 @@ def worker(out: Path, layers: int, hidden: int, batch: int, seq: int, steps: int
     import jax
 
     from wsjax.config import config_from_dict
+    from wsjax.engine import StreamingEngine
     from wsjax.models import get_model
-    from wsjax.run import process_rows_of
-    from wsjax.streaming import StreamingEngine
+    from wsjax.trainer.run import process_rows_of
 
     config = config_from_dict(C.gptj_dict(layers, hidden, batch, seq))
     engine = StreamingEngine(get_model(config.model), config)
@@ -100,7 +100,7 @@ def _time_updates(exes, store, reps: int = 3) -> list[float]:
     import jax
     import numpy as np
 
-    from wsjax.streaming.store import segment_kind
+    from wsjax.engine.store import segment_kind
 
     copy = lambda t: jax.tree.map(lambda a: a.copy(), t)  # noqa: E731
     times = []

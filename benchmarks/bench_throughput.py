@@ -8,7 +8,7 @@ For each GPT-J-shaped model (head_dim 64, filter 4 x hidden; growing depth at fi
 growing tokens per step at fixed depth) one JSON line: tokens/s of the resident step
 (``wsjax.reference``) and of the engine with ``recompute: false`` (``engine``) and ``true``
 (``engine_recompute``); the ratios engine / resident (targets on the faster engine mode);
-model-FLOPs utilisation (``wsjax.metrics.model_flops_per_token``: 6 N + 12 L D T per token,
+model-FLOPs utilisation (``wsjax.trainer.metrics.model_flops_per_token``: 6 N + 12 L D T per token,
 PaLM, recompute not counted) against the matmul peak measured at the start of the same run;
 the engine's stream waits; and whether each fits the device memory (``--device_memory_gb``,
 else what the device reports, else the host's available memory): the engine from
@@ -32,11 +32,11 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from wsjax.config import config_from_dict  # noqa: E402
-from wsjax.metrics import model_flops_per_token  # noqa: E402
+from wsjax.engine import StreamingEngine  # noqa: E402
+from wsjax.engine.plan import make_plan  # noqa: E402
 from wsjax.models import get_model  # noqa: E402
 from wsjax.reference import ResidentTrainer  # noqa: E402
-from wsjax.streaming import StreamingEngine  # noqa: E402
-from wsjax.streaming.plan import make_plan  # noqa: E402
+from wsjax.trainer.metrics import model_flops_per_token  # noqa: E402
 
 ENGINE_MODES = {"engine": False, "engine_recompute": True}  # name -> streaming.recompute
 ENGINE_TARGET_MIN_LAYERS = 12
@@ -202,7 +202,7 @@ def main() -> None:
         "matmul_peak_n": mm["n"],
         "mixed_precision": args.mixed_precision,
         "device_memory_source": mem_source,
-        "mfu_flops": "6N + 12LDT per token (wsjax.metrics; recompute not counted)",
+        "mfu_flops": "6N + 12LDT per token (wsjax.trainer.metrics; recompute not counted)",
     }
     settings = [(int(L), args.batch) for L in args.layers.split(",")]
     settings += [(args.sweep_layers, int(b)) for b in args.sweep_batches.split(",") if b]

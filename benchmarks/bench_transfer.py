@@ -28,8 +28,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from wsjax.config import config_from_dict  # noqa: E402
+from wsjax.engine import StreamingEngine  # noqa: E402
 from wsjax.models import get_model  # noqa: E402
-from wsjax.streaming import StreamingEngine  # noqa: E402
 
 
 def _args(p) -> None:

@@ -15,7 +15,7 @@ one generator per thread: 24 GB of fp32 in seconds), compiles, runs a warm-up st
 - ``host_peak_rss_bytes`` (VmHWM) against the plan's host total;
 - h2d bytes/s through the engine's path (``jax.device_put`` of a block's stream copy, where the
   engine keeps it) against a raw copy of a ``pinned_host`` array of the same size;
-- the result of ``pytest -m gpu tests/test_gpu.py`` (run first, in a child process; the exit
+- the result of ``pytest -m gpu tests/engine/test_gpu.py`` (run first, in a child process; the exit
   code is 1 when they fail).
 
 Progress lines go to stdout as it runs (flushed), so a run cut short shows how far it got.
@@ -39,11 +39,11 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from wsjax.config import load_config  # noqa: E402
+from wsjax.engine import StreamingEngine, make_plan  # noqa: E402
+from wsjax.engine.plan import GiB, available_device_bytes, available_host_bytes  # noqa: E402
 from wsjax.errors import PlanError  # noqa: E402
-from wsjax.metrics import model_flops_per_token  # noqa: E402
 from wsjax.models import get_model  # noqa: E402
-from wsjax.streaming import StreamingEngine, make_plan  # noqa: E402
-from wsjax.streaming.plan import GiB, available_device_bytes, available_host_bytes  # noqa: E402
+from wsjax.trainer.metrics import model_flops_per_token  # noqa: E402
 
 T0 = time.perf_counter()
 SMOKE = [  # GPT-J shape at a size the CPU runs in seconds

@@ -2,7 +2,7 @@
 
     python scripts/convert_hf.py --from_orbax model_dir --to_hf OUT_DIR
         a training run's model_dir (its newest good checkpoint) or one model-ckpt-<step> folder
-        -> OUT_DIR: config.json + safetensors + the run's tokenizer (wsjax.export); the model
+        -> OUT_DIR: config.json + safetensors + the run's tokenizer (wsjax.interop.export); the model
         config comes from model_dir/train/params_train.yaml unless --params is given
     python scripts/convert_hf.py --from_hf HF_DIR --to_orbax DIR [--allow_pickle]
         -> DIR/checkpoint (orbax, tree {"params": ...}) + DIR/params.yaml (the model config)
@@ -20,11 +20,11 @@ from pathlib import Path
 
 import yaml
 
-from wsjax.config_schema import Config, OptimizerConfig, RunConfig, StreamingConfig
+from wsjax.config.schema import Config, OptimizerConfig, RunConfig, StreamingConfig
 from wsjax.errors import CheckpointError, WsjaxError
-from wsjax.export import PLACEHOLDER_OPTIMIZER, export_run, load_model_config
-from wsjax.hf import DEFAULT_MAX_SHARD_SIZE, export_hf, import_hf
-from wsjax.metrics import setup_logging
+from wsjax.interop.export import PLACEHOLDER_OPTIMIZER, export_run, load_model_config
+from wsjax.interop.hf import DEFAULT_MAX_SHARD_SIZE, export_hf, import_hf
+from wsjax.trainer.metrics import setup_logging
 
 CHECKPOINT_DIR = "checkpoint"
 PARAMS_YAML = "params.yaml"
@@ -65,7 +65,7 @@ def orbax_to_hf(
     out_dir: str,
     max_shard_size: str = DEFAULT_MAX_SHARD_SIZE,
 ) -> Path:
-    """A training run (model_dir or model-ckpt-<step>) via wsjax.export, or a folder that
+    """A training run (model_dir or model-ckpt-<step>) via wsjax.interop.export, or a folder that
     --to_orbax wrote (checkpoint/ + params.yaml)."""
     import orbax.checkpoint as ocp
 

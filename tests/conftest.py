@@ -1,4 +1,4 @@
-"""Shared test fixtures: tiny model configs, random token batches, a per-session compile cache.
+"""Shared test fixtures (the helpers behind them are in tests/helpers.py): tiny model configs, random token batches, a per-session compile cache.
 
 The compile cache: tests build many engines whose executables are identical (the same tiny model
 with a different knob); a JAX persistent compilation cache in a temporary folder, made for this
@@ -12,8 +12,9 @@ import os
 import shutil
 import tempfile
 
-import numpy as np
 import pytest
+
+from tests.helpers import normwise_rel_err, tiny_config_dict, token_batches
 
 _CACHE_ENV = {
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
@@ -42,61 +43,6 @@ def pytest_unconfigure(config) -> None:
         shutil.rmtree(_own_cache_dir, ignore_errors=True)
 
 
-VOCAB, BATCH, SEQ = 97, 8, 16
-
-
-def tiny_config_dict(
-    family: str = "gptj",
-    *,
-    layers: int = 3,
-    hidden: int = 64,
-    model: dict | None = None,
-    optimizer: dict | None = None,
-    streaming: dict | None = None,
-    seed: int = 3,
-    batch: int = BATCH,
-    seq: int = SEQ,
-) -> dict:
-    """A params-YAML dict of a tiny GPT-J (rotary_dim 8 < head_dim), GPT-2 (tied) or GPT-NeoX
-    (untied layer norms, rotate-half rotary on 8 of 16 head dims) model."""
-    m = {
-        "hidden_size": hidden,
-        "num_heads": 4,
-        "num_hidden_layers": layers,
-        "filter_size": 2 * hidden,
-        "vocab_size": VOCAB,
-        "max_position_embeddings": 32,
-    }
-    if family == "gptj":
-        m |= {"position_embedding_type": "rotary", "rotary_dim": 8}
-    elif family == "neox":
-        m |= {"model_family": "neox", "position_embedding_type": "rotary", "rotary_dim": 8}
-    else:
-        m |= {"position_embedding_type": "learned", "share_embedding_weights": True}
-    opt = {"optimizer_type": "adamw", "learning_rate": 1e-3, "weight_decay_rate": 0.01}
-    return {
-        "model": m | (model or {}),
-        "optimizer": opt | (optimizer or {}),
-        "runconfig": {"max_steps": 10, "seed": seed},
-        "streaming": dict(streaming or {}),
-        "train_input": {"batch_size": batch, "max_sequence_length": seq, "data_dir": "x"},
-    }
-
-
-def token_batches(
-    n: int, *, batch: int = BATCH, seq: int = SEQ, vocab: int = VOCAB, seed: int = 0
-) -> list[dict]:
-    """``n`` random loader-style batches; about 1 token in 8 is masked out of the loss."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        ids = rng.integers(0, vocab, (batch, seq)).astype(np.int32)
-        labels = rng.integers(0, vocab, (batch, seq)).astype(np.int32)
-        mask = (rng.random((batch, seq)) > 0.125).astype(np.float32)
-        out.append({"input_ids": ids, "labels": labels, "loss_mask": mask})
-    return out
-
-
 @pytest.fixture(scope="session")
 def tiny_config():
     """Factory: ``tiny_config(family, layers=..., model=..., optimizer=..., streaming=...)``."""
@@ -115,22 +61,6 @@ def make_batches():
 def config_dict():
     """Factory: the dict behind ``tiny_config`` (to hand to a subprocess as JSON)."""
     return tiny_config_dict
-
-
-def normwise_rel_err(a, b) -> dict[str, float]:
-    """Per leaf ``||a - b|| / ||b||`` (``||a - b||`` where ``b`` is all zeros), by key path."""
-    import jax
-
-    flat_a = jax.tree_util.tree_flatten_with_path(a)[0]
-    flat_b = jax.tree.leaves(b)
-    assert len(flat_a) == len(flat_b), "trees differ in structure"
-    out = {}
-    for (path, x), y in zip(flat_a, flat_b, strict=True):
-        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-        assert x.shape == y.shape, (jax.tree_util.keystr(path), x.shape, y.shape)
-        den = np.linalg.norm(y)
-        out[jax.tree_util.keystr(path)] = float(np.linalg.norm(x - y) / (den if den else 1.0))
-    return out
 
 
 @pytest.fixture(scope="session")

@@ -4,8 +4,8 @@
     cfg = wsjax.load_config("configs/params_gptj_6B.yaml")
     wsjax.get_model(cfg.model).num_params()          # 6,050,882,784, nothing allocated
 
-The engine (``wsjax.streaming.StreamingEngine``), the run (``wsjax.train.run``) and the
-HuggingFace interop (``wsjax.hf``) are imported from their modules. The names below are loaded
+The engine (``wsjax.engine.StreamingEngine``), the run (``wsjax.train.run``) and the
+HuggingFace interop (``wsjax.interop.hf``) are imported from their modules. The names below are loaded
 on first use, so ``import wsjax.config`` (and tools that only read params files) never import jax.
 """
 
@@ -27,7 +27,7 @@ _HOMES = {
 
 
 def __getattr__(name: str) -> Any:
-    """The names above, or a submodule (``wsjax.models``, ``wsjax.hf``, ...), on first use."""
+    """The names above, or a submodule (``wsjax.models``, ``wsjax.interop.hf``, ...), on first use."""
     if name in _HOMES:
         return getattr(importlib.import_module(_HOMES[name]), name)
     try:

@@ -326,7 +326,7 @@ def _restore_sigterm() -> None:
     """JAX's preemption notifier (started by ``jax.distributed.initialize``) catches SIGTERM
     in C++ and only records it, so a process outside wsjax's own preemption handling would
     ignore SIGTERM. Back to the default, as in a single-process run: the run's preemption
-    guard (wsjax.run_train) handles SIGTERM while it trains, and elsewhere SIGTERM ends the
+    guard (wsjax.trainer.train_loop) handles SIGTERM while it trains, and elsewhere SIGTERM ends the
     process, so a launcher's or a scheduler's SIGTERM always means something."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -12,7 +12,7 @@ process per GPU by default) set for :func:`wsjax.distributed.initialize`. With
 ``--devices_per_process D`` the host platform gets D devices
 (``--xla_force_host_platform_device_count``, appended to ``XLA_FLAGS``), so a CPU machine runs
 the same layouts as a GPU node. The children's output passes through unchanged (the children
-prefix their own lines, :func:`wsjax.metrics.setup_logging`).
+prefix their own lines, :func:`wsjax.trainer.metrics.setup_logging`).
 
 Faults and signals, so that it never hangs:
 

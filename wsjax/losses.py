@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wsjax.config_schema import ModelConfig
+from wsjax.config.schema import ModelConfig
 from wsjax.precision import at_least_f32
 
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from wsjax.config_schema import LRPhase, OptimizerConfig
+from wsjax.config.schema import LRPhase, OptimizerConfig
 from wsjax.errors import ConfigError
 from wsjax.precision import at_least_f32
 

@@ -7,8 +7,8 @@
 
 ``main`` only parses and calls :func:`run`, which tests and notebooks call directly. The run's
 artifacts (compile cache, checkpoints, events, performance.json, plan) are laid out in
-:mod:`wsjax.run_dir`; the run itself is :mod:`wsjax.run` (modes), :mod:`wsjax.run_train` and
-:mod:`wsjax.run_eval`; checkpoints in :mod:`wsjax.checkpoint`; reporting in :mod:`wsjax.metrics`.
+:mod:`wsjax.trainer.run_dir`; the run itself is :mod:`wsjax.trainer.run` (modes), :mod:`wsjax.trainer.train_loop` and
+:mod:`wsjax.trainer.evaluation`; checkpoints in :mod:`wsjax.checkpoint`; reporting in :mod:`wsjax.trainer.metrics`.
 Exit codes: :mod:`wsjax.errors`.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from wsjax.errors import WsjaxError
-from wsjax.run import MODES, RunResult, run
+from wsjax.trainer.run import MODES, RunResult, run
 
 __all__ = ["MODES", "RunResult", "build_parser", "cli", "default_params_path", "main", "run"]
 
@@ -43,7 +43,7 @@ def default_params_path() -> Path:
 def params_of(args: argparse.Namespace) -> Path:
     """Without -p: the built-in default, except that --eval_text evaluates the model the run
     in --model_dir trained (its train/params_train.yaml), whatever its size."""
-    from wsjax.run_dir import DEFAULT_MODEL_DIR
+    from wsjax.trainer.run_dir import DEFAULT_MODEL_DIR
 
     saved = Path(args.model_dir or DEFAULT_MODEL_DIR) / "train" / "params_train.yaml"
     return saved if args.eval_text and saved.is_file() else default_params_path()
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from wsjax import distributed
         from wsjax.config import load_config
-        from wsjax.metrics import setup_logging
+        from wsjax.trainer.metrics import setup_logging
 
         # --validate_only --num_processes P alone: plan a P-process run from this one process
         planning = args.validate_only and args.num_processes and args.coordinator_address is None

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from wsjax.config_schema import FAMILIES
+from wsjax.config.schema import FAMILIES
 
 SEGMENTS = ("embed", "blocks", "head")
 

@@ -1,6 +1,6 @@
 """Weight initializers of the Cerebras params specs: ``make_initializer(spec, ...)``.
 
-The config holds an :class:`~wsjax.config_schema.InitSpec` (data only); this module turns it into
+The config holds an :class:`~wsjax.config.schema.InitSpec` (data only); this module turns it into
 a jax initializer ``(key, shape, dtype) -> array``. Fans are passed explicitly (not read from the
 shape) so stacked ``(L, in, out)`` layers initialise like single layers.
 """
@@ -14,7 +14,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from wsjax.config_schema import InitSpec
+from wsjax.config.schema import InitSpec
 
 logger = logging.getLogger("wsjax.config")
 

@@ -1,0 +1,175 @@
+"""The tests' shared helpers, in one place: tiny model configs and random batches, the built-in
+tiny config made smaller and faster, the loader config of the data tests, and short runs on
+real token shards. The fixtures in tests/conftest.py hand some of them to tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from wsjax.config import InputConfig, config_from_dict, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "configs" / "params_gptj_tiny.yaml"
+
+# 2 layers x 64 wide, 4 x 32 tokens of synthetic data: a step takes milliseconds on a CPU.
+SMALL = [
+    "model.num_hidden_layers=2",
+    "model.hidden_size=64",
+    "model.num_heads=2",
+    "model.filter_size=128",
+    "model.vocab_size=512",
+    "model.max_position_embeddings=64",
+    "runconfig.log_steps=1",
+    "runconfig.save_summary_steps=1",
+    "runconfig.save_checkpoints_steps=3",
+    "runconfig.keep_checkpoint_max=2",
+    "runconfig.eval_steps=2",
+] + [
+    f"{section}.{key}"
+    for section in ("train_input", "eval_input")
+    for key in (
+        "data_processor=SyntheticDataProcessor",
+        "vocab_size=512",
+        "max_sequence_length=32",
+        "batch_size=4",
+    )
+]
+
+
+def small_config(*extra: str):
+    return load_config(TINY, [*SMALL, *extra])
+
+
+# ---- tiny models and random batches ----
+VOCAB, BATCH, SEQ = 97, 8, 16
+
+
+def tiny_config_dict(
+    family: str = "gptj",
+    *,
+    layers: int = 3,
+    hidden: int = 64,
+    model: dict | None = None,
+    optimizer: dict | None = None,
+    streaming: dict | None = None,
+    seed: int = 3,
+    batch: int = BATCH,
+    seq: int = SEQ,
+) -> dict:
+    """A params-YAML dict of a tiny GPT-J (rotary_dim 8 < head_dim), GPT-2 (tied) or GPT-NeoX
+    (untied layer norms, rotate-half rotary on 8 of 16 head dims) model."""
+    m = {
+        "hidden_size": hidden,
+        "num_heads": 4,
+        "num_hidden_layers": layers,
+        "filter_size": 2 * hidden,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": 32,
+    }
+    if family == "gptj":
+        m |= {"position_embedding_type": "rotary", "rotary_dim": 8}
+    elif family == "neox":
+        m |= {"model_family": "neox", "position_embedding_type": "rotary", "rotary_dim": 8}
+    else:
+        m |= {"position_embedding_type": "learned", "share_embedding_weights": True}
+    opt = {"optimizer_type": "adamw", "learning_rate": 1e-3, "weight_decay_rate": 0.01}
+    return {
+        "model": m | (model or {}),
+        "optimizer": opt | (optimizer or {}),
+        "runconfig": {"max_steps": 10, "seed": seed},
+        "streaming": dict(streaming or {}),
+        "train_input": {"batch_size": batch, "max_sequence_length": seq, "data_dir": "x"},
+    }
+
+
+def token_batches(
+    n: int, *, batch: int = BATCH, seq: int = SEQ, vocab: int = VOCAB, seed: int = 0
+) -> list[dict]:
+    """``n`` random loader-style batches; about 1 token in 8 is masked out of the loss."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        ids = rng.integers(0, vocab, (batch, seq)).astype(np.int32)
+        labels = rng.integers(0, vocab, (batch, seq)).astype(np.int32)
+        mask = (rng.random((batch, seq)) > 0.125).astype(np.float32)
+        out.append({"input_ids": ids, "labels": labels, "loss_mask": mask})
+    return out
+
+
+def normwise_rel_err(a, b) -> dict[str, float]:
+    """Per leaf ``||a - b|| / ||b||`` (``||a - b||`` where ``b`` is all zeros), by key path."""
+    import jax
+
+    flat_a = jax.tree_util.tree_flatten_with_path(a)[0]
+    flat_b = jax.tree.leaves(b)
+    assert len(flat_a) == len(flat_b), "trees differ in structure"
+    out = {}
+    for (path, x), y in zip(flat_a, flat_b, strict=True):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        assert x.shape == y.shape, (jax.tree_util.keystr(path), x.shape, y.shape)
+        den = np.linalg.norm(y)
+        out[jax.tree_util.keystr(path)] = float(np.linalg.norm(x - y) / (den if den else 1.0))
+    return out
+
+
+# ---- the loader config of the data tests: the real InputConfig (the type the run hands to
+# make_loader), with defaults that keep them deterministic: no shuffling, one worker, repeat on
+def input_config(
+    data_dir: str | Path | tuple[str, ...] | list[str],
+    *,
+    seq: int,
+    batch: int,
+    processor: str = "GptTokenShardsProcessor",
+    **fields,
+) -> InputConfig:
+    """An InputConfig reading ``data_dir`` in windows of ``seq`` tokens, ``batch`` at a time."""
+    if isinstance(data_dir, Path):
+        data_dir = str(data_dir)
+    base = {
+        "data_processor": processor,
+        "shuffle": False,
+        "shuffle_seed": 0,
+        "repeat": True,
+        "num_workers": 1,
+        "prefetch_factor": 2,
+    }
+    return InputConfig(
+        data_dir=data_dir, max_sequence_length=seq, batch_size=batch, **(base | fields)
+    )
+
+
+# ---- a short run on real token shards (tests of export and --eval_text) ----
+BPE_VOCAB, MODEL_VOCAB = 320, 384
+
+
+def make_shards(out: Path) -> Path:
+    """A token-shards folder with a BPE trained on three stdlib modules (train + eval)."""
+    import sysconfig
+
+    from wsjax.data.preprocess import preprocess
+
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    files = [lib / "textwrap.py", lib / "string" / "__init__.py", lib / "shlex.py"]
+    files = [f for f in files if f.is_file()] or [lib / "os.py"]
+    preprocess(
+        files, out, train_tokenizer=BPE_VOCAB, eval_fraction=0.0, eval_inputs=[lib / "abc.py"],
+        progress=False, log=lambda _msg: None,
+    )  # fmt: skip
+    return out
+
+
+def train_briefly(family: str, data: dict, model_dir: Path, steps: int = 2, **flags):
+    """``steps`` training steps of a tiny ``family`` model on ``data`` (an input section);
+    ``flags``: more keyword arguments of ``wsjax.train.run``."""
+    from wsjax.train import run
+
+    d = tiny_config_dict(family, layers=2, model={"vocab_size": MODEL_VOCAB})
+    d["train_input"] = {"batch_size": 4, "max_sequence_length": 16, **data}
+    d["optimizer"]["learning_rate"] = 1e-2  # the weights move away from their init
+    return run(config_from_dict(d), "train", model_dir, max_steps=steps, **flags)
+
+
+def shards_input(root: Path) -> dict:
+    return {"data_processor": "GptTokenShardsProcessor", "data_dir": str(root)}

@@ -1,0 +1,150 @@
+"""Every benchmark script runs in its seconds-long ``--smoke`` mode and prints parseable JSON lines
+with its figures (positive numbers), the machine description, and the same lines in its
+results file; so none of them rots."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+MACHINE = ("host", "date", "cpu", "cores", "jax", "backend", "loadavg_1m")
+
+INIT = ("at_once", "by_layer", "by_layer_p2")
+
+# script -> (setting -> keys whose values must be positive numbers); "*" applies to every line
+EXPECTED = {
+    "bench_throughput.py": {
+        "L2_b2": (
+            "matmul_peak_flops_per_sec",
+            "resident_tokens_per_sec",
+            "engine_tokens_per_sec",
+            "engine_recompute_tokens_per_sec",
+            "engine_mfu",
+            "engine_vs_resident",
+            "engine_device_bytes_plan",
+            "resident_device_bytes",
+        ),
+    },
+    "bench_depth.py": {
+        "L2": (),
+        "L3": (),
+        "slopes": (),
+    },
+    "bench_compile.py": {
+        "L3_cold": ("compile_seconds", "num_executables"),
+        "L3_warm": ("compile_seconds", "num_executables"),
+        "L1_cold": ("compile_seconds", "num_executables"),
+        "summary": ("cold_seconds", "warm_seconds", "depth_ratio"),
+    },
+    "bench_transfer.py": {
+        "4MB": ("engine_h2d_bytes_per_sec", "engine_d2h_act_bytes_per_sec", "h2d_ratio"),
+    },
+    "bench_host_update.py": {
+        "block_h128": ("params_per_sec", "bytes_per_sec", "memory_bytes_per_sec"),
+    },
+    "bench_input.py": {
+        "shards_w1_p2": ("tokens_per_sec", "train_tokens_per_sec", "ratio"),
+    },
+    "bench_host_alloc.py": {
+        "plain": ("buffer_bytes", "pages_4k", "bytes_per_sec_best"),
+        "mallopt": ("buffer_bytes", "pages_4k", "bytes_per_sec_best"),
+    },
+    "bench_generate.py": {
+        "b1": ("wsjax_tokens_per_sec", "hf_tokens_per_sec", "wsjax_vs_hf", "model_bytes"),
+        "b8": ("wsjax_tokens_per_sec", "hf_tokens_per_sec", "wsjax_vs_hf", "model_bytes"),
+    },
+    "bench_peer.py": {
+        "matmul_64x32x64": (
+            "torch_fp32_gflops",
+            "torch_bf16_gflops",
+            "jax_fp32_gflops",
+            "jax_bf16_to_bf16_gflops",
+            "jax_bf16_to_fp32_gflops",
+            "jax_bf16_wgrad_flat_gflops",
+            "jax_bf16_wgrad_batched_gflops",
+        ),
+        "w64_L2_t64_fp32": (
+            "torch_tokens_per_sec",
+            "resident_tokens_per_sec",
+            "engine_tokens_per_sec",
+            "engine_recompute_tokens_per_sec",
+            "engine_vs_torch",
+            "engine_recompute_vs_torch",
+            "resident_vs_torch",
+        ),
+    },
+    "bench_scaleout.py": {
+        "P1": ("tokens_per_sec", "host_update_seconds_per_process", "live_bytes_per_process"),
+        "P2": ("tokens_per_sec", "host_update_seconds_per_process", "live_bytes_per_process"),
+        "P2_vs_P1": ("tokens_per_sec_ratio", "host_update_ratio", "live_bytes_ratio"),
+    },
+    "bench_init.py": {
+        **{f"analysis_{f}": ("output_bytes", "temp_bytes", "peak_bytes", "params") for f in INIT},
+        **{f"measured_{f}": ("peak_bytes", "output_bytes", "peak_over_output") for f in INIT},
+    },
+    "bench_default_run.py": {
+        "smoke": ("wall_seconds", "final_train_loss"),
+    },
+    "bench_after_training.py": {
+        "smoke": ("export_seconds", "eval_seconds", "tokens", "bytes", "loss", "bits_per_byte"),
+    },
+}
+
+
+def _positive(rec: dict, key: str) -> None:
+    v = rec[key]
+    assert isinstance(v, int | float) and v > 0, (rec["setting"], key, v)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(EXPECTED))
+def test_benchmark_smoke(script: str, tmp_path: Path) -> None:
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--results_dir", tmp_path],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    by_setting = {r["setting"]: r for r in lines}
+    expected = EXPECTED[script]
+    assert set(expected) <= set(by_setting), sorted(by_setting)
+    for rec in lines:
+        assert all(k in rec for k in MACHINE), rec
+        assert rec["cores"] >= 1
+        if "target" in rec:
+            assert set(rec["target"]) == {"name", "value", "threshold", "reached"}
+    for setting, keys in expected.items():
+        for key in keys:
+            _positive(by_setting[setting], key)
+
+    (results,) = tmp_path.glob("*.jsonl")  # the same lines, appended to <host>-<date>.jsonl
+    assert [json.loads(x) for x in results.read_text().splitlines()] == lines
+
+    if script == "bench_depth.py":
+        for setting in ("L2", "L3"):
+            row = by_setting[setting]
+            for key in ("step_seconds", "live_peak_bytes", "compile_seconds"):
+                _positive(row["engine_offload"], key)
+            for key in ("step_seconds", "device_peak_bytes", "compile_seconds"):
+                _positive(row["resident"], key)
+        # the plan never under-estimates the live arrays' peak, at any depth
+        assert by_setting["slopes"]["target"]["reached"], by_setting["slopes"]
+    if script == "bench_generate.py":  # the two generate the same greedy tokens
+        assert all(by_setting[s]["same_greedy_tokens"] for s in ("b1", "b8"))
+    if script == "bench_peer.py":  # --parts: every executable timed alone, and the schedule
+        parts = by_setting["w64_L2_t64_fp32"]["engine_parts_seconds"]
+        assert set(parts["compute"]) >= {"block_fwd", "block_bwd", "head", "update/block"}
+        assert parts["schedule_step_seconds"] > 0
+    if script == "bench_scaleout.py":  # each of 2 processes holds half the live bytes
+        assert abs(by_setting["P2_vs_P1"]["live_bytes_ratio"] - 0.5) < 0.01
+    if script == "bench_compile.py":
+        # the warm process finds every executable in the persistent cache
+        assert by_setting["L3_warm"]["compile_seconds"] < by_setting["L3_cold"]["compile_seconds"]

@@ -1,0 +1,130 @@
+"""The fault catalogue, processes: preemption (SIGTERM / SIGINT), a second signal, and SIGKILL
+at several moments of a checkpoint write and of pruning.
+
+Each moment is found by polling the model_dir (or the run log) while the run goes on, never by
+sleeping for a guessed time. After the fault, every committed checkpoint restores (its digest
+checked) and a rerun resumes to the losses of an uninterrupted run, bitwise.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO, SMALL, small_config
+from wsjax.checkpoint import load_start
+from wsjax.errors import EXIT_PREEMPTED
+from wsjax.models import get_model
+from wsjax.train import run
+
+pytestmark = pytest.mark.slow
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    r = run(small_config(), "train", tmp_path_factory.mktemp("ref") / "md", max_steps=STEPS)
+    return dict(r.losses)
+
+
+def start(md: Path, *extra: str) -> subprocess.Popen:
+    argv = ["-o", str(md), "--max_steps", str(STEPS), *SMALL, *extra]
+    return subprocess.Popen(
+        [sys.executable, "-m", "wsjax.train", *argv],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def poll(proc: subprocess.Popen, seen, timeout: float = 300) -> bool:
+    """True as soon as ``seen()`` holds; False if the run ended first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if seen():
+            return True
+        os.sched_yield()
+    return False
+
+
+def logged(md: Path, text: str):
+    log = md / "train" / "run.log"
+    return lambda: log.is_file() and text in log.read_text()
+
+
+def committed(md: Path) -> list[int]:
+    names = os.listdir(md) if md.is_dir() else []
+    return sorted(int(m.group(1)) for n in names if (m := re.fullmatch(r"model-ckpt-(\d+)", n)))
+
+
+def resumes_exactly(md: Path, reference: dict) -> None:
+    """Every committed checkpoint restores; the rerun's losses equal the uninterrupted run's."""
+    cfg = small_config()
+    model = get_model(cfg.model)
+    for step in committed(md):
+        assert load_start(md / f"model-ckpt-{step}", model, None, weights_only=True).params
+    done = max(committed(md), default=0)
+    r = run(cfg, "train", md, max_steps=STEPS, progress=False)
+    assert r.losses == [(s, reference[s]) for s in range(done + 1, STEPS + 1)]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_preemption_saves_the_step_and_exits_5(tmp_path, reference, sig):
+    md = tmp_path / "md"
+    proc = start(md, "--save_checkpoints_steps", "100")  # no periodic checkpoint before 12
+    assert poll(proc, logged(md, "global_step = 3,")), proc.communicate()[1]
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_PREEMPTED, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err
+    step = int(re.search(rf"preempted by {sig.name}: finished global step (\d+)", lines[0])[1])
+    assert committed(md) == [step] and 3 <= step < STEPS
+    resumes_exactly(md, reference)
+
+
+def test_second_signal_stops_at_once(tmp_path, reference):
+    md = tmp_path / "md"
+    proc = start(md, "--save_checkpoints_steps", "2")
+    assert poll(proc, logged(md, "global_step = 3,"))
+    proc.send_signal(signal.SIGTERM)
+    assert poll(proc, logged(md, "received SIGTERM"))
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGTERM  # the default action: no save, no cleanup
+    resumes_exactly(md, reference)
+
+
+def _writing(md: Path):
+    return lambda: md.is_dir() and any("orbax-checkpoint-tmp" in n for n in os.listdir(md))
+
+
+def _pruning(md: Path):
+    return lambda: md.is_dir() and any(n.startswith(".trash-") for n in os.listdir(md))
+
+
+def _after_commit(md: Path):
+    return lambda: 3 in committed(md)
+
+
+MOMENTS = {"checkpoint write": _writing, "just committed": _after_commit, "pruning": _pruning}
+
+
+@pytest.mark.parametrize("moment", list(MOMENTS))
+def test_sigkill_at_a_checkpoint_moment_loses_nothing(tmp_path, reference, moment):
+    md = tmp_path / "md"
+    # a checkpoint and a prune at every step: many chances to meet the moment
+    proc = start(md, "--save_checkpoints_steps", "1", "--keep_checkpoint_max", "1")
+    hit = poll(proc, MOMENTS[moment](md))
+    proc.kill()
+    proc.communicate()
+    assert hit, f"the run ended before the moment '{moment}' was seen"
+    resumes_exactly(md, reference)

@@ -1,0 +1,420 @@
+"""Model tests: parameter counts (pinned and by formula), rotary by hand, causality, dropout,
+mixed precision, today's parameter names (checkpoints load), and NeoX trained by the engine."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from wsjax.config import config_from_dict, load_config
+from wsjax.models import get_model
+from wsjax.models.layers import apply_rotary
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+OPTIMIZER = {"optimizer_type": "adamw", "learning_rate": 1e-3}
+VOCAB, SEQ = 64, 10
+FAMILIES = ["gptj", "gpt2", "neox"]
+ROTARY_FAMILIES = ("gptj", "neox")
+
+
+def _model_cfg(family: str, **overrides):
+    model = {
+        "model_family": family,
+        "vocab_size": VOCAB,
+        "hidden_size": 32,
+        "num_heads": 4,
+        "num_hidden_layers": 2,
+        "filter_size": 64,
+        "max_position_embeddings": 16,
+        **({"rotary_dim": 4} if family in ROTARY_FAMILIES else {}),
+        **overrides,
+    }
+    return config_from_dict({"model": model, "optimizer": OPTIMIZER}).model
+
+
+def _tokens(seed: int = 0) -> jnp.ndarray:
+    return jax.random.randint(jax.random.key(seed), (2, SEQ), 0, VOCAB)
+
+
+def _random_params(model, seed: int = 0) -> dict:
+    """Init, then perturb every leaf so layer norms and biases are not the trivial 1 / 0."""
+    params = model.init(jax.random.key(seed))
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    leaves = [a + 0.1 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys, strict=True)]
+    return jax.tree.unflatten(treedef, leaves)
+
+
+# ---- parameter counts (no allocation) ----------------------------------------------------------
+PINNED = [
+    ("params_gptj_6B.yaml", "gptj", 6_050_882_784),
+    ("params_gpt2_small.yaml", "gpt2", 124_439_808),
+    ("params_gpt3_xl.yaml", "gpt2", 1_315_723_264),
+]
+
+
+@pytest.mark.parametrize("fname,family,count", PINNED, ids=[p[0] for p in PINNED])
+def test_param_count_of_shipped_configs(fname, family, count):
+    cfg = load_config(CONFIGS / fname).model
+    assert cfg.family == family
+    model = get_model(cfg)
+    assert model.num_params() == count
+    shapes = model.param_shapes()
+    assert all(isinstance(s, jax.ShapeDtypeStruct) for s in jax.tree.leaves(shapes))
+
+
+def test_param_count_by_formula():
+    """The same pins from the architecture definitions, independent of the shipped YAMLs."""
+    gptj = dict(vocab_size=50400, hidden_size=4096, num_heads=16, num_hidden_layers=28)
+    gptj.update(filter_size=16384, max_position_embeddings=2048, rotary_dim=64)
+    gpt2 = dict(vocab_size=50257, hidden_size=768, num_heads=12, num_hidden_layers=12)
+    gpt2.update(filter_size=3072, max_position_embeddings=1024)
+    xl = dict(vocab_size=50257, hidden_size=2048, num_heads=16, num_hidden_layers=24)
+    xl.update(filter_size=8192, max_position_embeddings=2048, use_bias_in_output=False)
+    for family, d, count in (
+        ("gptj", gptj, 6_050_882_784),
+        ("gpt2", gpt2, 124_439_808),
+        ("gpt2", xl, 1_315_723_264),
+    ):
+        model = get_model(_model_cfg(family, **d))
+        assert model.num_params() == count
+        if family == "gpt2":
+            v, p, h = d["vocab_size"], d["max_position_embeddings"], d["hidden_size"]
+            f, n = d["filter_size"], d["num_hidden_layers"]
+            per_layer = 4 * h + (3 * h * h + 3 * h) + (h * h + h) + (h * f + f) + (f * h + h)
+            assert count == v * h + p * h + n * per_layer + 2 * h
+
+
+NEOX_COUNTS = [  # published totals: Pythia-160M (HF model card), GPT-NeoX-20B (Black et al. 2022)
+    ("pythia_160m", dict(vocab_size=50304, hidden_size=768, num_heads=12, num_hidden_layers=12,
+                         filter_size=3072, max_position_embeddings=2048, rotary_dim=16),
+     162_322_944),
+    ("neox_20b", dict(vocab_size=50432, hidden_size=6144, num_heads=64, num_hidden_layers=44,
+                      filter_size=24576, max_position_embeddings=2048, rotary_dim=24),
+     20_554_567_680),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name,arch,count", NEOX_COUNTS, ids=[n for n, _, _ in NEOX_COUNTS])
+def test_neox_param_count_by_formula(name, arch, count):
+    """Untied in/out embeddings, no positions; per block two norms, fused qkv, dense, MLP."""
+    model = get_model(_model_cfg("neox", **arch))
+    assert model.num_params() == count
+    v, h, f, n = (
+        arch[k] for k in ("vocab_size", "hidden_size", "filter_size", "num_hidden_layers")
+    )
+    per_layer = 2 * 2 * h + (3 * h * h + 3 * h) + (h * h + h) + (h * f + f) + (f * h + h)
+    assert count == 2 * v * h + n * per_layer + 2 * h
+    blocks = model.param_shapes()["blocks"]
+    assert blocks["attn"]["query_key_value"]["kernel"].shape == (n, h, 3 * h)
+    assert "ln_2" in blocks and "bias" not in model.param_shapes()["head"]["lm_head"]
+
+
+# ---- today's parameter names: checkpoints written before the flax modules still load --------
+def _pre_flax_tree(family: str, d: int, f: int, layers: int) -> dict:
+    """The tree the hand-written (pre-NNX) models built for ``_model_cfg(family)``, by name."""
+    norm = {"scale": (d,), "bias": (d,)}
+
+    def dense(i, o, bias=True):
+        return {"kernel": (i, o), **({"bias": (o,)} if bias else {})}
+
+    if family == "gptj":
+        embed = {"wte": (VOCAB, d)}
+        attn = {n: dense(d, d, False) for n in ("q_proj", "k_proj", "v_proj", "out_proj")}
+        block = {"ln_1": norm, "attn": attn, "mlp": {"fc_in": dense(d, f), "fc_out": dense(f, d)}}
+        head = {"ln_f": norm, "lm_head": dense(d, VOCAB)}
+    else:
+        embed = {"wte": (VOCAB, d), "wpe": (16, d)}
+        attn = {"c_attn": dense(d, 3 * d), "c_proj": dense(d, d)}
+        mlp = {"c_fc": dense(d, f), "c_proj": dense(f, d)}
+        block = {"ln_1": norm, "attn": attn, "ln_2": norm, "mlp": mlp}
+        head = {"ln_f": norm}  # tied: the kernel is wte
+    shaped = lambda t, lead=(): jax.tree.map(  # noqa: E731
+        lambda s: np.random.default_rng(0).normal(size=lead + s).astype(np.float32),
+        t,
+        is_leaf=lambda s: isinstance(s, tuple),
+    )
+    return {"embed": shaped(embed), "blocks": shaped(block, (layers,)), "head": shaped(head)}
+
+
+@pytest.mark.parametrize("family", ["gptj", "gpt2"])
+def test_pre_flax_checkpoint_loads_unchanged(tmp_path, family):
+    from wsjax.checkpoint import Checkpoints, load_start
+
+    cfg = _model_cfg(family)
+    model = get_model(cfg)
+    old = _pre_flax_tree(family, cfg.hidden_size, cfg.filter_size, cfg.num_hidden_layers)
+    shapes = jax.tree.map(lambda s: s.shape, model.param_shapes())
+    assert shapes == jax.tree.map(np.shape, old)  # same names, same shapes, same nesting
+    ckpts = Checkpoints(tmp_path / "run")
+    ckpts.save(1, old, {"count": np.zeros((), np.int32)}, {"step": 1})
+    ckpts.close()
+    start = load_start(tmp_path / "run", model, None, weights_only=True)
+    jax.tree.map(np.testing.assert_array_equal, start.params, old)
+    logits = jax.jit(model.logits)(start.params, _tokens())  # and the model runs on it
+    assert logits.shape == (2, SEQ, VOCAB) and bool(jnp.isfinite(logits).all())
+
+
+# ---- rotary ---------------------------------------------------------------------------------
+def test_rotary_by_hand():
+    # (1, T, 1, K): rotary on the first 2 of 4 dims; the pair (1, 0) at position t -> (cos t, sin t)
+    x = jnp.tile(jnp.array([1.0, 0.0, 0.5, -2.0]), (1, 5, 1, 1))
+    y = apply_rotary(x, rotary_dim=2)
+    t = np.arange(5)
+    np.testing.assert_allclose(y[0, :, 0, 0], np.cos(t), atol=1e-6)
+    np.testing.assert_allclose(y[0, :, 0, 1], np.sin(t), atol=1e-6)
+    np.testing.assert_array_equal(y[0, :, 0, 2:], x[0, :, 0, 2:])  # dims past rotary_dim: as is
+    np.testing.assert_array_equal(y[:, 0], x[:, 0])  # position 0 is the identity
+
+
+def test_rotary_rotate_half_by_hand():
+    """NeoX pairs dim i with dim i + R/2: (x0, x2) turn by t, (x1, x3) by t * theta^(-1/2)."""
+    theta = 100.0
+    x = jnp.tile(jnp.array([1.0, 0.0, 0.0, 1.0, 7.0]), (1, 5, 1, 1))  # (1, T, 1, K=5), R = 4
+    y = apply_rotary(x, rotary_dim=4, theta=theta, interleaved=False)[0, :, 0]
+    t = np.arange(5)
+    slow = t / theta ** (2 / 4)
+    np.testing.assert_allclose(y[:, 0], np.cos(t), atol=1e-6)  # (1, 0) -> (cos, sin)
+    np.testing.assert_allclose(y[:, 2], np.sin(t), atol=1e-6)
+    np.testing.assert_allclose(y[:, 1], -np.sin(slow), atol=1e-6)  # (0, 1) -> (-sin, cos)
+    np.testing.assert_allclose(y[:, 3], np.cos(slow), atol=1e-6)
+    np.testing.assert_array_equal(y[:, 4], 7.0)  # past rotary_dim: as is
+
+
+def test_rotary_relative_position():
+    """q(m) . k(n) depends only on m - n (same q and k vectors at every position)."""
+    k_dim, seq = 8, 12
+    q_vec, k_vec = jax.random.normal(jax.random.key(0), (2, k_dim))
+    q = apply_rotary(jnp.tile(q_vec, (1, seq, 1, 1)), rotary_dim=k_dim)[0, :, 0]  # (T, K)
+    k = apply_rotary(jnp.tile(k_vec, (1, seq, 1, 1)), rotary_dim=k_dim)[0, :, 0]
+    dots = np.asarray(q @ k.T)  # (T, T): [m, n]
+    for offset in (-3, 0, 2, 5):
+        diag = np.diagonal(dots, offset=offset)
+        np.testing.assert_allclose(diag, diag[0], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(dots[0, 0], dots[0, 3])  # and it does depend on the offset
+    np.testing.assert_allclose(np.linalg.norm(q, axis=-1), np.linalg.norm(q_vec), rtol=1e-6)
+
+
+# ---- causality, dropout, precision ----------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+def test_causal(family):
+    model = get_model(_model_cfg(family))
+    params = _random_params(model)
+    tokens = _tokens()
+    t = 4
+    changed = tokens.at[:, t + 1 :].set((tokens[:, t + 1 :] + 7) % VOCAB)
+    logits = jax.jit(model.logits)
+    a, b = logits(params, tokens), logits(params, changed)
+    np.testing.assert_array_equal(a[:, : t + 1], b[:, : t + 1])
+    assert np.abs(a[:, t + 1 :] - b[:, t + 1 :]).max() > 1e-3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dropout(family):
+    rates = dict(embedding_dropout_rate=0.1, attention_dropout_rate=0.1, residual_dropout_rate=0.1)
+    model = get_model(_model_cfg(family, **rates))
+    params = _random_params(model)
+    tokens = _tokens()
+    logits = jax.jit(model.logits)
+    ev1, ev2 = logits(params, tokens), logits(params, tokens)
+    np.testing.assert_array_equal(ev1, ev2)  # eval (rng None) is deterministic
+    tr1 = logits(params, tokens, rng=jax.random.key(1))
+    tr2 = logits(params, tokens, rng=jax.random.key(1))
+    tr3 = logits(params, tokens, rng=jax.random.key(2))
+    np.testing.assert_array_equal(tr1, tr2)  # same rng, same masks
+    assert np.abs(tr1 - ev1).max() > 1e-3
+    assert np.abs(tr1 - tr3).max() > 1e-3
+    # a model without dropout ignores the rng
+    plain = jax.jit(get_model(_model_cfg(family)).logits)
+    np.testing.assert_array_equal(plain(params, tokens, rng=jax.random.key(1)), ev1)
+
+
+MP_RTOL = 0.03  # bf16: 8-bit mantissa; measured ~1.1% (gptj), ~0.9% (gpt2) of max |logit|
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mixed_precision_close_to_fp32(family):
+    cfg = _model_cfg(family)
+    fp32 = get_model(cfg)
+    bf16 = get_model(dataclasses.replace(cfg, mixed_precision=True))
+    params = _random_params(fp32)
+    tokens = _tokens()
+    ref = jax.jit(fp32.logits)(params, tokens)
+    got = jax.jit(bf16.logits)(params, tokens)
+    assert got.dtype == jnp.float32 and ref.dtype == jnp.float32
+    scale = float(jnp.abs(ref).max())
+    err = float(jnp.abs(got - ref).max())
+    assert 0 < err <= MP_RTOL * scale, (err, scale)
+    assert math.isfinite(err)
+
+
+# ---- NeoX through the streaming engine ------------------------------------------------------
+# SGD makes the update -lr * clip * grad, so engine and reference updates differ by their
+# gradients' fp32 rounding only (no Adam division amplifying near-zero entries). Both are XLA
+# fp32 on one CPU, summing in different orders through ~700 roundings (see tests/interop/test_hf.py):
+# worst-case 700 u = 4e-5, random-rounding sqrt(700) u = 2e-6; 1e-5 between the two.
+ENGINE_RTOL = 1e-5
+
+
+@pytest.mark.parametrize("parallel", [True, False], ids=["parallel", "sequential"])
+def test_neox_engine_matches_reference(config_dict, make_batches, rel_err, parallel):
+    from wsjax.engine import StreamingEngine
+    from wsjax.reference import ResidentTrainer
+
+    neox = {"model_family": "neox", "position_embedding_type": "rotary", "rotary_dim": 4}
+    neox |= {"share_embedding_weights": False, "use_parallel_residual": parallel}
+    sgd = {"optimizer_type": "sgd", "learning_rate": 0.1, "max_gradient_norm": 0.5}
+    cfg = config_from_dict(config_dict("neox", layers=2, model=neox, optimizer=sgd))
+    model = get_model(cfg.model)
+    assert model.cfg.family == "neox" and model.cfg.use_untied_layer_norm
+    init = jax.tree.map(np.asarray, model.init(jax.random.key(0)))
+    batches = make_batches(2, seed=1)
+
+    engine = StreamingEngine(model, cfg, params=jax.tree.map(np.array, init))
+    engine_losses = [engine.train_step(b)["train/loss"] for b in batches]
+    ref = ResidentTrainer(model, cfg.optimizer, seed=cfg.runconfig.seed)
+    state = ref.init_state(jax.tree.map(jnp.asarray, init))
+    ref_losses, ref_norms = [], []
+    for b in batches:
+        state, m = ref.train_step(state, b)
+        ref_losses.append(float(m["loss"]))
+        ref_norms.append(float(m["grad_norm"]))
+    assert min(ref_norms) > 0.5  # clipping was active
+    np.testing.assert_allclose(engine_losses, ref_losses, rtol=ENGINE_RTOL)
+    delta = lambda p: jax.tree.map(lambda a, b: np.asarray(a) - b, p, init)  # noqa: E731
+    key, err = rel_err(delta(engine.params_tree()), delta(state.params))
+    assert err <= ENGINE_RTOL, f"{key}: update relative error {err:.3g}"
+
+
+def test_gptj_honours_untied_norm_and_sequential_residual():
+    """The NeoX wiring knobs on GPT-J: ln_2 feeds the MLP; sequential feeds attn's output on."""
+    base_cfg = _model_cfg("gptj")
+    params = _random_params(get_model(base_cfg))
+    tokens = _tokens()
+    ref = jax.jit(get_model(base_cfg).logits)(params, tokens)
+
+    untied = get_model(dataclasses.replace(base_cfg, use_untied_layer_norm=True))
+    assert "ln_2" in untied.param_shapes()["blocks"]
+    blocks = params["blocks"]
+    same = {**params, "blocks": {**blocks, "ln_2": blocks["ln_1"]}}
+    got = jax.jit(untied.logits)(same, tokens)  # ln_2 = ln_1: the GPT-J model again
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+    moved = {
+        **params,
+        "blocks": {**blocks, "ln_2": jax.tree.map(lambda a: a + 0.5, blocks["ln_1"])},
+    }
+    assert np.abs(jax.jit(untied.logits)(moved, tokens) - ref).max() > 1e-3
+
+    seq = get_model(dataclasses.replace(base_cfg, use_parallel_residual=False))
+    assert np.abs(jax.jit(seq.logits)(params, tokens) - ref).max() > 1e-3
+    # with the attention output zeroed both wirings are x + mlp(ln_1 x): equal again
+    attn = {**blocks["attn"], "out_proj": jax.tree.map(jnp.zeros_like, blocks["attn"]["out_proj"])}
+    no_attn = {**params, "blocks": {**blocks, "attn": attn}}
+    par = jax.jit(get_model(base_cfg).logits)(no_attn, tokens)
+    np.testing.assert_allclose(jax.jit(seq.logits)(no_attn, tokens), par, rtol=1e-6, atol=1e-6)
+
+
+# ---- initialisation: which config initializer each weight gets ------------------------------
+OUTPUT_PROJECTIONS = {  # residual-branch output projections: output_layer_initializer
+    "gptj": [("attn", "out_proj"), ("mlp", "fc_out")],
+    "gpt2": [("attn", "c_proj"), ("mlp", "c_proj")],
+    "neox": [("attn", "dense"), ("mlp", "dense_4h_to_h")],
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_init_uses_the_configs_initializers(family):
+    """Distinct stds per kind; sample stds within 10% (>= 1000 samples: ~2.2% standard error)."""
+    stds = {"initializer": 0.05, "embedding_initializer": 0.3, "output_layer_initializer": 0.005}
+    inits = {k: {"name": "normal", "std": v} for k, v in stds.items()}
+    model = get_model(_model_cfg(family, **inits))
+    params = jax.jit(model.init)(jax.random.key(0))
+    blocks = params["blocks"]
+    np.testing.assert_allclose(np.std(params["embed"]["wte"]), 0.3, rtol=0.1)
+    for path in OUTPUT_PROJECTIONS[family]:
+        kernel = blocks[path[0]][path[1]]["kernel"]
+        np.testing.assert_allclose(np.std(kernel), 0.005, rtol=0.1)
+    first = blocks["attn"][{"gptj": "q_proj", "gpt2": "c_attn", "neox": "query_key_value"}[family]]
+    np.testing.assert_allclose(np.std(first["kernel"]), 0.05, rtol=0.1)
+    assert not np.allclose(first["kernel"][0], first["kernel"][1])  # each layer its own draw
+    np.testing.assert_array_equal(blocks["ln_1"]["scale"], 1.0)
+    np.testing.assert_array_equal(blocks["ln_1"]["bias"], 0.0)
+    if "bias" in first:
+        np.testing.assert_array_equal(first["bias"], 0.0)
+
+
+def _process_shards(count: int, index: int, devices: int):
+    """This process's place among ``count`` (the shapes only: a stand-in for the device mesh)."""
+    from types import SimpleNamespace
+
+    from wsjax.engine.shards import ProcessShards
+
+    mesh = SimpleNamespace(devices=np.empty(devices))
+    return ProcessShards(mesh=mesh, host_mesh=None, count=count, index=index)
+
+
+def _sliced_init(model, shards):
+    """The engine's init: layer by layer, each process keeping its slices."""
+    from wsjax.engine.engine import layerwise_init
+
+    return jax.jit(layerwise_init(model, shards))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("devices", [2, 4], ids=["2x1", "2x2"])
+def test_init_of_a_process_slice_is_that_slice_of_the_whole_init(family, devices):
+    """Several processes: each builds only its slices, layer by layer (the engine's init). The
+    slices are the whole init's, bitwise, and the two processes' slices make the whole."""
+    from wsjax.engine.store import local_stacked, slice_stacked
+
+    model = get_model(_model_cfg(family, num_hidden_layers=4))
+    key = jax.random.key(3)
+    whole = jax.tree.map(np.asarray, jax.jit(model.init)(key))  # all layers at once (vmap)
+    one_process = jax.tree.map(np.asarray, _sliced_init(model, None)(key))
+    jax.tree.map(np.testing.assert_array_equal, one_process, whole)
+    full = model.param_shapes()
+    parts = []
+    for index in (0, 1):
+        shards = _process_shards(2, index, devices)
+        got = jax.tree.map(np.asarray, _sliced_init(model, shards)(key))
+        local = local_stacked(shards, full)
+        assert jax.tree.map(np.shape, got) == jax.tree.map(lambda a: tuple(a.shape), local)
+        jax.tree.map(np.testing.assert_array_equal, got, slice_stacked(shards, whole, full))
+        parts.append(got)
+    # together: every element of the whole once (a cut leaf in two halves, the rest in both)
+    for a, b, w in zip(*(jax.tree.leaves(p) for p in parts), jax.tree.leaves(whole), strict=True):
+        if a.shape == w.shape:
+            np.testing.assert_array_equal(a, w)
+            np.testing.assert_array_equal(b, w)
+        else:
+            axis = next(i for i, (m, n) in enumerate(zip(a.shape, w.shape)) if m != n)
+            np.testing.assert_array_equal(np.concatenate([a, b], axis=axis), w)
+
+
+def test_layer_by_layer_init_scratch_does_not_grow_with_depth():
+    """XLA's own memory analysis of the compiled inits: all layers at once needs scratch that
+    grows with depth (the random bits of every layer: 38.5 GiB besides the 22.5 GiB of weights
+    for GPT-J 6B, benchmarks/bench_init.py); the engine's layer-by-layer init needs the same
+    scratch at 4 and 8 layers, and with two processes outputs half the model. (The layer loop
+    is the families' common code; the test above covers each family's values.)"""
+    family = "gptj"
+
+    def analysis(layers: int, shards):
+        model = get_model(_model_cfg(family, num_hidden_layers=layers, hidden_size=64))
+        init = jax.jit(model.init) if shards == "vmap" else _sliced_init(model, shards)
+        return init.lower(jax.random.key(0)).compile().memory_analysis()
+
+    at_once = {n: analysis(n, "vmap") for n in (4, 8)}
+    assert at_once[8].temp_size_in_bytes > 1.5 * at_once[4].temp_size_in_bytes
+    for shards in (None, _process_shards(2, 0, 2)):
+        by_layer = {n: analysis(n, shards) for n in (4, 8)}
+        assert by_layer[8].temp_size_in_bytes == by_layer[4].temp_size_in_bytes
+        assert by_layer[8].temp_size_in_bytes < at_once[8].temp_size_in_bytes / 2
+        share = by_layer[8].output_size_in_bytes / at_once[8].output_size_in_bytes
+        assert share == pytest.approx(1.0 if shards is None else 0.5, abs=0.01)

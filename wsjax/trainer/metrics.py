@@ -1,0 +1,210 @@
+"""What a run reports: FLOPs and MFU, performance.json, TensorBoard events and the log lines /
+progress bar. The device peaks MFU is measured against, and the step-time estimate, are the
+engine's (wsjax.engine.estimate).
+
+MFU uses the standard model-FLOPs count (PaLM, appendix B): per token,
+``6 * N + 12 * L * hidden * seq`` where N counts the parameters that take part in matmuls
+(every parameter except the embedding tables wte/wpe; with tied embeddings the head matmul's
+``hidden * vocab`` is counted) and the second term is attention's QK^T and AV, forward and
+backward. Recomputation in the backward is not counted (that is what makes it *model* FLOPs).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+log = logging.getLogger("wsjax.train")
+
+INPUT_BOTTLENECK_SHARE = 0.10  # loader wait above this share of step time is reported
+
+
+def model_flops_per_token(model_cfg, num_params: int, seq: int) -> float:
+    """Model FLOPs per trained token (forward + backward), PaLM's formula; see module doc."""
+    d, v, L = model_cfg.hidden_size, model_cfg.vocab_size, model_cfg.num_hidden_layers
+    n = num_params - v * d  # wte is a lookup
+    if model_cfg.position_embedding_type == "learned":
+        n -= model_cfg.max_position_embeddings * d
+    if model_cfg.share_embedding_weights:
+        n += v * d  # the head multiplies by wte.T
+    return 6.0 * n + 12.0 * L * d * seq
+
+
+@dataclass
+class Performance:
+    """``performance/performance.json`` (Cerebras keys first, then wsjax's details)."""
+
+    compile_time: float = 0.0
+    est_samples_per_sec: float = 0.0
+    programming_time: float = 0.0
+    samples_per_sec: float = 0.0
+    suspected_input_bottleneck: bool = False
+    total_samples: int = 0
+    total_time: float = 0.0
+    input_wait_fraction: float = 0.0
+    input_wait_threshold: float = INPUT_BOTTLENECK_SHARE
+    tokens_per_sec: float = 0.0
+    mfu: float = 0.0
+    peak_flops: float = 0.0
+    h2d_bandwidth: float = 0.0
+    peaks_source: str = ""
+    weight_init_time: float = 0.0
+
+    def write(self, path: Path) -> None:
+        from wsjax.distributed import is_main_process
+
+        if not is_main_process():  # process 0 writes the run's files
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        os.replace(tmp, path)
+
+
+class Summaries:
+    """tensorboardX writers under ``<model_dir>/train`` and ``<model_dir>/eval``."""
+
+    def __init__(self, model_dir: Path):
+        self.model_dir = Path(model_dir)
+        self._writers: dict = {}
+
+    def _writer(self, split: str):
+        if split not in self._writers:
+            from tensorboardX import SummaryWriter
+
+            self._writers[split] = SummaryWriter(str(self.model_dir / split))
+        return self._writers[split]
+
+    def scalars(self, split: str, values: dict, step: int) -> None:
+        from wsjax.distributed import is_main_process
+
+        if not is_main_process():  # process 0 writes the events
+            return
+        w = self._writer(split)
+        for tag, value in values.items():
+            if value is not None and math.isfinite(float(value)):
+                w.add_scalar(tag, float(value), step)
+        w.flush()
+
+    def close(self) -> None:
+        for w in self._writers.values():
+            w.close()
+        self._writers.clear()
+
+
+def train_scalars(m: dict, *, samples_per_sec: float, tokens_per_sec: float, mfu: float) -> dict:
+    """TensorBoard tags of one training step's metrics."""
+    out = {
+        "loss": m.get("train/loss"),
+        "lr": m.get("train/lr"),
+        "grad_norm": m.get("train/grad_norm"),
+        "throughput/samples_per_sec": samples_per_sec,
+        "throughput/tokens_per_sec": tokens_per_sec,
+        "throughput/mfu": mfu,
+        "input/wait_seconds": m.get("input/wait_seconds"),
+    }
+    for k, v in m.items():
+        if k.startswith(("stream/", "memory/")):
+            out[k] = v
+    return out
+
+
+def eval_scalars(loss_sum: float, count: float, correct: float) -> dict:
+    loss = loss_sum / max(count, 1.0)
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 700.0)),
+        "accuracy": correct / max(count, 1.0),
+    }
+
+
+# ---- log output ---------------------------------------------------------------------------------
+class _CurrentStdout(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is when a record is emitted: notebooks and pytest's
+    capture replace it, and a handler holding the first one would write to a closed file."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; always sys.stdout
+        pass
+
+
+def setup_logging(log_file: Path | None = None) -> logging.Handler | None:
+    """Plain ``INFO: message`` lines on stdout for the ``wsjax`` loggers (once per process);
+    with ``log_file``, also into that file (the returned handler; remove it when done).
+
+    In a multi-process run only process 0 logs as above and writes ``log_file``; the others log
+    warnings and errors only, each line prefixed ``[process N]``, and get a handler that writes
+    nothing (so the caller's remove/close stays the same)."""
+    from wsjax.distributed import process_index
+
+    index = process_index()
+    root = logging.getLogger("wsjax")
+    console = next((h for h in root.handlers if getattr(h, "_wsjax_console", False)), None)
+    if console is None:
+        console = _CurrentStdout()
+        console._wsjax_console = True
+        root.addHandler(console)
+        root.setLevel(logging.INFO)
+        root.propagate = False
+    # set on every call: the process index is known only once the run has joined the others
+    prefix = f"[process {index}] " if index else ""
+    console.setFormatter(logging.Formatter(prefix + "%(levelname)s: %(message)s"))
+    if index != 0:
+        root.setLevel(logging.WARNING)
+    if log_file is None:
+        return None
+    if index != 0:
+        return logging.NullHandler()
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    fh = _RunLogFile(log_file)
+    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s: %(message)s"))
+    root.addHandler(fh)
+    return fh
+
+
+class _RunLogFile(logging.FileHandler):
+    """run.log: on a full disk a line is dropped quietly (logging would print a traceback); the
+    run's next real write reports the disk in one line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        super().handleError(record)
+
+
+class Progress:
+    """A tqdm bar (steps, loss, samples/s, ETA) when stdout is a terminal, else nothing."""
+
+    def __init__(self, start: int, total: int, enabled: bool | None = None):
+        enabled = sys.stdout.isatty() if enabled is None else enabled
+        self._bar = None
+        self._redirect = None
+        if enabled and total > start:
+            from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            self._redirect = logging_redirect_tqdm([logging.getLogger("wsjax")])
+            self._redirect.__enter__()
+            self._bar = tqdm(
+                total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stdout
+            )
+
+    def update(self, loss: float, samples_per_sec: float) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{samples_per_sec:.1f}")
+            self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._redirect.__exit__(None, None, None)
+            self._bar = None
