@@ -269,5 +269,10 @@ def _pdeathsig() -> None:
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``wsjax-launch`` entry point."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -80,7 +80,7 @@ def test_trained_run_exports_to_transformers(tmp_path, shards, family):
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    cmd = [sys.executable, str(REPO / "scripts" / "convert_hf.py"), *args]
+    cmd = [sys.executable, "-m", "wsjax.interop.convert", *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 

@@ -358,5 +358,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``wsjax-preprocess`` entry point."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -288,5 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``wsjax-generate`` entry point."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()
