@@ -57,7 +57,7 @@ def worker(out: Path, layers: int, hidden: int, batch: int, seq: int, steps: int
     from wsjax.config import config_from_dict
     from wsjax.engine import StreamingEngine
     from wsjax.models import get_model
-    from wsjax.trainer.run import process_rows_of
+    from wsjax.trainer.setup import process_rows_of
 
     config = config_from_dict(C.gptj_dict(layers, hidden, batch, seq))
     engine = StreamingEngine(get_model(config.model), config)

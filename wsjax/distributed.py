@@ -47,7 +47,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
+import jax
+
 from wsjax.errors import ConfigError
+
+try:  # JAX's own launcher detection and backend state: private names, so guarded
+    from jax._src.clusters import OmpiCluster, SlurmCluster
+except ImportError:  # pragma: no cover - a JAX that moved them
+    OmpiCluster = SlurmCluster = None
+try:
+    from jax._src.xla_bridge import backends_are_initialized
+except ImportError:  # pragma: no cover
+    backends_are_initialized = None
 
 __all__ = [
     "ENV_COORDINATOR_ADDRESS",
@@ -153,8 +164,6 @@ def initialize(
     settings = resolve(coordinator_address, num_processes, process_id, local_device_ids)
     if settings is None:
         return
-    import jax
-
     if jax.distributed.is_initialized():
         raise RuntimeError("wsjax.distributed.initialize() was called twice in one process")
     if _backends_initialized():
@@ -196,8 +205,6 @@ def process_index() -> int:
     """This process's index, 0 .. process_count() - 1 (0 in a single-process run). Before
     anything has started a JAX backend in a process that joined no run, 0 without starting one
     (so setting up logging does not fix the backend early)."""
-    import jax
-
     if not jax.distributed.is_initialized() and not _backends_initialized():
         return 0
     return jax.process_index()
@@ -205,8 +212,6 @@ def process_index() -> int:
 
 def process_count() -> int:
     """The number of processes in the run (1 in a single-process run)."""
-    import jax
-
     if not jax.distributed.is_initialized() and not _backends_initialized():
         return 1
     return jax.process_count()
@@ -223,8 +228,6 @@ def exit_process(code: int) -> NoReturn:
     once: a normal exit would first wait in JAX's shutdown barrier for every other process (up
     to ``SHUTDOWN_TIMEOUT_S``), while they wait in their next collective for it, so nobody
     would see the failure for minutes. Its peers then see its connections close."""
-    import jax
-
     if code != 0 and jax.distributed.is_initialized():
         sys.stdout.flush()
         sys.stderr.flush()
@@ -309,9 +312,7 @@ def _cluster() -> str | None:
     """The cluster launcher (SLURM srun, Open MPI mpirun) that started this process as one of
     several tasks, if any: JAX's own detection (its SLURM and Open MPI cluster classes, the ones
     ``jax.distributed.initialize()`` consults), asked only whether it applies here."""
-    try:
-        from jax._src.clusters import OmpiCluster, SlurmCluster
-    except ImportError:  # pragma: no cover - a JAX that moved them: flags and WSJAX_* still work
+    if SlurmCluster is None:  # a JAX that moved them: flags and WSJAX_* still work
         return None
     for cluster, launcher in ((SlurmCluster, "SLURM srun"), (OmpiCluster, "Open MPI mpirun")):
         try:
@@ -326,7 +327,7 @@ def _restore_sigterm() -> None:
     """JAX's preemption notifier (started by ``jax.distributed.initialize``) catches SIGTERM
     in C++ and only records it, so a process outside wsjax's own preemption handling would
     ignore SIGTERM. Back to the default, as in a single-process run: the run's preemption
-    guard (wsjax.trainer.train_loop) handles SIGTERM while it trains, and elsewhere SIGTERM ends the
+    guard (wsjax.trainer.faults) handles SIGTERM while it trains, and elsewhere SIGTERM ends the
     process, so a launcher's or a scheduler's SIGTERM always means something."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -336,8 +337,6 @@ def _backends_initialized() -> bool:
     """Whether a JAX backend exists already (then joining is too late). JAX checks this too,
     inside ``jax.distributed.initialize``; asking first keeps the gloo setting from being
     applied to a CPU client that has already read it."""
-    try:
-        from jax._src.xla_bridge import backends_are_initialized
-    except ImportError:  # pragma: no cover - a JAX that moved it: JAX's own check still raises
+    if backends_are_initialized is None:  # a JAX that moved it: JAX's own check still raises
         return False
     return backends_are_initialized()

@@ -13,6 +13,8 @@ The CLI prints ``str(err)`` as a single line without a traceback and exits with 
 
 from __future__ import annotations
 
+import argparse
+
 EXIT_OK = 0
 EXIT_BUG = 1
 EXIT_USER = 2
@@ -55,3 +57,10 @@ class Preempted(WsjaxError):
     """SIGTERM / SIGINT: the current step finished and a checkpoint was written."""
 
     exit_code = EXIT_PREEMPTED
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line and exit 2, like every other user error."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER, f"error: {message} (see --help)\n")

@@ -12,7 +12,7 @@ process per GPU by default) set for :func:`wsjax.distributed.initialize`. With
 ``--devices_per_process D`` the host platform gets D devices
 (``--xla_force_host_platform_device_count``, appended to ``XLA_FLAGS``), so a CPU machine runs
 the same layouts as a GPU node. The children's output passes through unchanged (the children
-prefix their own lines, :func:`wsjax.trainer.metrics.setup_logging`).
+prefix their own lines, :func:`wsjax.logs.setup_logging`).
 
 Faults and signals, so that it never hangs:
 
@@ -48,6 +48,7 @@ from wsjax.distributed import (
     ENV_NUM_PROCESSES,
     ENV_PROCESS_ID,
 )
+from wsjax.errors import ArgumentParser
 
 __all__ = ["GRACE_S", "build_parser", "child_env", "exit_code_of", "free_port", "main"]
 
@@ -92,13 +93,8 @@ def describe(returncode: int) -> str:
 
 
 # ---- command line --------------------------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2
-        self.exit(2, f"error: {message} (see python -m wsjax.launch --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = ArgumentParser(
         prog="python -m wsjax.launch",
         usage="python -m wsjax.launch --nproc N [options] -- <arguments of python -m wsjax.train>",
         description="Start N processes of one multi-process run on this machine (a free "

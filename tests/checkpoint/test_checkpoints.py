@@ -6,9 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from wsjax.checkpoint import Checkpoints, check_shapes, load_start
+from wsjax.checkpoint import Checkpoints, check_shapes
 from wsjax.engine.store import opt_state_shapes
 from wsjax.errors import CheckpointError
+from wsjax.interop.load import load_start
 from wsjax.models import get_model
 from wsjax.optim import make_optimizer
 

@@ -3,7 +3,7 @@ tests.integration.launch_probe -- OUT_DIR ACTION``: joins the run through :func:
 (settings from the launcher's environment), writes ``OUT_DIR/ready-<process>.json`` (pid,
 process index and count), then does ACTION:
 
-- ``sum``: log ``probe info`` and ``probe warning`` (through wsjax.trainer.metrics.setup_logging, also
+- ``sum``: log ``probe info`` and ``probe warning`` (through wsjax.logs.setup_logging, also
   into ``OUT_DIR/run.log``), then a jitted sum over a global mesh of every process's devices,
   each device holding ``1 + its global position``; writes it to ``OUT_DIR/sum-<process>.json``;
 - ``exit:<process>:<code>``: that process exits with ``code``, the others wait (for the launcher
@@ -57,7 +57,7 @@ def main(out: Path, action: str, heartbeat_s: int | None) -> int:
     import jax
 
     from wsjax import distributed
-    from wsjax.trainer.metrics import setup_logging
+    from wsjax.logs import setup_logging
 
     kwargs = {"heartbeat_timeout_s": heartbeat_s} if heartbeat_s else {}
     distributed.initialize(**kwargs)

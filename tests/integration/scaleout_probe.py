@@ -29,7 +29,7 @@ def main(out: Path, steps: int, f64: bool) -> None:
     from tests.helpers import small_config
     from wsjax.engine import StreamingEngine
     from wsjax.models import get_model
-    from wsjax.trainer.run import process_rows_of
+    from wsjax.trainer.setup import process_rows_of
 
     # micro-batching on, so the rows of a process are spread over two micro-batches
     config = small_config("streaming.micro_batch_size=4", "train_input.batch_size=8")

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import REPO, SMALL, small_config
-from wsjax.checkpoint import load_start
 from wsjax.errors import EXIT_PREEMPTED
+from wsjax.interop.load import load_start
 from wsjax.models import get_model
 from wsjax.train import run
 

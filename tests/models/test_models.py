@@ -145,7 +145,8 @@ def _pre_flax_tree(family: str, d: int, f: int, layers: int) -> dict:
 
 @pytest.mark.parametrize("family", ["gptj", "gpt2"])
 def test_pre_flax_checkpoint_loads_unchanged(tmp_path, family):
-    from wsjax.checkpoint import Checkpoints, load_start
+    from wsjax.checkpoint import Checkpoints
+    from wsjax.interop.load import load_start
 
     cfg = _model_cfg(family)
     model = get_model(cfg)

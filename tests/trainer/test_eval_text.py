@@ -43,8 +43,8 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
 def hand_eval(model_dir: Path, shards: Path, docs: list[str]) -> dict:
     from tokenizers import Tokenizer
 
-    from wsjax.checkpoint import load_start
     from wsjax.interop.export import PARAMS_TRAIN, load_model_config
+    from wsjax.interop.load import load_start
     from wsjax.models import get_model
 
     tok = Tokenizer.from_file(str(shards / "tokenizer.json"))

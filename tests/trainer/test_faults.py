@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 from tests.helpers import SMALL, small_config
-from wsjax.checkpoint import Checkpoints, load_start
+from wsjax.checkpoint import Checkpoints
 from wsjax.errors import EXIT_NONFINITE, EXIT_USER
+from wsjax.interop.load import load_start
 from wsjax.models import get_model
 from wsjax.optim import make_optimizer
 from wsjax.train import build_parser, main, run
@@ -539,7 +540,7 @@ def _metrics(loss=1.0, grad_norm=1.0, skipped=None) -> dict:
 )
 def test_stop_policy_stops_at_the_step(metrics):
     from wsjax.errors import NonFiniteError
-    from wsjax.trainer.train_loop import NonFinitePolicy
+    from wsjax.trainer.faults import NonFinitePolicy
 
     policy = NonFinitePolicy("stop", 10)
     assert policy.check(1, _metrics()) is False
@@ -549,7 +550,7 @@ def test_stop_policy_stops_at_the_step(metrics):
 
 def test_skip_policy_counts_resets_and_stops_after_n_in_a_row():
     from wsjax.errors import NonFiniteError
-    from wsjax.trainer.train_loop import NonFinitePolicy
+    from wsjax.trainer.faults import NonFinitePolicy
 
     policy = NonFinitePolicy("skip", 2)
     bad = _metrics(loss=float("nan"), skipped=1.0)

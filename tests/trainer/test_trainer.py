@@ -153,8 +153,8 @@ def test_starts_from_a_huggingface_checkpoint(tmp_path):
     import jax
     import numpy as np
 
-    from wsjax.checkpoint import load_start
     from wsjax.interop.hf import export_hf
+    from wsjax.interop.load import load_start
     from wsjax.models import get_model
 
     cfg = small_config("optimizer.learning_rate=1e-12")

@@ -4,12 +4,12 @@ several, and where a run starts (a checkpoint, a model_dir or a HuggingFace fold
     checkpoints   the Checkpoints of one model_dir: save, prune, restore, newest good
     digest        crc32c digests of every array (one process, or each process's blocks)
     shards        what several processes share: barriers and restore targets
-    start         StartState and load_start (--checkpoint_path, the newest good checkpoint)
+    start         StartState: a run's start from an orbax checkpoint or model_dir
 """
 
 from wsjax.checkpoint.checkpoints import PREFIX, Checkpoints, check_shapes, restore_newest_good
 from wsjax.checkpoint.digest import CorruptCheckpoint
-from wsjax.checkpoint.start import StartState, load_start
+from wsjax.checkpoint.start import StartState, run_model_dir
 
 __all__ = [
     "PREFIX",
@@ -17,6 +17,6 @@ __all__ = [
     "CorruptCheckpoint",
     "StartState",
     "check_shapes",
-    "load_start",
     "restore_newest_good",
+    "run_model_dir",
 ]

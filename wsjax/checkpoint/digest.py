@@ -83,8 +83,6 @@ def _blocks(tree: dict):
 def process_digest(tree: dict, where: str) -> dict:
     """Per-array digests of every process's block, gathered (every process gets them all)."""
 
-    from wsjax.checkpoint import crc32c
-
     names, axes, crcs, finite = [], [], [], []
     for name, block, axis in _blocks(tree):
         names.append(name)
@@ -114,8 +112,6 @@ def process_digest(tree: dict, where: str) -> dict:
 def verify_process_digest(digest: dict, tree: dict, where: Path) -> bool:
     """Check this process's blocks of ``tree`` against a multi-process digest; False (nothing
     checked) when the layout differs from the one written."""
-    from wsjax.checkpoint import CorruptCheckpoint, crc32c
-
     count, index = jax.process_count(), jax.process_index()
     blocks = list(_blocks(tree)) if count > 1 else None
     if blocks is None or any(

@@ -1,9 +1,7 @@
-"""Where a run starts: ``--checkpoint_path`` (an orbax checkpoint, a model_dir, or a HuggingFace
-folder) or the newest good checkpoint, read into the engine's layout.
-
-``--checkpoint_path`` may name an orbax checkpoint (``.../model-ckpt-<step>``), a model_dir
-(its latest checkpoint) or a HuggingFace folder (``config.json`` + weights). Shapes are compared
-with the model before anything is read; a mismatch names the parameter.
+"""Where a run starts when it starts from an orbax checkpoint: the :class:`StartState` (weights,
+optimizer state, step, data position) read into the engine's layout. Shapes are compared with
+the model before anything is read; a mismatch names the parameter. A HuggingFace folder is the
+other kind of start (wsjax.interop.load).
 """
 
 from __future__ import annotations
@@ -11,14 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import jax
-from safetensors import SafetensorError
-
-from wsjax.checkpoint.checkpoints import NAME, Checkpoints, check_shapes, restore_newest_good
-from wsjax.checkpoint.digest import first_line
+from wsjax.checkpoint.checkpoints import NAME, Checkpoints, restore_newest_good
 from wsjax.engine.store import opt_state_shapes
 from wsjax.errors import CheckpointError
-from wsjax.interop.hf import import_hf
 
 
 @dataclass
@@ -42,44 +35,29 @@ def _orbax_location(path: Path) -> tuple[Path, int | None] | None:
     return None
 
 
-def load_start(
-    path: str | Path, model, optimizer, *, weights_only: bool, allow_pickle: bool = False
-) -> StartState:
-    """The state in ``path`` (orbax checkpoint, model_dir, or HF folder) for ``model``.
+def orbax_start(path: Path, model, optimizer, *, weights_only: bool) -> StartState | None:
+    """The state in ``path`` when it is an orbax checkpoint or a folder holding them, else None.
 
-    ``weights_only`` (``--is_pretrained_checkpoint``, and always for HF): step 0, fresh
-    optimizer, loader from the start. A model_dir whose latest checkpoint is corrupt falls back
-    to its newest good one; a named ``model-ckpt-<step>`` that is corrupt is an error.
+    ``weights_only`` (``--is_pretrained_checkpoint``): step 0, fresh optimizer, loader from the
+    start. A model_dir whose latest checkpoint is corrupt falls back to its newest good one; a
+    named ``model-ckpt-<step>`` that is corrupt is an error.
     """
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(
-            f"{path}: --checkpoint_path does not exist (give a model-ckpt-<step> folder, a "
-            "model_dir with checkpoints, or a HuggingFace GPT-J/GPT-2 folder)"
-        )
-    shapes = model.param_shapes()
     loc = _orbax_location(path)
-    if loc is not None:
-        ckpts = Checkpoints(loc[0], read_only=True)
-        steps = ckpts.steps() if loc[1] is None else [loc[1]]
-        if not steps or steps[-1] not in ckpts.steps():
-            raise CheckpointError(f"{path}: not a complete orbax checkpoint")
-        opt_shapes = None if weights_only else opt_state_shapes(optimizer, shapes, model.num_layers)
-        step, (params, opt, meta) = restore_newest_good(ckpts, shapes, opt_shapes, steps)
-        src = str(ckpts.path(step))
-        if weights_only:
-            return StartState(params=params, source=src)
-        return StartState(params, opt, int(meta.get("step", step)), meta.get("loader"), src)
-    if (path / "config.json").is_file():
-        try:
-            _, params = import_hf(path, allow_pickle=allow_pickle)
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{path}: unreadable weights ({first_line(e)})") from None
-        except CheckpointError as e:  # torch's multi-line texts: their first line is the point
-            raise CheckpointError(first_line(e)) from None
-        check_shapes(shapes, jax.tree.map(lambda a: tuple(a.shape), params), path)
-        return StartState(params=params, source=f"HuggingFace checkpoint {path}")
-    raise CheckpointError(
-        f"{path}: neither an orbax checkpoint (model-ckpt-<step>) nor a HuggingFace folder "
-        "(config.json + weights)"
-    )
+    if loc is None:
+        return None
+    shapes = model.param_shapes()
+    ckpts = Checkpoints(loc[0], read_only=True)
+    steps = ckpts.steps() if loc[1] is None else [loc[1]]
+    if not steps or steps[-1] not in ckpts.steps():
+        raise CheckpointError(f"{path}: not a complete orbax checkpoint")
+    opt_shapes = None if weights_only else opt_state_shapes(optimizer, shapes, model.num_layers)
+    step, (params, opt, meta) = restore_newest_good(ckpts, shapes, opt_shapes, steps)
+    src = str(ckpts.path(step))
+    if weights_only:
+        return StartState(params=params, source=src)
+    return StartState(params, opt, int(meta.get("step", step)), meta.get("loader"), src)
+
+
+def run_model_dir(path: Path) -> Path:
+    """The model_dir of ``path``: itself, or the parent of a ``model-ckpt-<step>`` folder."""
+    return path.parent if NAME.fullmatch(path.name) else path

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from wsjax.data.preprocess import preprocess
 from wsjax.data.shards import unigram_entropy
+from wsjax.distributed import is_main_process
 
 BUILD_VERSION = 2  # bump when the corpus recipe changes (2: eval split by a byte budget)
 EVAL_FRACTION = 0.02  # of the corpus bytes
@@ -198,8 +199,6 @@ def corpus_record(source) -> dict | None:
 def write_corpus_record(path: Path, corpus: dict, evals: list[dict]) -> None:
     """``model_dir/train/corpus.json``: the corpus record beside the run's own eval results (the
     last one under ``eval``), so a run says what it trained on and what loss it reached."""
-    from wsjax.distributed import is_main_process
-
     if not is_main_process():  # process 0 writes the run's files
         return
     body = {"corpus": corpus, "eval": evals[-1] if evals else None, "evals": evals}

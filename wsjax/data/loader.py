@@ -24,6 +24,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from wsjax.data.builtin import ensure_builtin_corpus
+from wsjax.data.hdf5 import HDF5Source
+from wsjax.data.shards import ShardSource
+from wsjax.data.synthetic import SyntheticSource
+from wsjax.data.tfrecord import TfRecordSource
 from wsjax.errors import ConfigError, DataError
 
 log = logging.getLogger("wsjax.data")
@@ -204,31 +209,21 @@ def make_source(input_cfg: Any, *, split: str, model_vocab_size: int, seed: int)
     processor = getattr(input_cfg, "data_processor", None) or "GptTokenShardsProcessor"
     T = int(input_cfg.max_sequence_length)
     if processor == "SyntheticDataProcessor":
-        from wsjax.data.synthetic import SyntheticSource
-
         vocab = getattr(input_cfg, "vocab_size", None) or model_vocab_size
         return SyntheticSource(min(vocab, model_vocab_size), T, seed)
     if processor not in PROCESSORS:
         raise ConfigError(f"data_processor '{processor}' is not one of {', '.join(PROCESSORS)}")
     dirs = _dirs(input_cfg.data_dir)
     if processor == "GptTokenShardsProcessor":
-        from wsjax.data.shards import ShardSource
-
         roots = []
         for d in dirs:
             if d == BUILTIN_STDLIB:
-                from wsjax.data.builtin import ensure_builtin_corpus
-
                 roots.append(ensure_builtin_corpus(model_vocab_size, log=log.info))
             else:
                 roots.append(Path(d))
         return ShardSource(roots, split, T, model_vocab_size)
     if processor == "GptHDF5DataProcessor":
-        from wsjax.data.hdf5 import HDF5Source
-
         return HDF5Source(dirs, T, model_vocab_size)
-    from wsjax.data.tfrecord import TfRecordSource
-
     return TfRecordSource(dirs, T, model_vocab_size)
 
 

@@ -18,11 +18,13 @@ import time
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from wsjax.engine.compile_cache import ExecutableCache, source_digest
-from wsjax.engine.executables import SegmentFunctions, StepExecutables
+from wsjax.engine.executables import StepExecutables
 from wsjax.engine.placement import Placement
+from wsjax.engine.segments import SegmentFunctions
 from wsjax.engine.shards import global_mesh_devices
 from wsjax.engine.step import EvalStep, TrainStep
 from wsjax.engine.store import HostStore
@@ -162,8 +164,6 @@ class StreamingEngine:
         process's rows, so the count is summed over the processes."""
         if self.placement.shards is None:
             return float(loss_normalizer(self.config.model, loss_mask))
-        from jax.experimental import multihost_utils
-
         parts = np.asarray(loss_mask.sum(axis=1), np.float32)  # token counts: exact
         rows = np.asarray(multihost_utils.process_allgather(parts)).reshape(-1)
         return float(loss_normalizer(self.config.model, rows[:, None]))

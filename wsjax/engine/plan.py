@@ -25,6 +25,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from wsjax.distributed import is_main_process
+from wsjax.engine.segments import SegmentFunctions
 from wsjax.engine.store import one_layer, tree_bytes
 from wsjax.errors import PlanError
 
@@ -83,8 +85,6 @@ class MemoryPlan:
         return d
 
     def write(self, path: str | os.PathLike) -> None:
-        from wsjax.distributed import is_main_process
-
         if not is_main_process():  # process 0 writes the run's files
             return
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -275,8 +275,6 @@ def make_plan(
 
 def _residual_bytes(model, layer, batch: int, seq: int) -> int:
     """Bytes a block keeps for its backward without recompute (its VJP residuals), traced."""
-    from wsjax.engine.executables import SegmentFunctions
-
     fns = SegmentFunctions(model, None, model.compute_dtype)
     dt = model.compute_dtype
     w = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dt), layer)
@@ -289,9 +287,13 @@ def _estimate_temp(cfg, micro: int, seq: int, train: bool) -> int:
     """Scratch of the largest executable (block backward or the head's logits) at fp32: the
     MLP's (T, F) intermediates, and up to 4 score- or logit-sized tensors (scores, softmax,
     their gradient, a cast). XLA CPU's memory analysis for GPT-J 6B at micro-batch 4: block
-    backward 5.25 GiB (this estimate: 6.25), head 6.01 GiB = 3.9 logit tensors (6.16)."""
+    backward 5.25 GiB (this estimate: 6.25), head 6.01 GiB = 3.9 logit tensors (6.16).
+    SwiGLU keeps twice GELU's (T, F) tensors (gate, up, silu(gate), their product against
+    fc_in's and gelu's), so 6 F-wide rows instead of 3; grouped-query attention has as many
+    (query-head) scores as multi-head, and smaller k / v, which the 6 D-wide rows cover."""
     d, f, h, v = cfg.hidden_size, cfg.filter_size, cfg.num_heads, cfg.vocab_size
     copies = 4 if train else 1
-    block = micro * seq * (6 * d + 3 * f) * 4 + copies * micro * h * seq * seq * 4
+    mlp_rows = 6 if cfg.nonlinearity == "swiglu" else 3
+    block = micro * seq * (6 * d + mlp_rows * f) * 4 + copies * micro * h * seq * seq * 4
     head = copies * micro * seq * v * 4
     return max(block, head)

@@ -1,6 +1,6 @@
-"""Text generation from a trained model: ``python -m wsjax.inference.generate`` and :func:`generate`.
+"""Text generation from a trained model: ``wsjax-generate`` and :func:`generate`.
 
-    python -m wsjax.inference.generate -p params.yaml --checkpoint_path model_dir --prompt "def main(" \\
+    wsjax-generate -p params.yaml --checkpoint_path model_dir --prompt "def main(" \\
         --max_new_tokens 40 [--prompts_file F] [--temperature T --top_k K --top_p P --seed S] \\
         [--kv_cache auto|device|host]
 
@@ -32,14 +32,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from wsjax.errors import DataError, WsjaxError
-
-if TYPE_CHECKING:
-    from wsjax.inference.decode_plan import GenerationPlan
+from wsjax.checkpoint import run_model_dir
+from wsjax.config import load_config
+from wsjax.data.builtin import ensure_builtin_corpus
+from wsjax.data.textio import DEFAULT_EOS, load_tokenizer
+from wsjax.errors import ArgumentParser, DataError, WsjaxError
+from wsjax.inference.decode import Sampling, StreamingDecoder, generation_plan
+from wsjax.inference.decode_plan import KV_CACHE_MODES, GenerationPlan
+from wsjax.interop.load import load_start
+from wsjax.models import get_model
 
 TOKENIZER_FILE = "tokenizer.json"
 log = logging.getLogger("wsjax.inference.generate")
@@ -60,23 +64,12 @@ class GenerationResult:
 
 
 # ---- what to load ------------------------------------------------------------------------------
-def _model_dir_of(checkpoint_path: Path) -> Path:
-    """The run folder of a model_dir or of one of its model-ckpt-<step> folders."""
-    return (
-        checkpoint_path.parent
-        if checkpoint_path.name.startswith("model-ckpt-")
-        else checkpoint_path
-    )
-
-
 def find_tokenizer(config, checkpoint_path: str | Path | None):
     """The run's tokenizer (see the module docstring), or DataError naming where it looked."""
-    from wsjax.data.textio import load_tokenizer
-
     looked = []
     if checkpoint_path is not None:
         path = Path(checkpoint_path)
-        for folder in (path, _model_dir_of(path) / "tokenizer", _model_dir_of(path)):
+        for folder in (path, run_model_dir(path) / "tokenizer", run_model_dir(path)):
             looked.append(str(folder / TOKENIZER_FILE))
             if (folder / TOKENIZER_FILE).is_file():
                 return load_tokenizer(folder / TOKENIZER_FILE)
@@ -87,8 +80,6 @@ def find_tokenizer(config, checkpoint_path: str | Path | None):
     )
     for d in dirs:
         if d == "builtin:stdlib":  # the run tokenised with the built-in corpus' BPE
-            from wsjax.data.builtin import ensure_builtin_corpus
-
             vocab = config.model.vocab_size
             return load_tokenizer(ensure_builtin_corpus(vocab, log=lambda _: None))
         looked.append(str(Path(d) / TOKENIZER_FILE))
@@ -102,16 +93,11 @@ def find_tokenizer(config, checkpoint_path: str | Path | None):
 
 def load_params(config, checkpoint_path: str | Path) -> dict:
     """fp32 weights from a model_dir, a model-ckpt-<step> folder or a HuggingFace folder."""
-    from wsjax.checkpoint import load_start
-    from wsjax.models import get_model
-
     start = load_start(checkpoint_path, get_model(config.model), None, weights_only=True)
     return start.params
 
 
 def _eos_id(tokenizer) -> int | None:
-    from wsjax.data.textio import DEFAULT_EOS
-
     return tokenizer.token_to_id(DEFAULT_EOS)
 
 
@@ -137,8 +123,6 @@ def generate(
     ``temperature`` 0 is greedy; ``tokenizer`` defaults to the run's (:func:`find_tokenizer`).
     ``kv_cache``: auto (the plan decides), device or host (see the module docstring).
     """
-    from wsjax.inference.decode import Sampling, StreamingDecoder, generation_plan
-    from wsjax.models import get_model
 
     path = None if isinstance(params_or_path, dict) else Path(params_or_path)
     tok = tokenizer if tokenizer is not None else find_tokenizer(config, path)
@@ -165,11 +149,8 @@ def _until(row: list[int], eos: int | None) -> list[int]:
 
 # ---- command line --------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from wsjax.inference.decode_plan import KV_CACHE_MODES
-    from wsjax.train import _Parser
-
-    p = _Parser(
-        prog="python -m wsjax.inference.generate",
+    p = ArgumentParser(
+        prog="wsjax-generate",
         description="Generate text from a trained model, its weights streamed layer by layer.",
     )
     p.add_argument("-p", "--params", required=True, help="the run's params YAML")
@@ -245,9 +226,6 @@ def main(argv: list[str] | None = None) -> int:
     log.setLevel(logging.INFO)
     propagate, log.propagate = log.propagate, False  # not also on a notebook's stdout handler
     try:
-        from wsjax.config import load_config
-        from wsjax.data.textio import load_tokenizer
-
         config = load_config(args.params)
         prompts = _prompts(args)
         tok = load_tokenizer(args.tokenizer) if args.tokenizer else None

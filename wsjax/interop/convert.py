@@ -2,8 +2,8 @@
 
     wsjax-convert --from_orbax model_dir --to_hf OUT_DIR
         a training run's model_dir (its newest good checkpoint) or one model-ckpt-<step> folder
-        -> OUT_DIR: config.json + safetensors + the run's tokenizer (wsjax.interop.export); the model
-        config comes from model_dir/train/params_train.yaml unless --params is given
+        -> OUT_DIR: config.json + safetensors + the run's tokenizer (wsjax.interop.export); the
+        model config comes from model_dir/train/params_train.yaml unless --params is given
     wsjax-convert --from_hf HF_DIR --to_orbax DIR [--allow_pickle]
         -> DIR/checkpoint (orbax, tree {"params": ...}) + DIR/params.yaml (the model config)
     wsjax-convert --from_orbax DIR --to_hf OUT_DIR
@@ -18,22 +18,21 @@ import argparse
 import sys
 from pathlib import Path
 
+import orbax.checkpoint as ocp
 import yaml
+from safetensors import SafetensorError
 
 from wsjax.config.schema import Config, OptimizerConfig, RunConfig, StreamingConfig
 from wsjax.errors import CheckpointError, WsjaxError
 from wsjax.interop.export import PLACEHOLDER_OPTIMIZER, export_run, load_model_config
 from wsjax.interop.hf import DEFAULT_MAX_SHARD_SIZE, export_hf, import_hf
-from wsjax.trainer.metrics import setup_logging
+from wsjax.logs import setup_logging
 
 CHECKPOINT_DIR = "checkpoint"
 PARAMS_YAML = "params.yaml"
 
 
 def hf_to_orbax(hf_dir: str, out_dir: str, allow_pickle: bool = False) -> Path:
-    import orbax.checkpoint as ocp
-    from safetensors import SafetensorError
-
     try:
         model_cfg, params = import_hf(hf_dir, allow_pickle=allow_pickle)
     except SafetensorError as e:  # e.g. a truncated file, found when a tensor is read
@@ -67,8 +66,6 @@ def orbax_to_hf(
 ) -> Path:
     """A training run (model_dir or model-ckpt-<step>) via wsjax.interop.export, or a folder that
     --to_orbax wrote (checkpoint/ + params.yaml)."""
-    import orbax.checkpoint as ocp
-
     src = Path(orbax_dir).absolute()
     if not (src / CHECKPOINT_DIR).is_dir():
         return export_run(src, out_dir, params_yaml=params_yaml, max_shard_size=max_shard_size)

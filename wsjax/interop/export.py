@@ -4,39 +4,38 @@
 checks; a corrupt newer one is skipped with a warning) or one ``model-ckpt-<step>`` folder. The
 model config comes from the run's ``train/params_train.yaml`` (or ``params_yaml``). ``out`` gets
 ``config.json`` + safetensors (wsjax.interop.hf.export_hf) and the run's tokenizer folder
-(wsjax.trainer.tokenizer), so ``AutoModelForCausalLM.from_pretrained(out)`` and
-``AutoTokenizer.from_pretrained(out)`` both work. ``scripts/convert_hf.py`` is the CLI.
+(wsjax.data.tokenizer), so ``AutoModelForCausalLM.from_pretrained(out)`` and
+``AutoTokenizer.from_pretrained(out)`` both work. ``wsjax-convert`` is the CLI.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
+import os
 import shutil
 from pathlib import Path
 
 import yaml
 
+from wsjax.checkpoint import run_model_dir
+from wsjax.config import config_from_dict
+from wsjax.data.tokenizer import TOKENIZER_FILES, load_run_tokenizer, run_tokenizer_dir
 from wsjax.errors import CheckpointError
+from wsjax.interop.hf import DEFAULT_MAX_SHARD_SIZE, export_hf
+from wsjax.interop.load import load_start
+from wsjax.models import get_model
 
 log = logging.getLogger("wsjax.interop.export")
 
 PARAMS_TRAIN = Path("train") / "params_train.yaml"
 # An HF export needs only the model section; the optimizer is a stand-in when it is absent.
 PLACEHOLDER_OPTIMIZER = {"optimizer_type": "adamw", "learning_rate": 1.0e-4}
-_CKPT_NAME = re.compile(r"model-ckpt-\d+")
-
-
-def run_model_dir(path: Path) -> Path:
-    """The model_dir of ``path``: itself, or the parent of a ``model-ckpt-<step>`` folder."""
-    return path.parent if _CKPT_NAME.fullmatch(path.name) else path
+PARTIAL = ".partial-"  # an export in progress: .<out name>.partial-<pid>, renamed when whole
 
 
 def load_model_config(params_yaml: str | Path):
     """The model section of a params YAML (a missing optimizer section is tolerated)."""
-    from wsjax.config import config_from_dict
-
     path = Path(params_yaml)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -57,12 +56,11 @@ def export_run(
     params_yaml: str | Path | None = None,
     max_shard_size: int | str | None = None,
 ) -> Path:
-    """Write the HF model folder ``out_dir`` from a training run's checkpoint; return it."""
-    from wsjax.checkpoint import load_start
-    from wsjax.interop.hf import DEFAULT_MAX_SHARD_SIZE, export_hf
-    from wsjax.models import get_model
-    from wsjax.trainer.tokenizer import run_tokenizer_dir
+    """Write the HF model folder ``out_dir`` from a training run's checkpoint; return it.
 
+    The folder is written whole beside ``out_dir`` (``.<name>.partial-<pid>``) and renamed onto
+    it at the end, so a kill at any moment leaves either no ``out_dir`` or a complete one; a
+    partial folder a killed export left is removed by the next export to the same place."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: does not exist (give a model_dir or model-ckpt-<step>)")
@@ -74,12 +72,35 @@ def export_run(
             "model_dir; give --params PARAMS_YAML)"
         )
     model_cfg = load_model_config(params_yaml)
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
+    out = Path(out_dir).absolute()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out}: output folder exists and is not empty")
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's read-only chatter
     start = load_start(path, get_model(model_cfg), None, weights_only=True)
-    export_hf(model_cfg, start.params, out, max_shard_size=max_shard_size or DEFAULT_MAX_SHARD_SIZE)
+    clear_partial(out)
+    tmp = out.with_name(f".{out.name}{PARTIAL}{os.getpid()}")
+    try:
+        export_hf(
+            model_cfg, start.params, tmp, max_shard_size=max_shard_size or DEFAULT_MAX_SHARD_SIZE
+        )
+        write_tokenizer_and_ids(model_dir, tmp)
+        os.replace(tmp, out)  # onto a missing or empty folder: atomic
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("exported %s to %s", start.source, out)
+    return out
+
+
+def clear_partial(out: Path) -> None:
+    """Remove what killed exports to ``out`` left (``.<name>.partial-*`` beside it)."""
+    if out.parent.is_dir():
+        for p in out.parent.glob(f".{out.name}{PARTIAL}*"):
+            log.info("removing %s, left by an interrupted export", p)
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def write_tokenizer_and_ids(model_dir: Path, out: Path) -> None:
+    """The run's tokenizer into ``out``, and its EOS id as config.json's BOS and EOS ids."""
     tok_dir = run_tokenizer_dir(model_dir)
     eos_id = None  # not HF's per-family default (GPT-2's 50256), which may lie outside the vocab
     if tok_dir is None:
@@ -90,14 +111,10 @@ def export_run(
     config = json.loads(config_file.read_text())
     config.update(bos_token_id=eos_id, eos_token_id=eos_id)  # where generate stops
     config_file.write_text(json.dumps(config, indent=2) + "\n")
-    log.info("exported %s to %s", start.source, out)
-    return out
 
 
 def copy_tokenizer(tok_dir: Path, out: Path) -> int:
     """Copy the run's tokenizer files into ``out``; return its EOS id."""
-    from wsjax.trainer.tokenizer import TOKENIZER_FILES, load_run_tokenizer
-
     for name in TOKENIZER_FILES:
         if (tok_dir / name).is_file():
             shutil.copy2(tok_dir / name, out / name)

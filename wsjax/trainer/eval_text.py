@@ -3,7 +3,7 @@
 
 The file is plain UTF-8 text (one document) or JSON lines (``.jsonl``, ``.jsonl.gz``,
 ``.jsonl.zst``: one document per line, under the ``"text"`` field). It is tokenised with the
-run's tokenizer (``model_dir/tokenizer``, wsjax.trainer.tokenizer) and laid out as training data is:
+run's tokenizer (``model_dir/tokenizer``, wsjax.data.tokenizer) and laid out as training data is:
 one stream ``EOS doc_1 EOS doc_2 EOS ... doc_n EOS``. Every token after the first is predicted
 once: the stream is cut into non-overlapping windows of T+1 tokens sharing one token (inputs
 ``w[:-1]``, labels ``w[1:]``; the context restarts at each window, as in training), the last

@@ -18,12 +18,19 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import jax
+
+from wsjax.checkpoint import Checkpoints, CorruptCheckpoint, run_model_dir
+from wsjax.data import make_loader
+from wsjax.data.synthetic import NUM_EXAMPLES
+from wsjax.data.tokenizer import load_run_tokenizer
 from wsjax.errors import CheckpointError, ConfigError
-from wsjax.trainer.run import Run, RunResult, build_engine
+from wsjax.interop.load import load_start
+from wsjax.trainer.eval_text import bits_per_byte, text_batches, tokenize_text
+from wsjax.trainer.metrics import Summaries, eval_scalars, eval_tags
+from wsjax.trainer.setup import RunResult, RunSpec, build_engine, process_rows_of
 
 log = logging.getLogger("wsjax.train")
-
-CEREBRAS_EVAL_TAGS = {"perplexity": "eval/lm_perplexity", "accuracy": "eval/accuracy"}
 
 
 def eval_batches(config, batches_per_epoch: int) -> int:
@@ -35,10 +42,7 @@ def eval_batches(config, batches_per_epoch: int) -> int:
     return steps
 
 
-def open_eval_loader(r: Run):
-    from wsjax.data import make_loader
-    from wsjax.trainer.run import process_rows_of
-
+def open_eval_loader(r: RunSpec):
     return make_loader(
         r.config.eval_input,
         split="eval",
@@ -48,10 +52,8 @@ def open_eval_loader(r: Run):
     )
 
 
-def check_eval_input(r: Run) -> None:
+def check_eval_input(r: RunSpec) -> None:
     """The eval data opens and holds a batch (before any weights exist or anything compiles)."""
-    from wsjax.data.synthetic import NUM_EXAMPLES
-
     if r.config.runconfig.eval_steps <= 0 and (
         r.config.eval_input.data_processor == "SyntheticDataProcessor"
     ):
@@ -63,10 +65,9 @@ def check_eval_input(r: Run) -> None:
     open_eval_loader(r).close()
 
 
-def evaluate(r: Run, engine, step: int, tb) -> dict:
-    """One evaluation pass with ``engine``'s weights; scalars to TensorBoard and the log."""
-    from wsjax.trainer.metrics import eval_scalars
-
+def evaluate(r: RunSpec, engine, step: int) -> dict:
+    """One evaluation pass with ``engine``'s weights, logged: step, batches, loss, perplexity,
+    accuracy."""
     total = {"loss_sum": 0.0, "count": 0.0, "correct": 0.0}
     with open_eval_loader(r) as loader:
         n = eval_batches(r.config, loader.batches_per_epoch)
@@ -74,7 +75,6 @@ def evaluate(r: Run, engine, step: int, tb) -> dict:
             for k, v in engine.eval_step(next(loader)).items():
                 total[k] += float(v)
     out = eval_scalars(total["loss_sum"], total["count"], total["correct"])
-    tb.scalars("eval", {**out, **{CEREBRAS_EVAL_TAGS[k]: out[k] for k in CEREBRAS_EVAL_TAGS}}, step)
     log.info(
         "Eval at global step %d (%d batches): loss = %.5f, perplexity = %.3f, accuracy = %.4f",
         step,
@@ -86,12 +86,9 @@ def evaluate(r: Run, engine, step: int, tb) -> dict:
     return {"step": step, "batches": n, **out}
 
 
-def eval_mode(r: Run) -> RunResult:
+def eval_mode(r: RunSpec) -> RunResult:
     """``eval``: the newest good checkpoint (or --checkpoint_path); ``eval_all``: every
     checkpoint in model_dir, skipping corrupt ones with a warning."""
-    from wsjax.checkpoint import Checkpoints, CorruptCheckpoint, load_start
-    from wsjax.trainer.metrics import Summaries
-
     text = read_eval_text(r)
     if text is None:
         check_eval_input(r)
@@ -128,7 +125,9 @@ def eval_mode(r: Run) -> RunResult:
             step = _step_of(Path(start.source))
             engine, _, _ = build_engine(r, start)
             if text is None:
-                result.evals.append(evaluate(r, engine, step, tb))
+                row = evaluate(r, engine, step)
+                tb.scalars("eval", eval_tags(row), step)
+                result.evals.append(row)
             else:
                 result.evals.append(evaluate_text(r, engine, step, tb, text))
             result.global_step = step
@@ -137,17 +136,12 @@ def eval_mode(r: Run) -> RunResult:
     return result
 
 
-def read_eval_text(r: Run):
+def read_eval_text(r: RunSpec):
     """--eval_text tokenised with the run's tokenizer (of --checkpoint_path's run, else of
     model_dir), or None without the flag; read before any weights exist."""
-    from wsjax.interop.export import run_model_dir
-    from wsjax.trainer.eval_text import tokenize_text
-    from wsjax.trainer.tokenizer import load_run_tokenizer
 
     if r.options.eval_text is None:
         return None
-    import jax
-
     if jax.process_count() > 1:
         raise ConfigError(
             f"--eval_text runs in one process, not {jax.process_count()}: evaluate the text "
@@ -166,11 +160,8 @@ def read_eval_text(r: Run):
     return text
 
 
-def evaluate_text(r: Run, engine, step: int, tb, text) -> dict:
+def evaluate_text(r: RunSpec, engine, step: int, tb, text) -> dict:
     """Every token of ``text`` once: loss, perplexity, accuracy, bits per byte."""
-    from wsjax.trainer.eval_text import bits_per_byte, text_batches
-    from wsjax.trainer.metrics import eval_scalars
-
     total = {"loss_sum": 0.0, "count": 0.0, "correct": 0.0}
     for batch in text_batches(text, *r.shape):
         for k, v in engine.eval_step(batch).items():

@@ -7,6 +7,9 @@ MFU uses the standard model-FLOPs count (PaLM, appendix B): per token,
 (every parameter except the embedding tables wte/wpe; with tied embeddings the head matmul's
 ``hidden * vocab`` is counted) and the second term is attention's QK^T and AV, forward and
 backward. Recomputation in the backward is not counted (that is what makes it *model* FLOPs).
+N comes from the model's own parameter shapes, so grouped-query attention (smaller k / v
+projections) and SwiGLU (three MLP matrices) are counted as built; the attention term counts
+every query head (GQA shares keys, not queries), over at most the sliding window's keys.
 """
 
 from __future__ import annotations
@@ -18,6 +21,12 @@ import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from wsjax.distributed import is_main_process
 
 log = logging.getLogger("wsjax.train")
 
@@ -32,7 +41,9 @@ def model_flops_per_token(model_cfg, num_params: int, seq: int) -> float:
         n -= model_cfg.max_position_embeddings * d
     if model_cfg.share_embedding_weights:
         n += v * d  # the head multiplies by wte.T
-    return 6.0 * n + 12.0 * L * d * seq
+    window = getattr(model_cfg, "attention_sliding_window_length", None)
+    keys = seq if window is None else min(seq, window)  # keys a query attends (Mistral: window)
+    return 6.0 * n + 12.0 * L * d * keys
 
 
 @dataclass
@@ -56,8 +67,6 @@ class Performance:
     weight_init_time: float = 0.0
 
     def write(self, path: Path) -> None:
-        from wsjax.distributed import is_main_process
-
         if not is_main_process():  # process 0 writes the run's files
             return
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -75,14 +84,10 @@ class Summaries:
 
     def _writer(self, split: str):
         if split not in self._writers:
-            from tensorboardX import SummaryWriter
-
             self._writers[split] = SummaryWriter(str(self.model_dir / split))
         return self._writers[split]
 
     def scalars(self, split: str, values: dict, step: int) -> None:
-        from wsjax.distributed import is_main_process
-
         if not is_main_process():  # process 0 writes the events
             return
         w = self._writer(split)
@@ -124,61 +129,14 @@ def eval_scalars(loss_sum: float, count: float, correct: float) -> dict:
 
 
 # ---- log output ---------------------------------------------------------------------------------
-class _CurrentStdout(logging.StreamHandler):
-    """Writes to whatever ``sys.stdout`` is when a record is emitted: notebooks and pytest's
-    capture replace it, and a handler holding the first one would write to a closed file."""
-
-    @property
-    def stream(self):
-        return sys.stdout
-
-    @stream.setter
-    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; always sys.stdout
-        pass
+CEREBRAS_EVAL_TAGS = {"perplexity": "eval/lm_perplexity", "accuracy": "eval/accuracy"}
 
 
-def setup_logging(log_file: Path | None = None) -> logging.Handler | None:
-    """Plain ``INFO: message`` lines on stdout for the ``wsjax`` loggers (once per process);
-    with ``log_file``, also into that file (the returned handler; remove it when done).
-
-    In a multi-process run only process 0 logs as above and writes ``log_file``; the others log
-    warnings and errors only, each line prefixed ``[process N]``, and get a handler that writes
-    nothing (so the caller's remove/close stays the same)."""
-    from wsjax.distributed import process_index
-
-    index = process_index()
-    root = logging.getLogger("wsjax")
-    console = next((h for h in root.handlers if getattr(h, "_wsjax_console", False)), None)
-    if console is None:
-        console = _CurrentStdout()
-        console._wsjax_console = True
-        root.addHandler(console)
-        root.setLevel(logging.INFO)
-        root.propagate = False
-    # set on every call: the process index is known only once the run has joined the others
-    prefix = f"[process {index}] " if index else ""
-    console.setFormatter(logging.Formatter(prefix + "%(levelname)s: %(message)s"))
-    if index != 0:
-        root.setLevel(logging.WARNING)
-    if log_file is None:
-        return None
-    if index != 0:
-        return logging.NullHandler()
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    fh = _RunLogFile(log_file)
-    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s: %(message)s"))
-    root.addHandler(fh)
-    return fh
-
-
-class _RunLogFile(logging.FileHandler):
-    """run.log: on a full disk a line is dropped quietly (logging would print a traceback); the
-    run's next real write reports the disk in one line."""
-
-    def handleError(self, record: logging.LogRecord) -> None:
-        if isinstance(sys.exc_info()[1], OSError):
-            return
-        super().handleError(record)
+def eval_tags(scalars: dict) -> dict:
+    """TensorBoard tags of an evaluation: wsjax's (loss, perplexity, accuracy) and the ones
+    Cerebras writes (the loss tag is ``loss`` on both)."""
+    out = {k: scalars[k] for k in ("loss", "perplexity", "accuracy")}
+    return {**out, **{tag: out[k] for k, tag in CEREBRAS_EVAL_TAGS.items()}}
 
 
 class Progress:
@@ -189,9 +147,6 @@ class Progress:
         self._bar = None
         self._redirect = None
         if enabled and total > start:
-            from tqdm import tqdm
-            from tqdm.contrib.logging import logging_redirect_tqdm
-
             self._redirect = logging_redirect_tqdm([logging.getLogger("wsjax")])
             self._redirect.__enter__()
             self._bar = tqdm(

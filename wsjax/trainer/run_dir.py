@@ -26,7 +26,9 @@ import os
 from pathlib import Path
 
 import jax
+from jax._src import compilation_cache
 
+from wsjax.distributed import is_main_process
 from wsjax.errors import ConfigError
 
 DEFAULT_MODEL_DIR = "model_dir"
@@ -76,8 +78,6 @@ class ModelDir:
 
     def lock(self) -> None:
         """Hold ``.lock`` (fcntl) for this process; error naming the holder if it is taken."""
-        from wsjax.distributed import is_main_process
-
         if not is_main_process():  # process 0 holds the lock for the whole run
             return
         lock_path = self.path / ".lock"
@@ -162,18 +162,13 @@ def use_compile_dir(path: Path):
 
 def _reset_cache() -> None:
     """The cache initialises once per process: make it re-read the directory setting."""
-    try:
-        from jax._src import compilation_cache
-
-        compilation_cache.reset_cache()
-    except (ImportError, AttributeError):  # pragma: no cover - other JAX versions
-        pass
+    reset = getattr(compilation_cache, "reset_cache", None)  # absent in other JAX versions
+    if reset is not None:
+        reset()
 
 
 def write_compile_log(path: Path, records: list[dict], extra: dict) -> None:
     """``compile_log.json``: per executable seconds, FLOPs, bytes and memory analysis."""
-    from wsjax.distributed import is_main_process
-
     if not is_main_process():  # process 0 writes the run's files
         return
     path.mkdir(parents=True, exist_ok=True)

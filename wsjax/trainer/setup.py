@@ -1,14 +1,10 @@
-"""The run: ``run(config, mode, model_dir, ...)`` as a short dispatch over small functions.
+"""What a run is built from, and the pieces every mode shares: the run's fixed parts
+(:class:`RunSpec`), its result (:class:`RunResult`), the memory plan, compiling, the step
+estimate and the engine holding the starting weights.
 
-A :class:`Run` holds what stays fixed for one run (config, mode, model_dir, model, optimizer,
-options, batch shape, compile dir), built in one place; every step below takes what it needs as
-arguments and returns what it produced, so nothing can be called in the wrong order. The modes:
-
-    validate_only   plan_run, write the plan; nothing compiled (validate_only)
-    compile_only    compile every executable, plan and estimate; no weights (compile_only)
-    train           wsjax.trainer.train_loop.train_mode; train_and_eval evaluates after each checkpoint
-    eval, eval_all  wsjax.trainer.evaluation.eval_mode: the latest checkpoint, or every one
-
+A :class:`RunSpec` holds what stays fixed for one run (config, mode, model_dir, model, optimizer,
+options, batch shape, compile dir), built in one place by :func:`make_spec`; every function below
+takes what it needs and returns what it produced, so nothing can be called in the wrong order.
 Everything user-visible goes through the ``wsjax.train`` logger in the Cerebras run.py wording.
 """
 
@@ -18,46 +14,36 @@ import dataclasses
 import errno
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import jax
 import yaml
 
+from wsjax.checkpoint import StartState, restore_newest_good
+from wsjax.config.schema import Config, InputConfig
+from wsjax.data import make_loader
+from wsjax.distributed import is_main_process
+from wsjax.engine import StreamingEngine, make_plan
+from wsjax.engine.estimate import device_peaks, estimate_step_seconds, measure_step_times
+from wsjax.engine.plan import GiB, available_host_bytes, device_budget
+from wsjax.engine.shards import process_rows
+from wsjax.engine.store import opt_state_shapes
 from wsjax.errors import ConfigError, WsjaxError
-
-if TYPE_CHECKING:
-    from wsjax.config.schema import Config, InputConfig
-    from wsjax.trainer.run_dir import ModelDir
+from wsjax.fileio import atomic_write_text
+from wsjax.interop.load import load_start
+from wsjax.models import get_model
+from wsjax.optim import make_optimizer
+from wsjax.trainer.metrics import Performance
+from wsjax.trainer.options import RunOptions
+from wsjax.trainer.run_dir import (
+    ModelDir,
+    backend_signature,
+    compile_checksum,
+    write_compile_log,
+)
 
 log = logging.getLogger("wsjax.train")
-
-MODES = ("train", "eval", "train_and_eval", "eval_all")
-# Flags that override runconfig, with the smallest valid value (Cerebras run.py semantics:
-# keep_checkpoint_max 0 keeps all, save_checkpoints_steps 0 saves only at the end).
-RUNCONFIG_FLAGS = {
-    "max_steps": 1,
-    "save_checkpoints_steps": 0,
-    "save_summary_steps": 1,
-    "keep_checkpoint_max": 0,
-    "eval_steps": None,  # <= 0: a full pass over the eval set
-}
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """Per-invocation flags that are not part of the config."""
-
-    steps: int | None = None  # train this many more steps (instead of up to max_steps)
-    checkpoint_path: Path | None = None
-    is_pretrained_checkpoint: bool = False
-    allow_pickle: bool = False
-    validate_only: bool = False
-    compile_only: bool = False
-    progress: bool | None = None
-    eval_text: Path | None = None  # eval modes: a text / jsonl file instead of eval_input
-    plan_processes: int | None = None  # validate_only: plan for this many processes
 
 
 @dataclass
@@ -81,8 +67,8 @@ class RunResult:
 
 
 @dataclass(frozen=True)
-class Run:
-    """What stays fixed for one run; built by :func:`make_run`."""
+class RunSpec:
+    """What stays fixed for one run; built by :func:`make_spec`."""
 
     config: Config
     mode: str
@@ -99,92 +85,6 @@ class Run:
         return RunResult(self.mode, self.md.path, compile_dir=self.compile_dir, **values)
 
 
-def run(
-    config,
-    mode: str = "train",
-    model_dir: str | Path | None = None,
-    *,
-    max_steps: int | None = None,
-    steps: int | None = None,
-    eval_steps: int | None = None,
-    save_checkpoints_steps: int | None = None,
-    save_summary_steps: int | None = None,
-    keep_checkpoint_max: int | None = None,
-    checkpoint_path: str | Path | None = None,
-    is_pretrained_checkpoint: bool = False,
-    allow_pickle: bool = False,
-    validate_only: bool = False,
-    compile_only: bool = False,
-    progress: bool | None = None,
-    eval_text: str | Path | None = None,
-    plan_processes: int | None = None,
-) -> RunResult:
-    """Run ``mode`` for ``config`` (a :class:`wsjax.config.Config`) into ``model_dir``.
-
-    The runconfig flags override the params file with Cerebras run.py semantics (``steps``:
-    this many more steps from where the run starts; ``keep_checkpoint_max=0`` keeps all;
-    ``eval_steps <= 0`` evaluates the whole eval set); 0 is a value, None is "not given".
-    ``eval_text`` (eval modes): evaluate on this text or jsonl file (wsjax.trainer.eval_text).
-    """
-    from wsjax.distributed import is_main_process
-    from wsjax.trainer.metrics import setup_logging
-    from wsjax.trainer.run_dir import DEFAULT_MODEL_DIR, ModelDir
-
-    if mode not in MODES:
-        raise ConfigError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
-    flags = {
-        "max_steps": max_steps,
-        "eval_steps": eval_steps,
-        "save_checkpoints_steps": save_checkpoints_steps,
-        "save_summary_steps": save_summary_steps,
-        "keep_checkpoint_max": keep_checkpoint_max,
-    }
-    config = with_runconfig_flags(config, flags, steps)
-    options = RunOptions(
-        steps=steps,
-        checkpoint_path=Path(checkpoint_path) if checkpoint_path is not None else None,
-        is_pretrained_checkpoint=is_pretrained_checkpoint,
-        allow_pickle=allow_pickle,
-        validate_only=validate_only,
-        compile_only=compile_only,
-        progress=progress,
-        eval_text=Path(eval_text) if eval_text is not None else None,
-        plan_processes=plan_processes,
-    )
-    if eval_text is not None and mode not in ("eval", "eval_all"):
-        raise ConfigError(f"--eval_text needs -m eval or eval_all, not {mode}")
-    md = ModelDir(model_dir or config.runconfig.model_dir or DEFAULT_MODEL_DIR)
-    setup_logging()
-    with md:
-        split = "train" if mode.startswith("train") else "eval"
-        # process 0 writes the run's files; the others only compute (wsjax.distributed)
-        handler = setup_logging(md.path / split / "run.log") if is_main_process() else None
-        try:
-            return dispatch(make_run(config, mode, md, options))
-        except OSError as e:
-            raise disk_error(e, md.path) from None
-        finally:
-            if handler is not None:
-                logging.getLogger("wsjax").removeHandler(handler)
-                handler.close()
-
-
-def with_runconfig_flags(config, flags: dict, steps: int | None):
-    """``config`` with the given runconfig flags applied; a flag below its minimum is one line.
-    ``0`` is a value, not "not given" (``--max_steps 0`` is an error, never the YAML's)."""
-    if steps is not None and steps < 1:
-        raise ConfigError(f"--steps {steps} is invalid: must be >= 1")
-    if steps is not None and flags.get("max_steps") is not None:
-        raise ConfigError("--steps and --max_steps exclude each other; give one")
-    given = {k: v for k, v in flags.items() if v is not None}
-    for name, value in given.items():
-        low = RUNCONFIG_FLAGS[name]
-        if low is not None and value < low:
-            raise ConfigError(f"--{name} {value} is invalid: must be >= {low}")
-    rc = dataclasses.replace(config.runconfig, **given)
-    return dataclasses.replace(config, runconfig=rc)
-
-
 def disk_error(e: OSError, where: Path) -> WsjaxError | OSError:
     """A full or read-only disk as one line; any other OSError stays a bug (traceback)."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
@@ -195,11 +95,8 @@ def disk_error(e: OSError, where: Path) -> WsjaxError | OSError:
     return e
 
 
-def make_run(config, mode: str, md, options: RunOptions) -> Run:
+def make_spec(config, mode: str, md, options: RunOptions) -> RunSpec:
     """Build the fixed parts of a run (model, optimizer, shapes, compile dir): no arrays yet."""
-    from wsjax.models import get_model
-    from wsjax.optim import make_optimizer
-    from wsjax.trainer.run_dir import compile_checksum
 
     training = mode in ("train", "train_and_eval")
     sections = ["train_input"] if training else ["eval_input"]
@@ -213,7 +110,7 @@ def make_run(config, mode: str, md, options: RunOptions) -> Run:
     inp = getattr(config, sections[0])
     shape = (int(inp.batch_size), int(inp.max_sequence_length))
     checksum = compile_checksum(config, {"train" if training else "eval": shape})
-    return Run(
+    return RunSpec(
         config=config,
         mode=mode,
         md=md,
@@ -227,45 +124,8 @@ def make_run(config, mode: str, md, options: RunOptions) -> Run:
     )
 
 
-def dispatch(r: Run) -> RunResult:
-    """Write the effective config, log the header, then run the one action this run is."""
-    import jax
-
-    write_effective_config(r.md, r.config, r.training)
-    log.info(
-        "%s: %s %s, %.2fM parameters, batch %d x %d, on %d %s device(s)",
-        r.config.source,
-        r.mode,
-        r.config.model.family,
-        r.model.num_params() / 1e6,
-        *r.shape,
-        jax.device_count(),
-        jax.devices()[0].platform,
-    )
-    if r.options.validate_only:
-        return validate_only(r)
-    if not r.options.compile_only:
-        plan_run(r, strict=True)  # does not fit: PlanError before anything is allocated
-    from wsjax.trainer.run_dir import use_compile_dir
-
-    with use_compile_dir(r.compile_dir):
-        return action(r)(r)
-
-
-def action(r: Run) -> Callable[[Run], RunResult]:
-    from wsjax.trainer.evaluation import eval_mode
-    from wsjax.trainer.train_loop import train_mode
-
-    if r.options.compile_only:
-        return compile_only
-    return {"train": train_mode, "train_and_eval": train_mode}.get(r.mode, eval_mode)
-
-
 def process_rows_of(config, batch_size: int, *, train: bool):
     """The rows of each global batch this process reads (None with one process)."""
-    import jax
-
-    from wsjax.engine.shards import process_rows
 
     count = jax.process_count()
     if count == 1:
@@ -282,28 +142,22 @@ def process_rows_of(config, batch_size: int, *, train: bool):
 
 
 def write_effective_config(md, config, training: bool) -> None:
-    from wsjax.distributed import is_main_process
-
     if not is_main_process():  # process 0 writes the run's files
         return
     split_dir = md.train_dir if training else md.eval_dir
     split_dir.mkdir(parents=True, exist_ok=True)
     name = "params_train.yaml" if training else "params_eval.yaml"
-    (split_dir / name).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    atomic_write_text(split_dir / name, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 # ---- plan, validate_only, compile_only ----------------------------------------------------------
-def plan_run(r: Run, records: list[dict] | None = None, *, strict: bool):
+def plan_run(r: RunSpec, records: list[dict] | None = None, *, strict: bool):
     """Make the memory plan (from compile records once there are some), write plan.json, log
     it the first time, and check it: ``strict`` raises PlanError (exit 3), otherwise a warning.
 
     The plan is against ``streaming.device_memory_gb`` / ``host_memory_gb`` when given (one
     accelerator of that target, with separate device and host memory, whatever this machine
     is), else against this machine."""
-    import jax
-
-    from wsjax.engine import make_plan
-    from wsjax.engine.plan import GiB, available_host_bytes, device_budget
 
     s, dev = r.config.streaming, jax.devices()[0]
     target = s.device_memory_gb is not None or s.host_memory_gb is not None
@@ -315,7 +169,7 @@ def plan_run(r: Run, records: list[dict] | None = None, *, strict: bool):
         platform, n_devices = dev.platform, jax.device_count()
         device_avail, host_avail = device_budget(s, dev), available_host_bytes()
     # this run's processes, or (--validate_only --num_processes P) the P of a run to plan
-    processes = r.options.plan_processes or jax.process_count()
+    processes = r.options.planning_processes or jax.process_count()
     n_devices = max(1, n_devices // jax.process_count()) * processes
     plan = make_plan(
         r.model,
@@ -347,7 +201,7 @@ def plan_run(r: Run, records: list[dict] | None = None, *, strict: bool):
     return plan
 
 
-def validate_only(r: Run) -> RunResult:
+def validate_only(r: RunSpec) -> RunResult:
     """``--validate_only``: config and shapes valid and the plan written; nothing compiled. A
     plan that does not fit is the verdict: PlanError, exit 3, naming the shortfall and knob."""
     plan_run(r, strict=True)
@@ -358,10 +212,8 @@ def validate_only(r: Run) -> RunResult:
     return result
 
 
-def compile_only(r: Run) -> RunResult:
+def compile_only(r: RunSpec) -> RunResult:
     """``--compile_only``: every executable compiled into the compile dir, plan and estimate."""
-    from wsjax.engine import StreamingEngine
-    from wsjax.trainer.metrics import Performance
 
     plan_run(r, strict=False)
     engine = StreamingEngine(r.model, r.config, allocate=False)
@@ -383,9 +235,8 @@ def compile_only(r: Run) -> RunResult:
 
 
 # ---- pieces the modes share ---------------------------------------------------------------------
-def compile_engine(r: Run, engine) -> tuple[list[dict], float]:
+def compile_engine(r: RunSpec, engine) -> tuple[list[dict], float]:
     """Compile the mode's executables; write compile_log.json; (records, seconds)."""
-    from wsjax.trainer.run_dir import backend_signature, write_compile_log
 
     t0 = time.perf_counter()
     records = engine.compile(r.shape, train=r.training)
@@ -398,13 +249,10 @@ def compile_engine(r: Run, engine) -> tuple[list[dict], float]:
     return records, seconds
 
 
-def estimate(r: Run, engine, records: list[dict]):
+def estimate(r: RunSpec, engine, records: list[dict]):
     """(estimated samples/s of a training step, the device peaks): each compiled executable and
     each transfer timed once on the device, combined by the step's schedule (see
     ``wsjax.engine.estimate.estimate_step_seconds``); the peaks are what MFU is measured against."""
-    import jax
-
-    from wsjax.engine.estimate import device_peaks, estimate_step_seconds, measure_step_times
 
     peaks = device_peaks()
     prog = engine.program(r.shape, train=True)
@@ -418,11 +266,8 @@ def estimate(r: Run, engine, records: list[dict]):
     return (r.shape[0] / step_s if step_s > 0 else 0.0), peaks
 
 
-def build_engine(r: Run, start):
+def build_engine(r: RunSpec, start):
     """The engine holding ``start``'s weights (or fresh ones); (engine, init s, programming s)."""
-    import jax
-
-    from wsjax.engine import StreamingEngine
 
     t0 = time.perf_counter()
     engine = StreamingEngine(
@@ -446,3 +291,62 @@ def build_engine(r: Run, start):
     else:
         log.info("Restored weights from %s in: %.3f seconds", start.source, init_s)
     return engine, init_s, programming_s
+
+
+def log_header(r: RunSpec) -> None:
+    log.info(
+        "%s: %s %s, %.2fM parameters, batch %d x %d, on %d %s device(s)",
+        r.config.source,
+        r.mode,
+        r.config.model.family,
+        r.model.num_params() / 1e6,
+        *r.shape,
+        jax.device_count(),
+        jax.devices()[0].platform,
+    )
+
+
+def open_train_loader(r: RunSpec, loader_state: dict | None):
+    """The train data from ``loader_state`` (None: the start). Training runs to max_steps (as
+    on Cerebras), so the train data always wraps around; ``repeat: false`` is for evaluation."""
+    return make_loader(
+        dataclasses.replace(r.config.train_input, repeat=True),
+        split="train",
+        model_vocab_size=r.config.model.vocab_size,
+        seed=r.config.runconfig.seed,
+        start_state=loader_state,
+        rows=process_rows_of(r.config, r.config.train_input.batch_size, train=True),
+    )
+
+
+def resolve_start(r: RunSpec, ckpts):
+    """Where training starts: --checkpoint_path, else the newest good checkpoint in model_dir
+    (a corrupt newer one is skipped with a warning), else fresh weights."""
+    opts = r.options
+    steps = ckpts.steps()
+    if opts.checkpoint_path is not None:
+        if steps:
+            log.warning(
+                "model_dir has checkpoints up to step %d; starting from --checkpoint_path %s "
+                "as asked",
+                steps[-1],
+                opts.checkpoint_path,
+            )
+        return load_start(
+            opts.checkpoint_path,
+            r.model,
+            r.optimizer,
+            weights_only=opts.is_pretrained_checkpoint,
+            allow_pickle=opts.allow_pickle,
+        )
+    if not steps:
+        return StartState()
+    if opts.steps is None and steps[-1] >= r.config.runconfig.max_steps:
+        return StartState(step=steps[-1], source=str(ckpts.path(steps[-1])))
+    opt_shapes = opt_state_shapes(r.optimizer, r.model.param_shapes(), r.model.num_layers)
+    step, (params, opt, meta) = restore_newest_good(
+        ckpts, r.model.param_shapes(), opt_shapes, steps
+    )
+    log.info("Found checkpoint %s: resuming from it", ckpts.path(step))
+    source = str(ckpts.path(step))
+    return StartState(params, opt, int(meta.get("step", step)), meta.get("loader"), source)

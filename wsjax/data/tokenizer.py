@@ -26,6 +26,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from wsjax.data.textio import DEFAULT_EOS, load_tokenizer
+from wsjax.distributed import is_main_process
 from wsjax.errors import DataError
 
 log = logging.getLogger("wsjax.train")
@@ -57,8 +58,6 @@ def save_run_tokenizer(source, model_dir: Path, max_length: int) -> Path | None:
         return None
     tokenizer_json, eos = found
     target = Path(model_dir) / TOKENIZER_DIR
-    from wsjax.distributed import is_main_process
-
     if not is_main_process():  # process 0 writes the run's files
         return target
     tmp = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=model_dir))

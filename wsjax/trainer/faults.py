@@ -1,0 +1,111 @@
+"""The two fault policies that act inside the training loop.
+
+- A non-finite loss or gradient norm stops the run at that step (NonFiniteError, exit 4) and
+  writes nothing; with ``runconfig.on_nonfinite: skip`` the engine's skipped update is counted
+  (log, TensorBoard ``skipped_updates``) and ``max_consecutive_skips`` in a row stop the run.
+  A checkpoint holding a NaN or an infinity is refused by wsjax.checkpoint anyway.
+- SIGTERM / SIGINT finish the current step, save a checkpoint and raise Preempted (exit 5); a
+  second signal kills the process at once. Resuming from that checkpoint is exact.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import threading
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from wsjax.errors import NonFiniteError
+
+log = logging.getLogger("wsjax.train")
+
+
+class NonFinitePolicy:
+    """What a step with a non-finite loss or gradient norm does (``runconfig.on_nonfinite``).
+
+    The engine reports ``train/update_skipped`` = 1.0 when it saw the non-finite value and left
+    weights and optimizer state untouched; an engine that applied the update leaves nothing to
+    skip back to, so that stops the run under either policy.
+    """
+
+    def __init__(self, on_nonfinite: str, max_consecutive_skips: int):
+        self.skip = on_nonfinite == "skip"
+        self.max_consecutive = max_consecutive_skips
+        self.consecutive = 0
+        self.total = 0
+
+    def check(self, step: int, metrics: dict) -> bool:
+        """True when this step's update was skipped; NonFiniteError when the run must stop."""
+        loss = float(metrics["train/loss"])
+        grad_norm = float(metrics.get("train/grad_norm", 0.0))
+        engine_skipped = float(metrics.get("train/update_skipped", 0.0)) >= 0.5
+        if math.isfinite(loss) and math.isfinite(grad_norm) and not engine_skipped:
+            self.consecutive = 0
+            return False
+        what = f"global_step {step}: non-finite loss {loss:.6g} / gradient norm {grad_norm:.6g}"
+        if not self.skip:
+            raise NonFiniteError(
+                f"{what}: stopped, nothing saved; the latest checkpoint is intact (lower the "
+                "learning rate, or set runconfig.on_nonfinite: skip)"
+            )
+        if not engine_skipped:
+            raise NonFiniteError(
+                f"{what}: the engine applied this update, so it cannot be skipped; stopped, "
+                "nothing saved"
+            )
+        self.consecutive += 1
+        self.total += 1
+        log.warning(
+            "%s: update skipped (%d in a row, %d in all)", what, self.consecutive, self.total
+        )
+        if self.consecutive >= self.max_consecutive:
+            raise NonFiniteError(
+                f"{what}: {self.consecutive} non-finite steps in a row "
+                f"(runconfig.max_consecutive_skips = {self.max_consecutive}): stopped; the latest "
+                "checkpoint is intact"
+            )
+        return True
+
+
+class PreemptionGuard:
+    """While active: the first SIGTERM / SIGINT is recorded in ``signal`` for the loop to act on
+    after its step; both signals then get their default action, so a second one kills at once.
+    Outside the main thread (signals cannot be caught there) it does nothing."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._before: dict = {}
+
+    def _record(self, signum, frame) -> None:
+        self.signal = signum
+        for s in self.SIGNALS:
+            signal.signal(s, signal.SIG_DFL)
+        log.warning(
+            "received %s: finishing this step, then saving a checkpoint (a second signal stops "
+            "at once)",
+            signal.Signals(signum).name,
+        )
+
+    def __enter__(self) -> PreemptionGuard:
+        if threading.current_thread() is threading.main_thread():
+            self._before = {s: signal.signal(s, self._record) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._before.items():
+            signal.signal(s, handler)
+
+    def agreed(self) -> int | None:
+        """The signal, as every process sees it after this step: with several processes one
+        that got it makes all of them save at the same step (they save together)."""
+        if jax.process_count() == 1:
+            return self.signal
+        flags = multihost_utils.process_allgather(np.asarray(self.signal or 0, np.int32))
+        found = int(np.max(flags))
+        return found or None
