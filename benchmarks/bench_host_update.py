@@ -41,7 +41,7 @@ def engine_update(hidden: int, mixed: bool, reps: int) -> dict:
     cfg = config_from_dict(C.gptj_dict(1, hidden, 1, 8, vocab=256, mixed_precision=mixed))
     model = get_model(cfg.model)
     eng = StreamingEngine(model, cfg, allocate=False)
-    exe = eng.program((1, 8), train=True).update("block")
+    exe = eng.executables((1, 8), train=True).update("block")
     shapes = segment_shapes(model)["block"]
     rng = np.random.default_rng(0)
     on_host = eng.placement.host

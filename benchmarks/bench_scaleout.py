@@ -73,7 +73,7 @@ def worker(out: Path, layers: int, hidden: int, batch: int, seq: int, steps: int
 
     # the host update of this process's slices, every segment, timed alone: one process at a
     # time (on a cluster each process has a host of its own; here they share these cores)
-    exes = engine.program((batch, seq), train=True).training(recompute=True).update
+    updates = engine.executables((batch, seq), train=True).training(recompute=True).update
     store = engine.store
     update_times = []
     for turn in range(jax.process_count()):
@@ -82,7 +82,7 @@ def worker(out: Path, layers: int, hidden: int, batch: int, seq: int, steps: int
 
             multihost_utils.sync_global_devices(f"update-turn-{turn}")
         if turn == jax.process_index():
-            update_times = _time_updates(exes, store)
+            update_times = _time_updates(updates, store)
     gc.collect()
     record = {
         "step_seconds": statistics.median(times),
@@ -95,7 +95,7 @@ def worker(out: Path, layers: int, hidden: int, batch: int, seq: int, steps: int
     (out / f"process{jax.process_index()}.json").write_text(json.dumps(record))
 
 
-def _time_updates(exes, store, reps: int = 3) -> list[float]:
+def _time_updates(updates, store, reps: int = 3) -> list[float]:
     """Seconds of one update of every segment (copies of the store's slices), ``reps`` times."""
     import jax
     import numpy as np
@@ -111,7 +111,7 @@ def _time_updates(exes, store, reps: int = 3) -> list[float]:
                 (copy(store.master[name]), copy(store.opt_state[name]), copy(store.master[name]))
             )
             t0 = time.perf_counter()
-            jax.block_until_ready(exes[segment_kind(name)](*args, np.float32(1.0)))
+            jax.block_until_ready(updates[segment_kind(name)](*args, np.float32(1.0)))
             total += time.perf_counter() - t0
         times.append(total)
     return times

@@ -63,16 +63,16 @@ def test_estimate_is_within_25_percent_of_measured_steps(recompute):
     ids = rng.integers(0, cfg.model.vocab_size, shape).astype(np.int32)
     batch = {"input_ids": ids, "labels": ids, "loss_mask": np.ones(shape, np.float32)}
     engine.train_step(batch)  # compiles
-    prog = engine.program(shape, train=True)
-    exes = prog.training(recompute=recompute)
+    executables = engine.executables(shape, train=True)
+    train_set = executables.training(recompute=recompute)
 
     def attempt() -> tuple[float, list, list]:
         estimates, steps = [], []
         for _ in range(5):
-            times = measure_step_times(prog, exes, engine.placement)
+            times = measure_step_times(executables, train_set, engine.placement)
             # on CPU, transfers are copies by the computing cores: they add to compute
             step_s = estimate_step_seconds(
-                times, num_layers=model.num_layers, n_micro=prog.n_micro, overlap=False
+                times, num_layers=model.num_layers, n_micro=executables.n_micro, overlap=False
             )
             estimates.append(step_s)
             for _ in range(2):

@@ -1,7 +1,7 @@
 """A child for tests/integration/test_launch.py, started by ``python -m wsjax.launch --module
-tests.integration.launch_probe -- OUT_DIR ACTION``: joins the run through :func:`wsjax.distributed.initialize`
-(settings from the launcher's environment), writes ``OUT_DIR/ready-<process>.json`` (pid,
-process index and count), then does ACTION:
+tests.integration.launch_probe -- OUT_DIR ACTION``: joins the run through
+:func:`wsjax.distributed.initialize` (settings from the launcher's environment), writes
+``OUT_DIR/ready-<process>.json`` (pid, process index and count), then does ACTION:
 
 - ``sum``: log ``probe info`` and ``probe warning`` (through wsjax.logs.setup_logging, also
   into ``OUT_DIR/run.log``), then a jitted sum over a global mesh of every process's devices,

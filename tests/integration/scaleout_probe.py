@@ -1,5 +1,6 @@
-"""Run by tests/integration/test_scaleout.py, once per process (``python -m wsjax.launch --module``) or alone:
-a few engine steps on fixed batches; writes what each process measured as JSON.
+"""Run by tests/integration/test_scaleout.py, once per process (``python -m wsjax.launch
+--module``) or alone: a few engine steps on fixed batches; writes what each process measured
+as JSON.
 
     python tests/integration/scaleout_probe.py OUT_DIR STEPS [f64]
 

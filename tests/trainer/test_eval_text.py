@@ -1,12 +1,12 @@
-"""``-m eval --eval_text FILE`` (wsjax.trainer.eval_text, wsjax.trainer.evaluation.evaluate_text) against a hand
-computation: the same stream tokenised independently with the data's own tokenizer.json, each
+"""``-m eval --eval_text FILE`` (wsjax.trainer.eval_text, wsjax.trainer.evaluation) against a
+hand computation: the same stream tokenised independently with the data's own tokenizer.json, each
 window's logits from the model applied directly to the checkpoint's weights, the cross-entropy
 summed in float64 with numpy, and bits per byte = loss_sum / ln 2 / len(text.encode("utf-8")).
 
 Tolerance: both sides are fp32 forwards of the same 2-layer model on the same windows (the engine
 streams, the yardstick runs resident), so each token's loss agrees to a few fp32 roundings of
-O(1) values (~1e-6 relative, see tests/interop/test_hf.py); a sum of positive terms keeps that relative
-error, so rtol 1e-5 holds on any machine.
+O(1) values (~1e-6 relative, see tests/interop/test_hf.py); a sum of positive terms keeps that
+relative error, so rtol 1e-5 holds on any machine.
 """
 
 from __future__ import annotations

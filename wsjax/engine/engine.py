@@ -190,7 +190,7 @@ class StreamingEngine:
     def num_executables(self) -> int:
         return self.cache.count
 
-    def program(self, batch_shape, *, train: bool) -> StepExecutables:
+    def executables(self, batch_shape, *, train: bool) -> StepExecutables:
         """The executables of a step of ``batch_shape`` (``n_micro``, ``seg_bytes``, ...);
         nothing compiles until a method of it is called."""
         batch_size, seq = int(batch_shape[0]), int(batch_shape[1])
@@ -218,15 +218,19 @@ class StreamingEngine:
         """The train (or eval) step of ``batch_shape``, its executables compiled."""
         key = (int(batch_shape[0]), int(batch_shape[1]), train)
         if key not in self._steps:
-            exes = self.program(batch_shape, train=train)
+            executables = self.executables(batch_shape, train=train)
             streaming = self.config.streaming
             if train:
                 max_norm = self.config.optimizer.max_gradient_norm
                 self._steps[key] = TrainStep(
-                    exes, self.placement, self.residency, streaming_cfg=streaming, max_norm=max_norm
+                    executables,
+                    self.placement,
+                    self.residency,
+                    streaming_cfg=streaming,
+                    max_norm=max_norm,
                 )
             else:
                 self._steps[key] = EvalStep(
-                    exes, self.placement, self.residency, streaming_cfg=streaming
+                    executables, self.placement, self.residency, streaming_cfg=streaming
                 )
         return self._steps[key]

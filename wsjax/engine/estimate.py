@@ -132,9 +132,9 @@ def _zeros_like_args(exe, fallback):
     return jax.tree.unflatten(treedef, leaves)
 
 
-def measure_step_times(program, executables, placement, reps: int = 3) -> StepTimes:
-    """Time each executable of a training step (``executables``: a ``TrainExecutables`` of
-    ``program``, a ``StepExecutables``) on zero inputs, and the weight and gradient transfers
+def measure_step_times(executables, train_set, placement, reps: int = 3) -> StepTimes:
+    """Time each executable of a training step (``train_set``: a ``TrainExecutables`` of
+    ``executables``, a ``StepExecutables``) on zero inputs, and the weight and gradient transfers
     of each segment kind, on the devices of ``placement``: the median of ``reps`` calls after a
     warm-up (the median, not the best: a step is a median draw of each of its parts)."""
 
@@ -154,23 +154,23 @@ def measure_step_times(program, executables, placement, reps: int = 3) -> StepTi
         return seconds(lambda: _zeros_like_args(exe, placement.replicated), exe)
 
     names = ("embed_fwd", "block_fwd", "head", "block_bwd", "embed_bwd")
-    compute = {name: call(getattr(executables, name)) for name in names}
-    compute.update({f"update/{kind}": call(exe) for kind, exe in executables.update.items()})
-    compute.update({f"zeros/{name}": call(exe) for name, exe in executables.zeros.items()})
+    compute = {name: call(getattr(train_set, name)) for name in names}
+    compute.update({f"update/{kind}": call(exe) for kind, exe in train_set.update.items()})
+    compute.update({f"zeros/{name}": call(exe) for name, exe in train_set.zeros.items()})
     to_device, to_host = {}, {}
-    for kind in program.weights:
+    for kind in executables.weights:
         # the host holds the stream copy's shape of this process (a slice with several)
         stream = jax.tree.map(
             lambda w, h: jax.ShapeDtypeStruct(h.shape, w.dtype),
-            program.weights[kind],
-            program.host_shapes[kind],
+            executables.weights[kind],
+            executables.host_shapes[kind],
         )
         to_device[kind] = seconds(
             lambda s=stream: (zeros(s, placement.stream),),
-            lambda w, k=kind: program.broadcast(k, w),
+            lambda w, k=kind: executables.broadcast(k, w),
         )
         to_host[kind] = seconds(
-            lambda k=kind: (zeros(program.grads[k]),),
-            lambda g, k=kind: program.reduce_to_host(k, g),
+            lambda k=kind: (zeros(executables.grads[k]),),
+            lambda g, k=kind: executables.reduce_to_host(k, g),
         )
     return StepTimes(compute, to_device, to_host)

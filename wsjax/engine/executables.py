@@ -268,7 +268,7 @@ class StepExecutables:
         else:
             block_fwd, kept = self.block_forward_keep()
             block_bwd = self.block_backward_kept(kept)
-        exes = {
+        by_name = {
             "embed_fwd": self.embed_forward(train=True),
             "block_fwd": block_fwd,
             "head": self.head_train(),
@@ -282,8 +282,8 @@ class StepExecutables:
             grads["g_wte"] = self.g_wte
         zeros = {name: self.zeros(name, g) for name, g in grads.items()}
         # scratch of each, from the compile log (also for executables loaded from disk)
-        temp = {name: self.cache.record_of(exe).temp_bytes for name, exe in exes.items()}
-        return TrainExecutables(**exes, update=update, zeros=zeros, kept=kept, temp_bytes=temp)
+        temp = {name: self.cache.record_of(exe).temp_bytes for name, exe in by_name.items()}
+        return TrainExecutables(**by_name, update=update, zeros=zeros, kept=kept, temp_bytes=temp)
 
     def evaluation(self, *, recompute: bool) -> EvalExecutables:
         """Forward-only executables; the training forward serves where it is the same function

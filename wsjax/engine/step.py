@@ -116,24 +116,24 @@ class TrainStep:
 
     def __init__(
         self,
-        exes: StepExecutables,
+        executables: StepExecutables,
         placement: Placement,
         residency: Residency,
         *,
         streaming_cfg,
         max_norm: float | None,
     ):
-        self.exes, self.placement, self.residency = exes, placement, residency
+        self.executables, self.placement, self.residency = executables, placement, residency
         self.prefetch_depth = int(streaming_cfg.prefetch_depth)
         self.recompute = bool(streaming_cfg.recompute)
         self.offload = bool(streaming_cfg.activation_offload)
         self.max_norm = max_norm
-        self.compiled = exes.training(recompute=self.recompute)
-        self.kept_bytes = tree_bytes(self.compiled.kept)
-        self.num_layers = exes.functions.model.num_layers
+        self.train_set = executables.training(recompute=self.recompute)
+        self.kept_bytes = tree_bytes(self.train_set.kept)
+        self.num_layers = executables.functions.model.num_layers
         self.order = training_order(self.num_layers)
         # phase -> (what it does, the compiled scratch of the executable it runs)
-        temp = self.compiled.temp_bytes
+        temp = self.train_set.temp_bytes
         self.handlers = {
             "embed_forward": (self._embed_forward, temp["embed_fwd"]),
             "block_forward": (self._block_forward, temp["block_fwd"]),
@@ -145,19 +145,21 @@ class TrainStep:
     def run(self, store: HostStore, batch: dict, step_key: jax.Array, denom: float) -> dict:
         """One optimizer step on ``batch``; ``denom`` is the batch loss's denominator."""
         stats = StepStats()
-        ids, labels, mask = split_batch(batch, self.exes, self.placement, stats)
+        ids, labels, mask = split_batch(batch, self.executables, self.placement, stats)
         denom_device = jax.device_put(
-            np.asarray(denom, self.exes.master_dtype), self.placement.replicated
+            np.asarray(denom, self.executables.master_dtype), self.placement.replicated
         )
         kept: list = [None] * self.num_layers
         state = _TrainState(ids, labels, mask, step_key, denom_device, kept, stats)
-        kept_back = (kept, self.compiled.kept) if self.offload else None
+        kept_back = (kept, self.train_set.kept) if self.offload else None
         fetches = []
         for item in self.order:
             back = kept_back if item.phase == "block_backward" else None
-            fetches.append(weight_fetch(item, store, self.exes, self.placement, back))
+            fetches.append(weight_fetch(item, store, self.executables, self.placement, back))
         stream = WeightStream(fetches, self.prefetch_depth, stats, self.residency)
-        self.residency.add("activations", 2 * self.exes.n_micro * tree_bytes(self.exes.activation))
+        self.residency.add(
+            "activations", 2 * self.executables.n_micro * tree_bytes(self.executables.activation)
+        )
         drive(self.order, stream, functools.partial(self._dispatch, state))
         self.residency.drop("activations")
 
@@ -189,12 +191,12 @@ class TrainStep:
 
     # ---- the items -------------------------------------------------------------------------
     def _embed_forward(self, state, item, w, _wte, _kept):
-        exe, n = self.compiled.embed_fwd, self.exes.n_micro
+        exe, n = self.train_set.embed_fwd, self.executables.n_micro
         state.x = [exe(w, state.ids[m], state.step_key, _index(m, item)) for m in range(n)]
         return state.x
 
     def _block_forward(self, state, item, w, _wte, _kept):
-        exe, n = self.compiled.block_fwd, self.exes.n_micro
+        exe, n = self.train_set.block_fwd, self.executables.n_micro
         outs = [exe(w, state.x[m], state.step_key, _index(m, item)) for m in range(n)]
         if self.recompute:  # keep the input, recompute the rest in the backward
             kept, state.x = state.x, outs
@@ -206,7 +208,7 @@ class TrainStep:
     def _keep(self, state, layer: int, kept: list) -> None:
         nbytes = len(kept) * self.kept_bytes
         if self.offload:
-            host = jax.tree.map(lambda s: self.placement.offloaded(s.sharding), self.compiled.kept)
+            host = jax.tree.map(lambda s: self.placement.offloaded(s.sharding), self.train_set.kept)
             state.kept[layer] = [jax.device_put(k, host) for k in kept]
             state.stats.d2h_bytes += nbytes
         else:
@@ -215,12 +217,12 @@ class TrainStep:
 
     def _head_loss(self, state, item, w, wte, _kept):
         """Loss and its gradient per micro-batch; head gradients summed on the device."""
-        exe, exes = self.compiled.head, self.exes
-        g = self.compiled.zeros["head"]()
-        g_wte = self.compiled.zeros["g_wte"]() if exes.tied else None
-        self.residency.add("grads:head", tree_bytes(exes.grads["head"]))
+        exe, executables = self.train_set.head, self.executables
+        g = self.train_set.zeros["head"]()
+        g_wte = self.train_set.zeros["g_wte"]() if executables.tied else None
+        self.residency.add("grads:head", tree_bytes(executables.grads["head"]))
         dy = []
-        for m in range(exes.n_micro):
+        for m in range(executables.n_micro):
             loss_sum, dy_m, g, g_wte, sq = exe(
                 w, wte, state.x[m], state.labels[m], state.mask[m], state.denom, g, g_wte
             )
@@ -231,12 +233,12 @@ class TrainStep:
         return dy
 
     def _block_backward(self, state, item, w, _wte, fetched_kept):
-        exe, exes = self.compiled.block_bwd, self.exes
+        exe, executables = self.train_set.block_bwd, self.executables
         kept = fetched_kept if fetched_kept is not None else state.kept[item.layer]
-        g = self.compiled.zeros["block"]()
-        self.residency.add(f"grads:{item.segment}", tree_bytes(exes.grads["block"]))
+        g = self.train_set.zeros["block"]()
+        self.residency.add(f"grads:{item.segment}", tree_bytes(executables.grads["block"]))
         dy = state.x
-        for m in range(exes.n_micro):
+        for m in range(executables.n_micro):
             if self.recompute:
                 dy[m], g, sq = exe(w, kept[m], dy[m], state.step_key, _index(m, item), g)
             else:
@@ -247,11 +249,11 @@ class TrainStep:
         return dy
 
     def _embed_backward(self, state, item, w, _wte, _kept):
-        exe, exes = self.compiled.embed_bwd, self.exes
-        g = self.compiled.zeros["embed"]()  # tied: all but wte
-        if exes.tied:  # the wte gradient starts from the head's share
+        exe, executables = self.train_set.embed_bwd, self.executables
+        g = self.train_set.zeros["embed"]()  # tied: all but wte
+        if executables.tied:  # the wte gradient starts from the head's share
             g["wte"] = state.g_wte
-        for m in range(exes.n_micro):
+        for m in range(executables.n_micro):
             g, sq = exe(w, state.ids[m], state.x[m], state.step_key, _index(m, item), g)
         self._send(state, "embed", g, sq)
         return [g, sq]
@@ -260,20 +262,20 @@ class TrainStep:
         """Start a segment's summed gradients back to the host (updated once the norm is known)."""
         state.sq_norms[name] = sq
         state.stats.d2h_bytes += tree_bytes(g)
-        state.grads_host[name] = self.exes.reduce_to_host(segment_kind(name), g)
+        state.grads_host[name] = self.executables.reduce_to_host(segment_kind(name), g)
         self.residency.drop(f"grads:{name}")
 
     # ---- the update ------------------------------------------------------------------------
     def _update(self, store: HostStore, name: str, grads, scale, stats: StepStats) -> None:
         placement, where = self.placement, self.placement.update
-        exe = self.compiled.update[segment_kind(name)]
+        exe = self.train_set.update[segment_kind(name)]
         master, opt_state = store.master[name], store.opt_state[name]
         if not placement.optimizer_on_host:  # stream the optimizer state to the devices
             nbytes = tree_bytes(master) + tree_bytes(opt_state)
             stats.h2d_bytes += nbytes + tree_bytes(grads)
             self.residency.add(f"update:{name}", 2 * nbytes + tree_bytes(grads))
             master, opt_state, grads = jax.device_put((master, opt_state, grads), where)
-        scale = jax.device_put(jnp.asarray(scale, self.exes.master_dtype), where)
+        scale = jax.device_put(jnp.asarray(scale, self.executables.master_dtype), where)
         master, opt_state, stream_copy = exe(master, opt_state, grads, scale)
         if not placement.optimizer_on_host:
             master, opt_state = jax.device_put((master, opt_state), placement.host)
@@ -291,19 +293,21 @@ class TrainStep:
 class EvalStep:
     """Forward-only evaluation of one batch shape: summed loss, token count, correct tokens."""
 
-    def __init__(self, exes: StepExecutables, placement, residency, *, streaming_cfg):
-        self.exes, self.placement, self.residency = exes, placement, residency
+    def __init__(self, executables: StepExecutables, placement, residency, *, streaming_cfg):
+        self.executables, self.placement, self.residency = executables, placement, residency
         self.prefetch_depth = int(streaming_cfg.prefetch_depth)
-        self.compiled = exes.evaluation(recompute=bool(streaming_cfg.recompute))
-        self.order = eval_order(exes.functions.model.num_layers)
+        self.eval_set = executables.evaluation(recompute=bool(streaming_cfg.recompute))
+        self.order = eval_order(executables.functions.model.num_layers)
 
     def run(self, store: HostStore, batch: dict, step_key: jax.Array) -> dict:
         stats = StepStats()
-        ids, labels, mask = split_batch(batch, self.exes, self.placement, stats)
-        fetches = [weight_fetch(item, store, self.exes, self.placement) for item in self.order]
+        ids, labels, mask = split_batch(batch, self.executables, self.placement, stats)
+        fetches = [
+            weight_fetch(item, store, self.executables, self.placement) for item in self.order
+        ]
         stream = WeightStream(fetches, self.prefetch_depth, stats, self.residency)
-        n, compiled = self.exes.n_micro, self.compiled
-        forward = {"embed_forward": compiled.embed_fwd, "block_forward": compiled.block_fwd}
+        n, eval_set = self.executables.n_micro, self.eval_set
+        forward = {"embed_forward": eval_set.embed_fwd, "block_forward": eval_set.block_fwd}
         x: list = ids  # tokens, then activations
         results: list = []
 
@@ -311,7 +315,7 @@ class EvalStep:
             nonlocal x
             w, wte, _ = weights
             if item.phase == "head_eval":
-                results.extend(compiled.head(w, wte, x[m], labels[m], mask[m]) for m in range(n))
+                results.extend(eval_set.head(w, wte, x[m], labels[m], mask[m]) for m in range(n))
                 return results
             x = [forward[item.phase](w, x[m], step_key, _index(m, item)) for m in range(n)]
             return x
@@ -328,25 +332,31 @@ class EvalStep:
 
 
 def weight_fetch(
-    item: StreamItem, store: HostStore, exes: StepExecutables, placement: Placement, kept_back=None
+    item: StreamItem,
+    store: HostStore,
+    executables: StepExecutables,
+    placement: Placement,
+    kept_back=None,
 ) -> Fetch:
     """The fetch of ``item``'s weights (+ the tied wte for the head). ``kept_back`` = (the
     step's list of host kept values, the abstract kept value) fetches the block's kept values
     too, once they exist. The closures hold the store and that list, never the step's state,
     so a finished step is freed by reference counting."""
     name = item.segment
-    with_wte = name == "head" and exes.tied
-    nbytes = exes.seg_bytes[segment_kind(name)] + (exes.seg_bytes["embed"] if with_wte else 0)
+    with_wte = name == "head" and executables.tied
+    nbytes = executables.seg_bytes[segment_kind(name)] + (
+        executables.seg_bytes["embed"] if with_wte else 0
+    )
     data_exist = None
     if kept_back is not None:
         kept_host, kept_abstract = kept_back
         device = jax.tree.map(lambda s: s.sharding, kept_abstract)
-        nbytes += exes.n_micro * tree_bytes(kept_abstract)
+        nbytes += executables.n_micro * tree_bytes(kept_abstract)
         data_exist = lambda: kept_host[item.layer] is not None  # noqa: E731
 
     def issue():
-        weights = exes.broadcast(segment_kind(name), store.stream[name])
-        wte = exes.broadcast("embed", store.stream["embed"])["wte"] if with_wte else None
+        weights = executables.broadcast(segment_kind(name), store.stream[name])
+        wte = executables.broadcast("embed", store.stream["embed"])["wte"] if with_wte else None
         kept = None
         if kept_back is not None:
             kept = [jax.device_put(k, device) for k in kept_host[item.layer]]
@@ -356,9 +366,9 @@ def weight_fetch(
     return Fetch(name, nbytes, issue, pending_update=pending, data_exist=data_exist)
 
 
-def split_batch(batch: dict, exes: StepExecutables, placement: Placement, stats: StepStats):
+def split_batch(batch: dict, executables: StepExecutables, placement: Placement, stats: StepStats):
     """(input_ids, labels, loss_mask), each a list of per-micro-batch device arrays."""
-    micro, n = exes.micro, exes.n_micro
+    micro, n = executables.micro, executables.n_micro
 
     def split(values, dtype):
         values = np.asarray(values, dtype)
@@ -372,7 +382,7 @@ def split_batch(batch: dict, exes: StepExecutables, placement: Placement, stats:
         parts = [values[i * rows : (i + 1) * rows] for i in range(n)]
         return [jax.make_array_from_process_local_data(placement.data, p, shape) for p in parts]
 
-    stats.h2d_bytes += 3 * n * micro * exes.seq * 4
+    stats.h2d_bytes += 3 * n * micro * executables.seq * 4
     return (
         split(batch["input_ids"], np.int32),
         split(batch["labels"], np.int32),

@@ -40,21 +40,34 @@ class StepStats:
 
 @dataclass
 class Residency:
-    """Bytes the engine holds on the device, by name, and the peak including temporaries."""
+    """Bytes the engine holds on the device, by name, and the peak including temporaries: the
+    engine's own ledger (TensorBoard's ``memory/device_peak_bytes``), not a measurement.
+
+    ``observers``: callables ``(event, name, nbytes)`` told of every placement (``"add"``),
+    release (``"drop"``) and executable start (``"running"``, nbytes its scratch), before the
+    ledger changes; a notebook or a benchmark measures what is really live at those moments."""
 
     live: dict[str, int] = field(default_factory=dict)
     peak: int = 0
+    observers: list = field(default_factory=list)
 
     def add(self, name: str, nbytes: int) -> None:
+        self._tell("add", name, nbytes)
         self.live[name] = self.live.get(name, 0) + nbytes
         self._bump(0)
 
     def drop(self, name: str) -> None:
+        self._tell("drop", name, self.live.get(name, 0))
         self.live.pop(name, None)
 
     def running(self, temp_bytes: int) -> None:
         """An executable with ``temp_bytes`` of scratch is running now."""
+        self._tell("running", "", temp_bytes)
         self._bump(temp_bytes)
+
+    def _tell(self, event: str, name: str, nbytes: int) -> None:
+        for observe in self.observers:
+            observe(event, name, nbytes)
 
     def _bump(self, extra: int) -> None:
         self.peak = max(self.peak, sum(self.live.values()) + extra)

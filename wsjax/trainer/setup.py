@@ -22,7 +22,8 @@ import yaml
 
 from wsjax.checkpoint import StartState, restore_newest_good
 from wsjax.config.schema import Config, InputConfig
-from wsjax.data import make_loader
+from wsjax.data.loader import make_loader
+from wsjax.data.validate import check_data_vocab
 from wsjax.distributed import is_main_process
 from wsjax.engine import StreamingEngine, make_plan
 from wsjax.engine.estimate import device_peaks, estimate_step_seconds, measure_step_times
@@ -203,11 +204,19 @@ def plan_run(r: RunSpec, records: list[dict] | None = None, *, strict: bool):
 
 def validate_only(r: RunSpec) -> RunResult:
     """``--validate_only``: config and shapes valid and the plan written; nothing compiled. A
-    plan that does not fit is the verdict: PlanError, exit 3, naming the shortfall and knob."""
+    plan that does not fit is the verdict: PlanError, exit 3, naming the shortfall and knob.
+    Data whose vocabulary the model cannot hold is refused first (one line, exit 2)."""
+    sections = {"train_input": "train", "eval_input": "eval"}
+    reads = ["train_input"] if r.training else ["eval_input"]
+    if r.mode == "train_and_eval":
+        reads.append("eval_input")
+    for section in reads:
+        if (inp := getattr(r.config, section)) is not None:
+            check_data_vocab(inp, r.config.model.vocab_size, split=sections[section])
     plan_run(r, strict=True)
     result = r.result(plan_path=r.md.plan_json)
     result.compile_dir = None
-    result.message = "validate_only: config and shapes valid, the plan fits"
+    result.message = "validate_only: config, shapes and data vocabulary valid, the plan fits"
     log.info("%s", result.message)
     return result
 
@@ -255,12 +264,12 @@ def estimate(r: RunSpec, engine, records: list[dict]):
     ``wsjax.engine.estimate.estimate_step_seconds``); the peaks are what MFU is measured against."""
 
     peaks = device_peaks()
-    prog = engine.program(r.shape, train=True)
-    exes = prog.training(recompute=bool(r.config.streaming.recompute))  # compiled: cache hits
-    times = measure_step_times(prog, exes, engine.placement)
+    executables = engine.executables(r.shape, train=True)
+    train_set = executables.training(recompute=bool(r.config.streaming.recompute))  # cache hits
+    times = measure_step_times(executables, train_set, engine.placement)
     overlap = jax.devices()[0].platform != "cpu"  # a CPU's "transfers" are its own copies
     step_s = estimate_step_seconds(
-        times, num_layers=r.model.num_layers, n_micro=prog.n_micro, overlap=overlap
+        times, num_layers=r.model.num_layers, n_micro=executables.n_micro, overlap=overlap
     )
     log.info("estimated step: %.4f s from timed executables and transfers", step_s)
     return (r.shape[0] / step_s if step_s > 0 else 0.0), peaks
@@ -280,7 +289,7 @@ def build_engine(r: RunSpec, start):
     )
     init_s = time.perf_counter() - t0
     # the first weights in, as a step streams them
-    first = engine.program(r.shape, train=r.training).broadcast(
+    first = engine.executables(r.shape, train=r.training).broadcast(
         "embed", engine.store.stream["embed"]
     )
     jax.block_until_ready(first)
