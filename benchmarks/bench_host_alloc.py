@@ -8,7 +8,8 @@ device runs 5 times after a warm-up; each line reports the kernel's minor page f
 allocator as it is (``plain``) and after ``mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=1 GiB,
 M_ARENA_MAX=1)`` (``mallopt``), which keeps freed memory mapped. The output buffer is new on
 every call; if its pages were reused the fault count would be near 0. The GPU record
-(benchmarks/README.md, "h100") traces the slow GPU <-> CPU-device crossing to the same cause.
+(benchmarks/reports/2026-11-26-h100-gptj6b.md) traces the slow GPU <-> CPU-device crossing to the
+same cause.
 """
 
 from __future__ import annotations

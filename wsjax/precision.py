@@ -8,8 +8,8 @@ Matmuls of bf16 operands multiply in bf16 and accumulate in fp32, forward and ba
 (:func:`einsum`, :func:`dot_general`), as torch's CPU autocast does. Written as XLA's plain
 ``bf16 x bf16 -> bf16`` dot, XLA CPU (JAX 0.10) converts both operands to fp32, runs an fp32
 matmul and converts back: slower than fp32 alone. ``bf16 x bf16 -> fp32`` it runs natively in bf16
-(AVX512_BF16 / AMX where the CPU has them): 2.8-7.5x the fp32 rate at GPT-J layer shapes here
-(``bench_peer.py --matmuls``; benchmarks/README.md, "bf16 speed work"). fp32 and float64
+(AVX512_BF16 / AMX where the CPU has them), several times the fp32 rate (``bench_peer.py
+--matmuls`` measures it). fp32 and float64
 matmuls keep their arithmetic; their backward is written as two einsums too, which XLA CPU runs
 faster than autodiff's transposed dots (the same sums in another order).
 """
@@ -34,10 +34,9 @@ def einsum(spec: str, a: jax.Array, b: jax.Array, out_dtype=None) -> jax.Array:
     fp32 accumulation, rounded once to ``out_dtype``), and a backward of two einsums of the same
     kind, the cotangent entering them in the operands' type (as torch autocast's matmul
     backward). For fp32 that backward is the same arithmetic autodiff derives, in a form XLA CPU
-    runs faster: autodiff's transposed ``dot_general`` s took the LM head's gradient 1.3-1.5x
-    longer (benchmarks/README.md, "fp32"). Every index of an operand must appear in the other
-    operand or in the output (no index summed within one operand), so that the backward is two
-    einsums of the same kind. Other operands (mixed types, integers) take plain ``jnp.einsum``.
+    runs faster than autodiff's transposed ``dot_general`` s. Every index of an operand must
+    appear in the other operand or in the output (no index summed within one operand), so that
+    the backward is two einsums of the same kind. Other operands (mixed types, integers) take plain ``jnp.einsum``.
     """
     out_dtype = jnp.dtype(out_dtype or jnp.result_type(a, b))
     if a.dtype == b.dtype and jnp.issubdtype(a.dtype, jnp.floating):

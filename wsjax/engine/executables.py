@@ -253,8 +253,8 @@ class StepExecutables:
 
     def zeros(self, name: str, grads):
         """Zero-filled accumulators ``grads`` in one call. The backward donates them, so each
-        segment needs fresh ones every step; a ``jnp.zeros`` per leaf cost a Python dispatch
-        each: 79 ms of a 1.3 s CPU step at width 256, 16 layers (benchmarks/README.md)."""
+        segment needs fresh ones every step; a ``jnp.zeros`` per leaf would cost a Python
+        dispatch each, every step."""
         fill = lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), grads)
         out_tree = lambda n: jax.tree.structure(_structure(grads))
         return self._get(f"zeros/{name}", fill, (), _shardings(grads), out_tree)
