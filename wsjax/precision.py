@@ -36,7 +36,8 @@ def einsum(spec: str, a: jax.Array, b: jax.Array, out_dtype=None) -> jax.Array:
     backward). For fp32 that backward is the same arithmetic autodiff derives, in a form XLA CPU
     runs faster than autodiff's transposed ``dot_general`` s. Every index of an operand must
     appear in the other operand or in the output (no index summed within one operand), so that
-    the backward is two einsums of the same kind. Other operands (mixed types, integers) take plain ``jnp.einsum``.
+    the backward is two einsums of the same kind. Other operands (mixed types, integers) take
+    plain ``jnp.einsum``.
     """
     out_dtype = jnp.dtype(out_dtype or jnp.result_type(a, b))
     if a.dtype == b.dtype and jnp.issubdtype(a.dtype, jnp.floating):
