@@ -1,10 +1,45 @@
 """wsjax's data path: text -> token shards (preprocess), sources, and the resumable loader.
 
 ``make_loader(input_cfg, split=..., model_vocab_size=..., seed=...)`` is the entry point the
-trainer uses; ``python -m wsjax.data.preprocess`` makes shards; ``builtin:stdlib`` as data_dir
-builds (once) a corpus from the running interpreter's standard library.
+trainer uses; ``check_data_vocab(input_cfg, model_vocab_size, split=...)`` checks the data
+against the model without loading it (``--validate_only``); ``wsjax-preprocess`` makes shards;
+``builtin:stdlib`` as data_dir builds (once) a corpus from the running interpreter's standard
+library. The names below are loaded on first use: ``python -m wsjax.data.preprocess`` then runs
+a module the package has not imported already (which runpy warns about), and the preprocess
+command does not import the loaders' h5py and friends.
 """
 
-from wsjax.data.loader import BUILTIN_STDLIB, PROCESSORS, Loader, make_loader, make_source
+from __future__ import annotations
 
-__all__ = ["BUILTIN_STDLIB", "PROCESSORS", "Loader", "make_loader", "make_source"]
+import importlib
+from typing import Any
+
+__all__ = [
+    "BUILTIN_STDLIB",
+    "PROCESSORS",
+    "Loader",
+    "check_data_vocab",
+    "make_loader",
+    "make_source",
+]
+
+_HOMES = {
+    "BUILTIN_STDLIB": "wsjax.data.loader",
+    "PROCESSORS": "wsjax.data.loader",
+    "Loader": "wsjax.data.loader",
+    "make_loader": "wsjax.data.loader",
+    "make_source": "wsjax.data.loader",
+    "check_data_vocab": "wsjax.data.validate",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """The names above, or a submodule (``wsjax.data.shards``, ...), on first use."""
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name]), name)
+    try:
+        return importlib.import_module(f"wsjax.data.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"wsjax.data.{name}":
+            raise
+        raise AttributeError(f"module 'wsjax.data' has no attribute {name!r}") from None

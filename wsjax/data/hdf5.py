@@ -2,7 +2,9 @@
 
 Each file holds a dataset ``data`` of shape (n_examples, 3, max_sequence_length): row 0 the
 input_ids, row 1 the attention_mask, row 2 the labels; attribute ``n_examples``. The mask becomes
-``loss_mask``. data_dir is a file, a folder of ``*.h5`` / ``*.hdf5`` files, or a list of these.
+``loss_mask``. The dataset's dtype must be an integer one (float ids would be truncated), ids
+and labels in [0, vocab_size) and mask values 0 or 1. data_dir is a file, a folder of ``*.h5``
+/ ``*.hdf5`` files, or a list of these.
 """
 
 from __future__ import annotations
@@ -35,7 +37,11 @@ def find_files(dirs: Sequence[str], patterns: Sequence[str], kind: str) -> list[
 
 
 def check_ids(name: str, ids: np.ndarray, labels: np.ndarray, mask: np.ndarray, vocab: int):
-    """Raise on ids outside [0, vocab) (labels only where the mask counts); zero masked labels."""
+    """Raise on ids outside [0, vocab) (labels only where the mask counts) and on mask values
+    other than 0 / 1; zero masked labels."""
+    bad = (mask != 0) & (mask != 1)
+    if bad.any():
+        raise DataError(f"{name}: mask value {int(mask[bad][0])}: must be 0 or 1")
     bad = (ids < 0) | (ids >= vocab)
     if bad.any():
         raise DataError(f"{name}: input id {int(ids[bad][0])} outside [0, vocab_size {vocab})")
@@ -75,6 +81,11 @@ class HDF5Source:
             raise DataError(
                 f"{path}: dataset 'data' has shape {shape}, expected "
                 f"(n_examples, 3, {self.seq_len}) [input_ids, attention_mask, labels]"
+            )
+        if h["data"].dtype.kind not in "iu":
+            raise DataError(
+                f"{path}: dataset 'data' has dtype {h['data'].dtype}; token ids, mask and labels "
+                "must be integers (Cerebras writes int32)"
             )
         if shape[2] != self.seq_len:
             raise DataError(

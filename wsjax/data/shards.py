@@ -1,4 +1,5 @@
-"""Opening token shards (the preprocess output): checks, the windowed source, unigram entropy.
+"""Token shards (the preprocess output): writing them, opening them with their checks, the
+windowed source, unigram entropy.
 
 A split is the concatenation of its shard files (memory-mapped). Example i is the window
 ``tokens[i*T : i*T + T + 1]``: input_ids = w[:-1], labels = w[1:], loss_mask = 1. Windows do not
@@ -8,6 +9,8 @@ overlap and may cross shard and document boundaries (documents are separated by 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +19,53 @@ import numpy as np
 from wsjax.errors import DataError
 
 _SCAN_CHUNK = 1 << 24  # tokens per np.max chunk when checking ids
+
+
+def dtype_for_vocab(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+class ShardWriter:
+    """Appends token arrays to DIR/<split>/NNNNN.bin, rolling over every shard_tokens tokens."""
+
+    def __init__(self, root: Path, split: str, dtype: np.dtype, shard_tokens: int):
+        self.dir = root / split
+        self.split, self.dtype, self.shard_tokens = split, dtype, shard_tokens
+        self.shards: list[dict] = []
+        self._f = None
+        self._n = 0
+        self.tokens = 0
+        self.documents = 0
+
+    def _open_next(self) -> None:
+        self._close_current()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        name = f"{self.split}/{len(self.shards):05d}.bin"
+        self.shards.append({"file": name, "tokens": 0})
+        self._f = open(self.dir.parent / name, "wb")  # noqa: SIM115 (closed in close())
+        self._n = 0
+
+    def _close_current(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self.shards[-1]["tokens"] = self._n
+            self._f = None
+
+    def write(self, ids: np.ndarray, documents: int) -> None:
+        self.documents += documents
+        ids = ids.astype(self.dtype, copy=False)
+        while ids.size:
+            if self._f is None or self._n >= self.shard_tokens:
+                self._open_next()
+            take = min(ids.size, self.shard_tokens - self._n)
+            ids[:take].tofile(self._f)
+            self._n += take
+            self.tokens += take
+            ids = ids[take:]
+
+    def close(self) -> dict:
+        self._close_current()
+        return {"tokens": self.tokens, "documents": self.documents, "shards": self.shards}
 
 
 def read_meta(root: Path) -> dict:
@@ -57,6 +107,11 @@ def _check_meta_values(path: Path, meta: dict) -> None:
 
     count(meta["vocab_size"], "vocab_size", 1)
     count(meta["eos_id"], "eos_id")
+    if meta["eos_id"] >= meta["vocab_size"]:
+        raise DataError(
+            f"{path}: eos_id {meta['eos_id']} is outside the vocabulary "
+            f"(vocab_size {meta['vocab_size']}: ids 0..{meta['vocab_size'] - 1})"
+        )
     if not isinstance(meta["splits"], dict):
         raise DataError(f"{path}: splits = {meta['splits']!r} is not a mapping of split names")
     for name, split in meta["splits"].items():
@@ -70,6 +125,42 @@ def _check_meta_values(path: Path, meta: dict) -> None:
             count(shard.get("tokens"), f"{where}.tokens")
 
 
+def publish(stage: Path, final: Path) -> None:
+    """Move the shards staged in ``stage`` into ``final``; meta.json last, so a reader never
+    sees new metadata over missing shards. Other files a user keeps in ``final`` stay."""
+    if not final.exists():
+        os.replace(stage, final)
+        return
+    for name in ("train", "eval", "tokenizer.json"):
+        old = final / name
+        if old.is_dir():
+            shutil.rmtree(old)
+        elif old.exists():
+            old.unlink()
+        if (stage / name).exists():
+            os.replace(stage / name, old)
+    os.replace(stage / "meta.json", final / "meta.json")
+
+
+def check_vocab(root: Path, meta: dict, model_vocab_size: int) -> None:
+    """The model must hold every id of the shards' vocabulary: one line naming both sizes."""
+    vocab = meta["vocab_size"]
+    if vocab > model_vocab_size:
+        raise DataError(
+            f"vocab mismatch: {root}/meta.json has vocab_size {vocab} but the model's "
+            f"vocab_size is {model_vocab_size} (must be >= the data's: set model.vocab_size "
+            f">= {vocab}, or tokenise with at most {model_vocab_size} tokens)"
+        )
+
+
+def check_split(root: Path, meta: dict, split: str) -> None:
+    if split not in meta["splits"]:
+        raise DataError(
+            f"{root}/meta.json has no '{split}' split (has: "
+            f"{', '.join(meta['splits'])}); preprocess with --eval_fraction or --eval_input"
+        )
+
+
 class TokenStream:
     """One split of one or more shard folders as a single read-only token array."""
 
@@ -80,11 +171,7 @@ class TokenStream:
         for root in roots:
             meta = read_meta(root)
             self._check_compatible(root, meta, model_vocab_size)
-            if split not in meta["splits"]:
-                raise DataError(
-                    f"{root}/meta.json has no '{split}' split (has: "
-                    f"{', '.join(meta['splits'])}); preprocess with --eval_fraction or --eval_input"
-                )
+            check_split(root, meta, split)
             for shard in meta["splits"][split]["shards"]:
                 self._open_shard(root / shard["file"], meta, int(shard["tokens"]))
         self.offsets = np.cumsum([0] + [a.size for a in self.arrays])
@@ -93,11 +180,7 @@ class TokenStream:
             raise DataError(f"split '{split}' of {', '.join(map(str, roots))} holds no tokens")
 
     def _check_compatible(self, root: Path, meta: dict, model_vocab_size: int) -> None:
-        if meta["vocab_size"] > model_vocab_size:
-            raise DataError(
-                f"vocab mismatch: {root}/meta.json has vocab_size {meta['vocab_size']} but the "
-                f"model's vocab_size is {model_vocab_size} (must be >= the data's)"
-            )
+        check_vocab(root, meta, model_vocab_size)
         if self.meta is None:
             self.meta = meta
             return

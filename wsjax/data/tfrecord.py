@@ -3,7 +3,8 @@
 Record framing: uint64 length, uint32 masked CRC32C of the length bytes, payload, uint32 masked
 CRC32C of the payload (all little-endian). The payload is a tf.train.Example protobuf, decoded by
 hand: Example{1: Features{1: map<string, Feature{3: Int64List{1: packed varints}}>}}.
-Features used: int64 ``input_ids``, ``input_mask`` (1 = count in the loss), ``labels``.
+Features used: int64 ``input_ids``, ``input_mask`` (1 = count in the loss, else 0), ``labels``;
+a float or bytes feature under one of these names is refused, naming its kind.
 
 Both CRCs are checked by default (``google_crc32c``); a mismatch is one DataError line naming the
 file and the record. ``verify=False`` skips only the payload check.
@@ -109,6 +110,21 @@ def parse_example(payload: bytes) -> dict[str, np.ndarray]:
     return out
 
 
+KINDS = {1: "bytes_list", 2: "float_list", 3: "int64_list"}  # Feature's oneof field numbers
+
+
+def feature_kinds(payload: bytes) -> dict[str, str]:
+    """Feature name -> list kind of a tf.train.Example (to name a feature of the wrong kind)."""
+    kinds: dict[str, str] = {}
+    for f, _, features in _fields(payload):
+        for f2, _, entry in _fields(bytes(features)) if f == 1 else ():
+            fields = {f3: bytes(v) for f3, _, v in _fields(bytes(entry))} if f2 == 1 else {}
+            if 1 in fields and 2 in fields:
+                for kind, _, _ in _fields(fields[2]):
+                    kinds[fields[1].decode()] = KINDS.get(kind, f"field {kind}")
+    return kinds
+
+
 def _enc_varint(v: int) -> bytes:
     v &= (1 << 64) - 1
     out = bytearray()
@@ -202,6 +218,9 @@ class TfRecordSource:
             raise DataError(f"{where}: not a tf.train.Example ({e})") from None
         for key in FEATURES:
             if key not in ex:
+                kind = feature_kinds(payload).get(key)
+                if kind is not None:
+                    raise DataError(f"{where}: feature '{key}' is a {kind}, not an int64_list")
                 raise DataError(f"{where}: no int64 feature '{key}' (has {sorted(ex)})")
             if ex[key].size != self.seq_len:
                 raise DataError(
