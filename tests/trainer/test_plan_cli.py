@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import REPO
 
 GiB = 1024**3
@@ -45,6 +47,18 @@ def test_6b_fits_one_h100_and_128_gib_and_says_why(tmp_path):
     assert device["kept_activations"] == 28 * 32 * 2048 * 4096 * 2 == 14 * GiB
     assert "offloaded_activations" not in host
     assert plan["host_total"] <= 128 * GiB and plan["device_total"] <= 80 * GiB
+
+
+@pytest.mark.parametrize("name", ["params_gpt2_small.yaml", "params_gpt3_xl.yaml"])
+def test_shipped_gpt2_and_gpt3_xl_fit_one_80_gb_gpu(tmp_path, name):
+    """As shipped (their data is not on this machine: a warning, and the plan goes on)."""
+    cmd = [sys.executable, "-m", "wsjax.train", "-p", str(REPO / "configs" / name)]
+    cmd += ["-o", str(tmp_path / "md"), "--validate_only", *TARGET]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads((tmp_path / "md" / "plan.json").read_text())
+    assert plan["device_total"] <= 80 * GiB and plan["host_total"] <= 128 * GiB
+    assert "is not here: its data is not checked" in proc.stdout + proc.stderr
 
 
 def test_short_plan_exits_3_naming_shortfall_and_knob(tmp_path):
