@@ -4,8 +4,8 @@
         [--batches 1,8] [--prompt_len 16] [--new_tokens 64] [--kv_cache host]
 
 The model of ``--config`` (default: the built-in tiny GPT-J, configs/params_gptj_tiny.yaml) with
-random weights is exported with ``wsjax.interop.hf.export_hf`` and loaded by transformers (fp32, eager
-attention, PyTorch's default CPU threads; on the GPU when torch sees one), so both generate
+random weights is exported with ``wsjax.interop.hf.export_hf`` and loaded by transformers (fp32,
+eager attention, PyTorch's default CPU threads; on the GPU when torch sees one), so both generate
 from the same weights. Per batch
 size: greedy generation of ``--new_tokens`` tokens from random prompts of ``--prompt_len``
 tokens, best of ``--reps`` timed calls after one warm-up (wsjax compiles there); the tokens of

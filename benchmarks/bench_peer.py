@@ -10,8 +10,9 @@ rotary 32, vocab ``--vocab``) and each precision, one JSON line with tokens/s of
 - ``engine`` / ``engine_recompute``: the wsjax streaming engine, ``recompute`` false / true;
 - ``resident``: the resident JAX step (``wsjax.reference``);
 - ``torch``: HF transformers ``GPTJForCausalLM`` built from the same model config
-  (``wsjax.interop.hf_config.config_to_hf``), ``torch.optim.AdamW`` (same lr, weight decay, betas, eps)
-  and ``clip_grad_norm_`` at the same max norm; bf16 is ``torch.autocast("cpu", bfloat16)``,
+  (``wsjax.interop.hf_config.config_to_hf``), ``torch.optim.AdamW`` (same lr, weight decay,
+  betas, eps) and ``clip_grad_norm_`` at the same max norm; bf16 is
+  ``torch.autocast("cpu", bfloat16)``,
   the counterpart of wsjax's ``mixed_precision`` (fp32 master weights and optimizer state);
 
 and each one's ratio to torch measured in the same run (``<name>_vs_torch``). torch runs with
@@ -127,16 +128,17 @@ def torch_step(cfg, batch: dict, bf16: bool):
 
 def step_parts(model, cfg, shape: tuple[int, int]) -> dict:
     """Where an engine step's time goes: each executable and transfer timed alone on this
-    device (``wsjax.engine.estimate.measure_step_times``, the estimate's parts), and their schedule."""
+    device (``wsjax.engine.estimate.measure_step_times``, the estimate's parts), and their
+    schedule."""
     from wsjax.engine.estimate import estimate_step_seconds, measure_step_times
 
     engine = StreamingEngine(model, cfg)
     engine.compile(shape)
-    program = engine.program(shape, train=True)
+    executables = engine.executables(shape, train=True)
     times = measure_step_times(
-        program, program.training(recompute=cfg.streaming.recompute), engine.placement
+        executables, executables.training(recompute=cfg.streaming.recompute), engine.placement
     )
-    n = dict(num_layers=model.num_layers, n_micro=program.n_micro, overlap=False)
+    n = dict(num_layers=model.num_layers, n_micro=executables.n_micro, overlap=False)
     return {
         "compute": {k: round(v, 5) for k, v in times.compute.items()},
         "to_device": {k: round(v, 5) for k, v in times.to_device.items()},

@@ -1,4 +1,8 @@
-"""Shared test fixtures (the helpers behind them are in tests/helpers.py): tiny model configs, random token batches, a per-session compile cache.
+"""Shared test fixtures (the helpers behind them are in tests/helpers.py): tiny model configs,
+random token batches, a per-session compile cache.
+
+Tests marked ``needs_torch`` (PyTorch: transformers' models as yardsticks) are skipped one by one,
+with the reason, where torch is not installed (CI's leg 2); every other test runs on both legs.
 
 The compile cache: tests build many engines whose executables are identical (the same tiny model
 with a different knob); a JAX persistent compilation cache in a temporary folder, made for this
@@ -8,6 +12,7 @@ no result, only the time. Subprocesses that tests start inherit it through the e
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -36,6 +41,18 @@ def pytest_configure(config) -> None:
     jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+NO_TORCH = "needs torch (leg 1 installs it)"
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Skip each ``needs_torch`` test, saying why, where torch is not installed."""
+    if importlib.util.find_spec("torch") is not None:
+        return
+    for item in items:
+        if item.get_closest_marker("needs_torch"):
+            item.add_marker(pytest.mark.skip(reason=NO_TORCH))
 
 
 def pytest_unconfigure(config) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -118,35 +117,74 @@ def test_prefetch_settings_do_not_change_batches(stream):
     np.testing.assert_array_equal(outs[0], outs[1])
 
 
-class SlowSource(SyntheticSource):
-    """Each read takes DELAY seconds, and none starts before ``opened`` is set."""
+class Clock:
+    """The loader's clock in the test below (its ``time.perf_counter``): time moves only when a
+    read says it took DELAY, so the loader's measured waits are exact, however loaded the
+    machine; ``on_call`` runs once, at the next reading of the clock."""
+
+    def __init__(self):
+        self.now = 0.0
+        self.moved = threading.Condition()
+        self.on_call = None
+
+    def perf_counter(self) -> float:
+        call, self.on_call = self.on_call, None
+        if call is not None:
+            call()
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        with self.moved:
+            self.now += seconds
+            self.moved.notify_all()
+
+    def wait_until(self, t: float) -> bool:
+        with self.moved:
+            return self.moved.wait_for(lambda: self.now >= t, timeout=30)
+
+
+class GatedSource(SyntheticSource):
+    """Each read starts when the test lets it (``go``) and takes DELAY on the test's clock."""
 
     DELAY = 0.2
 
-    def __init__(self, *args):
+    def __init__(self, *args, clock: Clock):
         super().__init__(*args)
-        self.opened = threading.Event()
+        self.clock = clock
+        self.go = threading.Semaphore(0)
 
     def read(self, indices):
-        self.opened.wait()
-        time.sleep(self.DELAY)
+        self.go.acquire()
+        self.clock.advance(self.DELAY)
         return super().read(indices)
 
 
-def test_wait_time_is_measured_and_prefetch_hides_a_slow_source():
-    src = SlowSource(V, T, 0)
+def test_wait_time_is_measured_and_prefetch_hides_a_slow_source(monkeypatch):
+    import wsjax.data.loader
+
+    clock = Clock()
+    monkeypatch.setattr(wsjax.data.loader, "time", clock)
+    src = GatedSource(V, T, 0, clock=clock)
     ld = Loader(src, batch_size=B, num_workers=1, prefetch_factor=2)
-    # the first batch cannot start before this line, so next() blocks for about DELAY; the
-    # bound leaves half of DELAY for the scheduler between these two lines on a loaded machine
-    src.opened.set()
+    # the first read starts only once next() has read its clock: next() waits the whole read
+    # (a loader that read its clock only after waiting gets the read 30 s later: fails, no hang)
+    clock.on_call = src.go.release
+    fallback = threading.Timer(30, src.go.release)
+    fallback.start()
     next(ld)
-    assert ld.wait_seconds_last > SlowSource.DELAY / 2
+    fallback.cancel()
+    assert ld.wait_seconds_last == GatedSource.DELAY
     waits = []
-    for _ in range(4):
-        time.sleep(2 * SlowSource.DELAY)  # a trainer slower than the loader: batches are ready
+    for i in range(4):
+        # a trainer slower than the loader: the next batch is read before it is asked for (a
+        # loader that does not prefetch never reads it here, and the wait times out)
+        src.go.release()
+        assert clock.wait_until((i + 2) * GatedSource.DELAY), "the loader did not read ahead"
         next(ld)
         waits.append(ld.wait_seconds_last)
-    assert max(waits) < SlowSource.DELAY / 2 and ld.wait_seconds_total >= sum(waits)
+    assert waits == [0.0] * 4 and ld.wait_seconds_total == GatedSource.DELAY
+    for _ in range(8):  # the reads already submitted (2 ahead) may finish
+        src.go.release()
     before = threading.active_count()
     ld.close()
     assert threading.active_count() < before

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import types
 
 import numpy as np
 import pytest
@@ -38,17 +39,22 @@ def test_estimate_follows_the_step_schedule():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recompute", [True, False])
-def test_estimate_is_within_25_percent_of_measured_steps(recompute):
+def test_estimate_is_within_25_percent_of_measured_steps(recompute, monkeypatch):
     """The estimate (executables and transfers timed on this device) against real steps of the
     default run's model and batch (configs/params_gptj_tiny.yaml, synthetic tokens).
 
-    The machine may be shared, so its load drifts: estimate and steps are interleaved in
-    rounds, and the medians of both are compared, so both see the same load. Load from other
-    processes (the suite's other workers, some of them several processes) slows a step more
-    than its parts timed one by one: a step hands work between threads at every layer, and
-    each handoff waits for a core. CI saw 0.72 once under that load (0.90-0.98 here, alone
-    or beside one other step). So up to three attempts are made; an estimate that is really
-    off (issue 14's was 4.9x the measured rate) fails all three."""
+    Both are timed in CPU seconds of this process (``time.process_time``, all its threads; the
+    estimate's own clock is pointed at it): on the CPU backend a transfer is a copy by the same
+    cores (``overlap=False``), so the step's CPU seconds are the sum of its parts', which is what
+    the estimate adds up, plus the engine's own work between them (dispatch, bookkeeping).
+    Other processes' load does not move that ratio: it lengthens wall time (a step hands work
+    between threads at every layer, each handoff waiting for a core: CI once saw 0.72 in wall
+    seconds) but not the CPU seconds this process spends. Measured here: 0.96-1.03 alone,
+    0.91-0.98 beside two busy processes on the 2 cores (load 14). So one attempt, and the
+    window is the estimate's stated accuracy, 25%; an estimate that is really off (issue 14's
+    was 4.9x the measured rate) fails it. Estimate and steps are interleaved in rounds and
+    their medians compared."""
+    import wsjax.engine.estimate
     from tests.helpers import TINY
     from wsjax.config import load_config
     from wsjax.engine import StreamingEngine
@@ -65,25 +71,20 @@ def test_estimate_is_within_25_percent_of_measured_steps(recompute):
     engine.train_step(batch)  # compiles
     executables = engine.executables(shape, train=True)
     train_set = executables.training(recompute=recompute)
+    cpu_clock = types.SimpleNamespace(perf_counter=time.process_time)
+    monkeypatch.setattr(wsjax.engine.estimate, "time", cpu_clock)
 
-    def attempt() -> tuple[float, list, list]:
-        estimates, steps = [], []
-        for _ in range(5):
-            times = measure_step_times(executables, train_set, engine.placement)
-            # on CPU, transfers are copies by the computing cores: they add to compute
-            step_s = estimate_step_seconds(
-                times, num_layers=model.num_layers, n_micro=executables.n_micro, overlap=False
-            )
-            estimates.append(step_s)
-            for _ in range(2):
-                t0 = time.perf_counter()
-                engine.train_step(batch)
-                steps.append(time.perf_counter() - t0)
-        return statistics.median(estimates) / statistics.median(steps), estimates, steps
-
-    tries = []
-    for _ in range(3):
-        tries.append(attempt())
-        if 0.75 <= tries[-1][0] <= 1.25:
-            break
-    assert 0.75 <= tries[-1][0] <= 1.25, tries
+    estimates, steps = [], []
+    for _ in range(5):
+        times = measure_step_times(executables, train_set, engine.placement)
+        # on CPU, transfers are copies by the computing cores: they add to compute
+        step_s = estimate_step_seconds(
+            times, num_layers=model.num_layers, n_micro=executables.n_micro, overlap=False
+        )
+        estimates.append(step_s)
+        for _ in range(2):
+            t0 = time.process_time()
+            engine.train_step(batch)
+            steps.append(time.process_time() - t0)
+    ratio = statistics.median(estimates) / statistics.median(steps)
+    assert 0.75 <= ratio <= 1.25, (ratio, estimates, steps)

@@ -1,9 +1,12 @@
-"""Generation with streamed weights (wsjax.inference.generate, wsjax.inference.decode, the KV cache path).
+"""Generation with streamed weights (wsjax.inference.generate, wsjax.inference.decode, the KV
+cache path).
 
 Yardsticks: transformers' ``generate(do_sample=False)`` on the HF export of the same weights
 (GPT-J, GPT-2, NeoX; two prompts of different lengths, so left padding and per-row positions
-are exercised), the resident model re-run on the whole sequence without a cache, and a hand
-computation of the nucleus filter. Tiny models (2 layers): every case runs in seconds.
+are exercised; needs torch, so CI's leg 1 only), the resident model re-run on the whole sequence
+without a cache, and a hand computation of the nucleus filter. The other tests decode the tiny
+GPT-2 checkpoint of tests/fixtures/golden (transformers' format, every tensor random), which
+needs no torch. Tiny models (2 layers): every case runs in seconds.
 """
 
 from __future__ import annotations
@@ -18,16 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from test_hf import _save, _torch_model  # noqa: E402  (tiny HF models, every tensor random)
-
-from tests.helpers import REPO, small_config  # noqa: E402
-from wsjax.config.schema import StreamingConfig  # noqa: E402
-from wsjax.inference.decode import Sampling, StreamingDecoder, sample_next  # noqa: E402
-from wsjax.interop.hf import export_hf, import_hf  # noqa: E402
-from wsjax.models import get_model  # noqa: E402
+from tests.fixtures.golden.make_golden import GOLDEN_DIR
+from tests.helpers import REPO, small_config
+from wsjax.config.schema import StreamingConfig
+from wsjax.inference.decode import Sampling, StreamingDecoder, sample_next
+from wsjax.interop.hf import export_hf, import_hf
+from wsjax.models import get_model
 
 PROMPTS = [[5, 17, 3, 9, 44, 61, 2], [7, 2, 30]]  # different lengths: left padding matters
 NEW = 8
@@ -35,6 +34,9 @@ NEW = 8
 
 def _hf_greedy(hf_dir: Path, prompts: list[list[int]], new: int) -> np.ndarray:
     """transformers' greedy continuation of left-padded prompts (its own attention mask)."""
+    import torch
+    import transformers
+
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     model.generation_config.eos_token_id = None  # run all ``new`` steps, as we are asked to
     width = max(len(p) for p in prompts)
@@ -50,8 +52,11 @@ def _hf_greedy(hf_dir: Path, prompts: list[list[int]], new: int) -> np.ndarray:
     return out[:, width:].numpy()
 
 
+@pytest.mark.needs_torch
 @pytest.mark.parametrize("family", ["gptj", "gpt2", "neox"])
 def test_greedy_equals_transformers_generate(tmp_path, family):
+    from tests.interop.test_hf import _save, _torch_model  # tiny HF models, every tensor random
+
     cfg, params = import_hf(_save(_torch_model(family), tmp_path / "hf"))
     exported = export_hf(cfg, params, tmp_path / "export")  # what a user's export would be
     with jax.default_matmul_precision("highest"):
@@ -71,9 +76,11 @@ def test_greedy_equals_transformers_generate(tmp_path, family):
 
 
 @pytest.fixture(scope="module")
-def gpt2(tmp_path_factory):
-    """A tiny GPT-2 (tied embeddings) from transformers, every tensor random: (model, params)."""
-    cfg, params = import_hf(_save(_torch_model("gpt2"), tmp_path_factory.mktemp("hf")))
+def gpt2():
+    """A tiny GPT-2 (tied embeddings, vocab 64, 32 positions) in transformers' format, every
+    tensor random (tests/fixtures/golden/gpt2): (model, params)."""
+    cfg, params = import_hf(GOLDEN_DIR / "gpt2")
+    assert (cfg.vocab_size, cfg.max_position_embeddings) == (64, 32) and cfg.share_embedding_weights
     return get_model(cfg), params
 
 
@@ -88,7 +95,7 @@ def test_sampling_is_deterministic_for_a_seed(gpt2_decoder):
     again = gpt2_decoder.generate(PROMPTS, NEW, warm)
     other = gpt2_decoder.generate(PROMPTS, NEW, Sampling(temperature=1.0, seed=4))
     np.testing.assert_array_equal(first, again)
-    assert not np.array_equal(first, other)  # 16 draws over 96 tokens: equal by chance ~never
+    assert not np.array_equal(first, other)  # 16 draws over 64 tokens: equal by chance ~never
 
 
 def test_top_k_1_and_tiny_top_p_equal_greedy(gpt2_decoder):

@@ -1,9 +1,12 @@
 """Every benchmark script runs in its seconds-long ``--smoke`` mode and prints parseable JSON lines
 with its figures (positive numbers), the machine description, and the same lines in its
-results file; so none of them rots."""
+results file; so none of them rots. bench_generate and bench_peer measure against PyTorch (their
+figures are ratios to it): they need torch, CI's leg 1; bench_after_training compares logits
+with transformers' where torch is installed and says so where it is not."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -96,13 +99,20 @@ EXPECTED = {
 }
 
 
+NEEDS_TORCH = {"bench_generate.py", "bench_peer.py"}
+SCRIPTS = [
+    pytest.param(s, marks=pytest.mark.needs_torch) if s in NEEDS_TORCH else s
+    for s in sorted(EXPECTED)
+]
+
+
 def _positive(rec: dict, key: str) -> None:
     v = rec[key]
     assert isinstance(v, int | float) and v > 0, (rec["setting"], key, v)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", sorted(EXPECTED))
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_benchmark_smoke(script: str, tmp_path: Path) -> None:
     p = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--results_dir", tmp_path],
@@ -137,6 +147,12 @@ def test_benchmark_smoke(script: str, tmp_path: Path) -> None:
                 _positive(row["resident"], key)
         # the plan never under-estimates the live arrays' peak, at any depth
         assert by_setting["slopes"]["target"]["reached"], by_setting["slopes"]
+    if script == "bench_after_training.py":  # transformers' logits on the export, or a note
+        rec = by_setting["smoke"]
+        if importlib.util.find_spec("torch") is None:
+            assert rec["logits_agreement"] == "skipped: torch is not installed", rec
+        else:  # fp32 both sides: tests/interop/test_hf.py derives 1e-5 of the largest logit
+            assert rec["logits_max_abs_diff_rel"] <= 1e-5, rec
     if script == "bench_generate.py":  # the two generate the same greedy tokens
         assert all(by_setting[s]["same_greedy_tokens"] for s in ("b1", "b8"))
     if script == "bench_peer.py":  # --parts: every executable timed alone, and the schedule
@@ -148,3 +164,60 @@ def test_benchmark_smoke(script: str, tmp_path: Path) -> None:
     if script == "bench_compile.py":
         # the warm process finds every executable in the persistent cache
         assert by_setting["L3_warm"]["compile_seconds"] < by_setting["L3_cold"]["compile_seconds"]
+
+
+CI_LOG = """\
+ci: leg 1 (README command, the whole suite)
+ci: leg 1 versions: Python 3.11.7, jax 0.10.2, flax 0.12.8, optax 0.2.8, torch 2.13.0+cpu
+All checks passed!
+SKIPPED [2] tests/engine/test_gpu.py:12: needs a GPU
+510 passed, 2 skipped, 1 warning in 801.50s (0:13:21)
+ci: leg 1 took 900 s
+ci: leg 2 (newest JAX, no torch: the whole suite; needs_torch tests skip, saying so)
+ci: leg 2 versions: Python 3.12.1, jax 0.12.0.1, flax 0.12.12, optax 0.2.8, torch none
+1 failed, 470 passed, 40 skipped in 500.25s (0:08:20)
+ci: leg 2 took 600 s
+ci: total 1500 s, FAILED
+"""
+
+
+def test_record_suite_writes_the_records_from_ci_output(tmp_path: Path) -> None:
+    """scripts/record_suite.py turns .ci/run's output into the suite records (one line per leg:
+    versions, pytest's counts and seconds; one for the run); a leg 2 that could not run is
+    recorded as missing."""
+    log = tmp_path / "ci.log"
+    log.write_text(CI_LOG)
+    script = [sys.executable, str(ROOT / "scripts" / "record_suite.py")]
+    p = subprocess.run([*script, "--log", str(log), "--results_dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    (results,) = tmp_path.glob("suite-*.jsonl")
+    leg1, leg2, run = [json.loads(x) for x in results.read_text().splitlines()]
+    assert (leg1["leg"], leg1["jax"], leg1["torch"]) == (1, "0.10.2", "2.13.0+cpu")
+    assert (leg1["passed"], leg1["failed"], leg1["skipped"], leg1["result"]) == (
+        510,
+        0,
+        2,
+        "passed",
+    )
+    assert (leg1["pytest_seconds"], leg1["leg_seconds"]) == (801.5, 900)
+    assert (leg2["python"], leg2["torch"], leg2["passed"], leg2["failed"]) == (
+        "3.12.1",
+        None,
+        470,
+        1,
+    )
+    assert leg2["result"] == "failed" and leg2["skipped"] == 40
+    assert (run["total_seconds"], run["result"]) == (1500, "failed")
+    assert all(r["bench"] == "suite" and r["commit"] is not None for r in (leg1, leg2, run))
+
+    cut = CI_LOG.split("ci: leg 2 (")[0] + (
+        "ci: leg 2 FAILED: no Python 3.12 or 3.13 on this machine\nci: total 900 s, FAILED\n"
+    )
+    log.write_text(cut)
+    p = subprocess.run([*script, "--log", str(log), "--results_dir", str(tmp_path / "b")],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    lines = [json.loads(x) for x in next((tmp_path / "b").glob("*.jsonl")).read_text().splitlines()]
+    assert lines[1]["leg"] == 2 and lines[1]["result"] == "missing"
+    assert lines[2]["result"] == "failed"

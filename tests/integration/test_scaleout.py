@@ -32,7 +32,7 @@ from filelock import FileLock
 from tests.helpers import REPO, SMALL
 
 PY = sys.executable
-PROBE = REPO / "tests" / "scaleout_probe.py"
+PROBE = REPO / "tests" / "integration" / "scaleout_probe.py"
 
 
 def _env(devices: int) -> dict:

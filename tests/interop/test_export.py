@@ -1,10 +1,11 @@
-"""A training run exported to HuggingFace in one call (wsjax.interop.export, scripts/convert_hf.py) and
-the run's tokenizer kept in model_dir (wsjax.trainer.tokenizer).
+"""A training run exported to HuggingFace in one call (wsjax.interop.export,
+scripts/convert_hf.py) and the run's tokenizer kept in model_dir (wsjax.data.tokenizer).
 
 Yardsticks: transformers' PyTorch models loaded from the export against wsjax's own logits from
 the checkpoint the run wrote (both fp32 on CPU, matmul precision "highest"; tolerance as in
 tests/interop/test_hf.py, whose docstring derives it), and the shards folder's own tokenizer.json
-(HF tokenizers) against AutoTokenizer loaded from the export.
+(HF tokenizers) against AutoTokenizer loaded from the export. The model comparisons need torch
+(marked ``needs_torch``: CI's leg 1); the tokenizer's needs only transformers' tokenizers.
 """
 
 from __future__ import annotations
@@ -19,14 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import transformers
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from test_hf import LOGIT_RTOL  # noqa: E402
-
-from tests.helpers import MODEL_VOCAB, make_shards, shards_input, train_briefly  # noqa: E402
-from wsjax.interop.export import export_run  # noqa: E402
+from tests.helpers import MODEL_VOCAB, make_shards, shards_input, train_briefly
+from tests.interop.test_hf import LOGIT_RTOL, torch
+from wsjax.interop.export import export_run
 
 REPO = Path(__file__).resolve().parents[2]
 TEXT = "def main(argv):\n    return sorted(set(argv))  # unique names\n"
@@ -40,8 +38,9 @@ def shards(tmp_path_factory) -> Path:
 def wsjax_logits(path: Path, tokens: np.ndarray) -> np.ndarray:
     """Logits of checkpoint ``path`` (a model-ckpt-<step>, or a model_dir's newest),
     computed by wsjax itself."""
-    from wsjax.checkpoint import load_start
-    from wsjax.interop.export import PARAMS_TRAIN, load_model_config, run_model_dir
+    from wsjax.checkpoint import run_model_dir
+    from wsjax.interop.export import PARAMS_TRAIN, load_model_config
+    from wsjax.interop.load import load_start
     from wsjax.models import get_model
 
     model = get_model(load_model_config(run_model_dir(path) / PARAMS_TRAIN))
@@ -51,6 +50,7 @@ def wsjax_logits(path: Path, tokens: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.slow
+@pytest.mark.needs_torch
 @pytest.mark.parametrize("family", ["gptj", "gpt2", "neox"])
 def test_trained_run_exports_to_transformers(tmp_path, shards, family):
     from tokenizers import Tokenizer
@@ -102,6 +102,7 @@ def _hf_logits(hf_dir: Path, tokens: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.slow
+@pytest.mark.needs_torch
 def test_cli_exports_the_newest_good_checkpoint_and_errors_are_one_line(tmp_path):
     md = tmp_path / "run"
     synthetic = {"data_processor": "SyntheticDataProcessor", "data_dir": "x"}
@@ -153,7 +154,7 @@ def test_run_tokenizer_folder_loads_in_transformers_and_a_broken_one_is_skipped(
     from tokenizers import Tokenizer
 
     from wsjax.data.shards import ShardSource
-    from wsjax.trainer.tokenizer import save_run_tokenizer
+    from wsjax.data.tokenizer import save_run_tokenizer
 
     md = tmp_path / "run"
     md.mkdir()
