@@ -4,6 +4,7 @@ real token shards. The fixtures in tests/conftest.py hand some of them to tests.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -58,8 +59,10 @@ def tiny_config_dict(
     batch: int = BATCH,
     seq: int = SEQ,
 ) -> dict:
-    """A params-YAML dict of a tiny GPT-J (rotary_dim 8 < head_dim), GPT-2 (tied) or GPT-NeoX
-    (untied layer norms, rotate-half rotary on 8 of 16 head dims) model."""
+    """A params-YAML dict of a tiny GPT-J (rotary_dim 8 < head_dim), GPT-2 (tied), GPT-NeoX
+    (untied layer norms, rotate-half rotary on 8 of 16 head dims) or Llama-family model (llama,
+    mistral, qwen2: 2 key/value heads for 4 query heads, llama3 RoPE scaling whose three
+    frequency bands all occur at head_dim 16, a sliding window of 6 < SEQ)."""
     m = {
         "hidden_size": hidden,
         "num_heads": 4,
@@ -72,6 +75,11 @@ def tiny_config_dict(
         m |= {"position_embedding_type": "rotary", "rotary_dim": 8}
     elif family == "neox":
         m |= {"model_family": "neox", "position_embedding_type": "rotary", "rotary_dim": 8}
+    elif family in ("llama", "mistral", "qwen2"):
+        scaling = {"original_max_position_embeddings": 256}  # bands at wavelength 64 and 256
+        m |= {"model_family": family, "num_kv_groups": 2, "rope_theta": 500.0,
+              "pos_scaling_type": "llama3", "pos_scaling_factor": 8.0,
+              "pos_scaling_extra_args": scaling, "attention_sliding_window_length": 6}  # fmt: skip
     else:
         m |= {"position_embedding_type": "learned", "share_embedding_weights": True}
     opt = {"optimizer_type": "adamw", "learning_rate": 1e-3, "weight_decay_rate": 0.01}
@@ -173,3 +181,14 @@ def train_briefly(family: str, data: dict, model_dir: Path, steps: int = 2, **fl
 
 def shards_input(root: Path) -> dict:
     return {"data_processor": "GptTokenShardsProcessor", "data_dir": str(root)}
+
+
+def probe_env() -> dict[str, str]:
+    """The environment of a child process of a multi-process test: CPU, one device a process
+    unless the launcher says otherwise, no WSJAX_* settings of this process, the repo on
+    PYTHONPATH (the children import tests.*)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WSJAX_")}
+    env.pop("XLA_FLAGS", None)  # 1 CPU device per process unless --devices_per_process
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = str(REPO)
+    return env

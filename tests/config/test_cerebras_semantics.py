@@ -302,7 +302,7 @@ def test_trainer_layout_equals_the_1x_file():
 @pytest.mark.parametrize(
     ("trainer", "part"),
     [
-        ({"init": {"model": {"name": "llama"}}}, "trainer.init.model.name='llama'"),
+        ({"init": {"model": {"name": "falcon"}}}, "trainer.init.model.name='falcon'"),
         ({"init": {"model": {}, "optimizer": {"AdamW": {}},
                    "callbacks": [{"GradientAccumulation": {}}]}},
          "trainer.init.callbacks.GradientAccumulation"),

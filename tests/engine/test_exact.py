@@ -165,9 +165,10 @@ def check_against_reference(rel_err, engine, em, state, rm, tol):
         assert np.all(count == STEPS), (seg, count)
 
 
-@pytest.mark.parametrize("family", ["gptj", "gpt2", "neox"])
+@pytest.mark.parametrize("family", ["gptj", "gpt2", "neox", "llama"])
 def test_matches_reference_with_clipping(runs, rel_err, family):
-    """float64, 3 steps: losses, grad norms, params and Adam mu / nu equal the reference."""
+    """float64, 3 steps: losses, grad norms, params and Adam mu / nu equal the reference (llama:
+    grouped-query attention, llama3 RoPE scaling and a sliding window, tests/helpers.py)."""
     engine, em = runs.engine(family, "f64")
     _, state, rm = runs.reference(family, "f64")
     assert engine.model.tied == (family == "gpt2")
@@ -181,15 +182,15 @@ def test_matches_reference_with_clipping(runs, rel_err, family):
 MICRO_BATCHING = [(("optimizer", "grad_accum_steps", 4),), (("streaming", "micro_batch_size", 2),)]
 
 
-@pytest.mark.parametrize("family", ["gptj", "gpt2", "neox"])
+@pytest.mark.parametrize("family", ["gptj", "gpt2", "neox", "llama"])
 @pytest.mark.parametrize("knob", MICRO_BATCHING, ids=["grad_accum_steps=4", "micro_batch_size=2"])
 def test_micro_batching_equals_whole_batch(runs, rel_err, family, knob):
     """float64: 4 micro-batches of 2 == one batch of 8 == the reference."""
     engine, em = runs.engine(family, "f64", knob)
     whole, _ = runs.engine(family, "f64")
     _, state, rm = runs.reference(family, "f64")
-    assert engine.program((8, 16), train=True).n_micro == 4
-    assert whole.program((8, 16), train=True).n_micro == 1
+    assert engine.executables((8, 16), train=True).n_micro == 4
+    assert whole.executables((8, 16), train=True).n_micro == 1
     check_against_reference(rel_err, engine, em, state, rm, TOL64)
 
 
@@ -293,12 +294,12 @@ def test_zero_fills_cover_each_gradient_once(runs, family):
     is the head's fill, so the embed fill leaves it out (it was filled and thrown away, a
     vocab x hidden fp32 write every step)."""
     engine, _ = runs.engine(family, "f32")
-    exes = engine.program((8, 16), train=True)
-    compiled = exes.training(recompute=False)
-    filled = {name: fill() for name, fill in compiled.zeros.items()}
+    executables = engine.executables((8, 16), train=True)
+    train_set = executables.training(recompute=False)
+    filled = {name: fill() for name, fill in train_set.zeros.items()}
     assert ("g_wte" in filled) == engine.model.tied
     counted = [a.nbytes for a in jax.tree.leaves(filled)]
-    grads = [a.size * a.dtype.itemsize for a in jax.tree.leaves(exes.grads)]
+    grads = [a.size * a.dtype.itemsize for a in jax.tree.leaves(executables.grads)]
     assert sorted(counted) == sorted(grads)
     assert all(not np.any(np.asarray(a)) for a in jax.tree.leaves(filled))
 

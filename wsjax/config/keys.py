@@ -21,7 +21,6 @@ IGNORED_KEYS: dict[str, frozenset[str]] = {
             "boundary_casting",
             "tf_summary",
             "attention_softmax_fp32",
-            "attention_module",
             "compute_eval_metrics",
             "layer_norm_type",
             "use_cache",  # HF-style KV cache for generation; training never uses one
@@ -91,6 +90,8 @@ IGNORED_KEYS: dict[str, frozenset[str]] = {
             "execution_strategy",
             "throttle_secs",
             "eval_frequency",
+            "disable_strict_checkpoint_loading",  # which checkpoint states must match on load
+            "show_debug_metrics",  # Cerebras debug summaries
         }
     ),  # fmt: skip
     "train_input": frozenset(
@@ -114,7 +115,10 @@ IGNORED_KEYS["eval_input"] = IGNORED_KEYS["train_input"]
 # would change the maths, so it is refused.
 FIXED_VALUE_KEYS: dict[str, dict[str, Any]] = {
     # Cerebras' only dense attention; "dot_product" (unscaled) would change the logits.
-    "model": {"attention_type": "scaled_dot_product"},
+    "model": {
+        "attention_type": "scaled_dot_product",
+        "embedding_layer_norm": False,  # a norm after the embedding: none of the families has one
+    },
 }
 
 # Alternative spellings: section -> {alias: field}.
@@ -131,3 +135,7 @@ ALIASES: dict[str, dict[str, str]] = {
     },
 }
 LR_PHASE_ALIASES = {"total_iters": "steps"}
+# Input data_processor spellings: Cerebras' map-style HDF5 reader (the Llama-3 files') reads the
+# GptHDF5DataProcessor files, (n, 3, max_sequence_length) "sample" layout; its other, 1-D
+# "corpus" layout is refused by the HDF5 reader with the shape it expected.
+DATA_PROCESSOR_ALIASES = {"GptHDF5MapDataProcessor": "GptHDF5DataProcessor"}

@@ -20,7 +20,10 @@ from wsjax.errors import ConfigError
 logger = logging.getLogger("wsjax.config")
 
 # trainer.init.model.name -> wsjax family. Cerebras "gpt3" is its GPT-2 code with GPT-3 sizes.
-MODEL_NAMES = {"gpt2": "gpt2", "gpt3": "gpt2", "gptj": "gptj", "gpt_neox": "neox", "neox": "neox"}
+MODEL_NAMES = {
+    "gpt2": "gpt2", "gpt3": "gpt2", "gptj": "gptj", "gpt_neox": "neox", "neox": "neox",
+    "llama": "llama", "llamamodel": "llama", "mistral": "mistral",
+}  # fmt: skip
 # trainer.init.optimizer.<name> keys (torch names) -> 1.x optimizer keys.
 _OPTIMIZER_KEYS = {
     "eps": "epsilon",
@@ -31,7 +34,13 @@ _OPTIMIZER_KEYS = {
 }
 _PRECISION_TO_OPTIMIZER = ("max_gradient_norm", "max_gradient_value", "loss_scaling_factor")
 _PRECISION_IGNORED = ("enabled", "fp16_type", "precision_opt_level", "log_loss_scale")
-_INERT_CALLBACKS = ("ComputeNorm",)  # logs the gradient norm; changes nothing
+# ComputeNorm logs the gradient norm; LoadCheckpointStates picks the states a checkpoint load
+# restores (1.x runconfig.load_checkpoint_states, ignored as well): neither changes training.
+_INERT_CALLBACKS = ("ComputeNorm", "LoadCheckpointStates")
+# CS runtime flags; of them only the micro-batch size of training has a meaning here (the 1.x
+# train_input.micro_batch_size); the rest (csx.debug.*, ...) are compiler and runtime knobs.
+_FLAG_CALLBACKS = ("GlobalFlags", "ScopedTrainFlags", "ScopedValidateFlags")
+_MICRO_BATCH_FLAG = "csx.performance.micro_batch_size"
 
 
 def from_trainer_layout(d: Mapping[str, Any], source: str, ignored: list[str]) -> dict:
@@ -70,11 +79,7 @@ def from_trainer_layout(d: Mapping[str, Any], source: str, ignored: list[str]) -
     for key in ("seed", "model_dir"):
         if key in init:
             runconfig[key] = init.pop(key)
-    for callback in init.pop("callbacks", None) or []:
-        name = next(iter(callback)) if isinstance(callback, Mapping) and callback else callback
-        if name not in _INERT_CALLBACKS:
-            _refuse(source, f"trainer.init.callbacks.{name}", "may change training")
-        ignored.append(f"trainer.init.callbacks.{name}")
+    micro = _callbacks(init.pop("callbacks", None) or [], source, ignored)
     if "backend" in init:
         init.pop("backend")
         ignored.append("trainer.init.backend")
@@ -82,6 +87,8 @@ def from_trainer_layout(d: Mapping[str, Any], source: str, ignored: list[str]) -
         _refuse(source, f"trainer.init.{key}", "not expressible")
     out["optimizer"], out["runconfig"] = optimizer, {**out.get("runconfig", {}), **runconfig}
     out.update(_loaders(trainer, source))
+    if micro is not None and "train_input" in out:  # as a 1.x file's train_input would carry it
+        out["train_input"]["micro_batch_size"] = micro
     validate_all = (trainer.get("validate_all") or {}).get("val_dataloaders")
     if validate_all not in (None, out.get("eval_input"), [out.get("eval_input")]):
         ignored.append("trainer.validate_all (eval_all reads eval_input)")
@@ -90,6 +97,27 @@ def from_trainer_layout(d: Mapping[str, Any], source: str, ignored: list[str]) -
 
 def _refuse(source: str, part: str, why: str) -> None:
     raise ConfigError(f"{source}: {part} cannot be expressed in wsjax ({why})")
+
+
+def _callbacks(callbacks: list, source: str, ignored: list[str]) -> Any:
+    """Check the callbacks; returns the training micro-batch size they set (or None)."""
+    micro = None
+    for callback in callbacks:
+        name = next(iter(callback)) if isinstance(callback, Mapping) and callback else callback
+        where = f"trainer.init.callbacks.{name}"
+        if name in _FLAG_CALLBACKS:
+            for flag, value in dict(callback[name] or {}).items():
+                if not str(flag).startswith("csx."):
+                    _refuse(source, f"{where}.{flag}", "only csx.* runtime flags are read")
+                if flag == _MICRO_BATCH_FLAG and name != "ScopedValidateFlags":
+                    micro = value
+                else:
+                    ignored.append(f"{where}.{flag}")
+        elif name in _INERT_CALLBACKS:
+            ignored.append(where)
+        else:
+            _refuse(source, where, "may change training")
+    return micro
 
 
 def _model(model: Any, source: str) -> dict:

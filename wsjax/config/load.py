@@ -56,8 +56,18 @@ logger = logging.getLogger(__name__)
 # Keys read by the loader that are not fields of their section's dataclass.
 _EXTRA_KEYS = {
     # dropout_rate: Cerebras GPT-2 residual + embedding dropout; rotary_pct: HF/NeoX fraction
-    # of the head that rotates; use_position_embedding(s): Cerebras GPT-2 switch, checked.
-    "model": ("dropout_rate", "rotary_pct", "use_position_embedding", "use_position_embeddings"),
+    # of the head that rotates; use_position_embedding(s): Cerebras GPT-2 switch, checked;
+    # use_rms_norm (Cerebras R1.9 llama: norm_type rmsnorm), attention_module and
+    # extra_attention_params (Cerebras grouped-query attention: num_kv_groups).
+    "model": (
+        "dropout_rate",
+        "rotary_pct",
+        "use_position_embedding",
+        "use_position_embeddings",
+        "use_rms_norm",
+        "attention_module",
+        "extra_attention_params",
+    ),
     "optimizer": ("betas",),  # PyTorch spelling of beta1 / beta2
     "runconfig": ("grad_accum_steps",),  # alias of optimizer.grad_accum_steps
     "train_input": ("micro_batch_size",),  # alias of streaming.micro_batch_size

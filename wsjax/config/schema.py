@@ -21,10 +21,21 @@ from wsjax.errors import ConfigError
 logger = logging.getLogger("wsjax.config")
 
 SECTIONS = ("train_input", "eval_input", "model", "optimizer", "runconfig", "streaming")
-FAMILIES = ("gptj", "gpt2", "neox")
+FAMILIES = ("gptj", "gpt2", "neox", "llama", "mistral", "qwen2")
+LLAMA_FAMILIES = ("llama", "mistral", "qwen2")  # one block (wsjax.models.llama), HF names apart
 POSITION_EMBEDDINGS = ("rotary", "learned")
-NONLINEARITIES = ("gelu", "gelu_exact", "relu")
+NONLINEARITIES = ("gelu", "gelu_exact", "relu", "swiglu")
+NORM_TYPES = ("layernorm", "rmsnorm")
+ATTENTION_MODULES = ("aiayn_attention", "multiquery_attention")  # Cerebras: MHA | grouped KV
+POS_SCALING_TYPES = ("linear", "llama3")
+# pos_scaling_extra_args of pos_scaling_type llama3, with Cerebras' (and Meta's) defaults
+LLAMA3_SCALING_ARGS = {
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 OPTIMIZERS = ("adamw", "adam", "sgd")
+REPORT_TO = ("tensorboard", "wandb", "mlflow", "none")  # runconfig.report_to
 # Cerebras LR schedulers (lower-cased; 2.x names with an "LR" suffix map onto these).
 SCHEDULERS = (
     "linear", "constant", "cosine", "cosinedecay", "exponential", "polynomial",
@@ -40,6 +51,9 @@ DATA_PROCESSORS = (
 SPLITS = ("train", "eval")
 OPTIMIZER_PLACEMENTS = ("host", "device")
 HOST_MEMORY_KINDS = ("pinned_host", "unpinned_host", "device")
+# streaming.recompute_policy (with recompute: false): which block residuals the forward keeps;
+# the backward recomputes the rest (wsjax.engine.segments.SAVE_POLICIES)
+RECOMPUTE_POLICIES = ("none", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
 @dataclass(frozen=True)
@@ -106,10 +120,25 @@ class ModelConfig:
     # see wsjax.losses.loss_normalizer.
     loss_scaling: str = "num_tokens"
     loss_weight: float = 1.0
+    # Llama families: RMSNorm, grouped-query attention (num_kv_groups key/value heads, Cerebras
+    # extra_attention_params.num_kv_groups; None: one per query head), RoPE scaling (linear:
+    # positions / factor; llama3: Meta's per-frequency interpolation) and Mistral's sliding
+    # window (a query sees itself and the window - 1 tokens before it).
+    norm_type: str = "layernorm"
+    num_kv_groups: int | None = None
+    pos_scaling_factor: float = 1.0
+    pos_scaling_type: str = "linear"
+    pos_scaling_extra_args: tuple[tuple[str, float], ...] | None = None  # sorted (key, value)
+    attention_sliding_window_length: int | None = None
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        """Key/value heads: num_kv_groups under grouped-query attention, else num_heads."""
+        return self.num_heads if self.num_kv_groups is None else self.num_kv_groups
 
 
 # Family-dependent defaults (applied when the key is absent).
@@ -138,6 +167,21 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "use_parallel_residual": True,
     },
 }
+# The Llama architecture (HF LlamaConfig); every Cerebras llama / mistral file states these keys.
+_LLAMA_DEFAULTS = {
+    "position_embedding_type": "rotary",
+    "share_embedding_weights": False,
+    "use_bias_in_output": False,
+    "use_projection_bias_in_attention": False,
+    "use_ffn_bias_in_attention": False,
+    "use_ffn_bias": False,
+    "norm_type": "rmsnorm",
+    "nonlinearity": "swiglu",
+}
+FAMILY_DEFAULTS["llama"] = dict(_LLAMA_DEFAULTS)
+FAMILY_DEFAULTS["mistral"] = dict(_LLAMA_DEFAULTS)
+# Qwen2: biases on q, k and v only (HF Qwen2Attention)
+FAMILY_DEFAULTS["qwen2"] = _LLAMA_DEFAULTS | {"use_projection_bias_in_attention": True}
 
 
 @dataclass(frozen=True)
@@ -209,6 +253,10 @@ class RunConfig:
     # global steps (1-based, as logged) whose jax.profiler trace goes to model_dir/profile;
     # YAML: a list, one step, or an inclusive range "10-12"
     profile_steps: tuple[int, ...] = ()
+    # where the run's scalars go (wsjax.trainer.trackers): a list or "a,b" of REPORT_TO; none
+    report_to: tuple[str, ...] = ("tensorboard",)
+    # evaluations also under the tags Cerebras writes (eval/lm_perplexity, eval/accuracy)
+    cerebras_eval_tags: bool = True
 
     @property
     def checkpoints_to_keep(self) -> int | None:
@@ -225,6 +273,8 @@ class StreamingConfig:
     micro_batch_size: int | None = None
     host_memory_kind: str = "pinned_host"
     recompute: bool = True
+    # with recompute: false, keep only these residuals ("none": keep every one, recompute none)
+    recompute_policy: str = "none"
     # Plan against this much memory instead of what is detected (plan a GPU run from a laptop).
     device_memory_gb: float | None = None
     host_memory_gb: float | None = None
@@ -306,6 +356,9 @@ class Config:
             if value is not None:
                 out[section] = _plain(value)
         out["model"]["model_family"] = out["model"].pop("family")
+        scaling = out["model"].get("pos_scaling_extra_args")
+        if scaling is not None:
+            out["model"]["pos_scaling_extra_args"] = {k: v for k, v in scaling}
         adjust = out["optimizer"].get("adjust_learning_rate")
         if adjust is not None:
             out["optimizer"]["adjust_learning_rate"] = {k: v for k, v in adjust}

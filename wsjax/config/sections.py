@@ -1,27 +1,32 @@
 """Building and validating the params sections: raw YAML values -> a validated Config.
 
 Owns the optimizer and learning-rate phases, runconfig, streaming and input sections, the
-values derived across sections (model.vocab_size from train_input, max_sequence_length from the
-model) and the cross-section checks (sequence length vs positions, vocab sizes, micro-batch vs
-batch). The model section is `wsjax.config.model`; typed reading is `wsjax.config.types`.
-`wsjax.config` calls `build_config` after it has normalised keys and applied overrides. Every
-error is a one-line ConfigError naming the file, the section.key, the value and what is valid.
+values derived across sections (model.vocab_size from train_input or from the token shards'
+meta.json; the inputs' vocab_size and max_sequence_length from the model) and the cross-section
+checks (sequence length vs positions, vocab sizes, micro-batch vs batch). The model section
+is `wsjax.config.model`; typed reading is `wsjax.config.types`. `wsjax.config` calls
+`build_config` after it has normalised keys and applied overrides. Every error is a one-line
+ConfigError naming the file, the section.key, the value and what is valid.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
-from wsjax.config.keys import LR_PHASE_ALIASES
+from wsjax.config.keys import DATA_PROCESSOR_ALIASES, LR_PHASE_ALIASES
 from wsjax.config.model import build_model
 from wsjax.config.schema import (
     DATA_PROCESSORS,
     HOST_MEMORY_KINDS,
     OPTIMIZER_PLACEMENTS,
     OPTIMIZERS,
+    RECOMPUTE_POLICIES,
+    REPORT_TO,
     SCHEDULERS,
     SPLITS,
     Config,
@@ -72,17 +77,46 @@ def build_config(raw: dict[str, dict[str, Any]], source: str) -> Config:
 
 
 def _derive_from_inputs(raw: dict[str, dict[str, Any]], source: str) -> None:
-    """model.vocab_size from train_input when only the input names it (Cerebras TF GPT-J
-    files: the TF model reads it from train_input)."""
+    """model.vocab_size, when the model section does not give it: from train_input (Cerebras
+    TF GPT-J files: the TF model reads it from train_input), else from the meta.json of the
+    token shards an input section reads (the vocabulary preprocess wrote there)."""
     model = raw["model"]
-    if model.get("vocab_size") is None:
-        for section in ("train_input", "eval_input"):
-            vocab = raw.get(section, {}).get("vocab_size")
-            if vocab is not None:
-                model["vocab_size"] = vocab
-                msg = "%s: model.vocab_size=%s taken from %s.vocab_size"
-                logger.info(msg, source, vocab, section)
-                break
+    if model.get("vocab_size") is not None:
+        return
+    for section in ("train_input", "eval_input"):
+        vocab = raw.get(section, {}).get("vocab_size")
+        if vocab is not None:
+            model["vocab_size"] = vocab
+            logger.info("%s: model.vocab_size=%s taken from %s.vocab_size", source, vocab, section)
+            return
+    for section in ("train_input", "eval_input"):
+        found = _shards_vocab(raw.get(section, {}))
+        if found is not None:
+            model["vocab_size"], where = found
+            msg = "%s: model.vocab_size=%s taken from %s (%s.data_dir)"
+            logger.info(msg, source, found[0], where, section)
+            return
+
+
+def _shards_vocab(body: dict[str, Any]) -> tuple[int, str] | None:
+    """(vocab_size, the meta.json naming it) of the token shards an input section reads: the
+    largest when it reads several folders; None when it reads none or their meta.json gives
+    no vocab_size (the loader then says what is wrong with the data, by name)."""
+    if body.get("data_processor", "GptTokenShardsProcessor") != "GptTokenShardsProcessor":
+        return None
+    dirs = body.get("data_dir")
+    dirs = [dirs] if isinstance(dirs, str) else dirs if isinstance(dirs, list) else []
+    best = None
+    for d in dirs:
+        path = Path(str(d)) / "meta.json"
+        try:
+            vocab = json.loads(path.read_text(encoding="utf-8")).get("vocab_size")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            continue
+        usable = isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0
+        if usable and (best is None or vocab > best[0]):
+            best = (vocab, str(path))
+    return best
 
 
 # Keys of the learning-rate adjustment Cerebras muP files use (adjust_learning_rate).
@@ -199,7 +233,10 @@ def _build_phase(value: Any, i: int, last: bool, source: str) -> LRPhase:
 
 def _build_runconfig(body: dict, source: str) -> RunConfig:
     profile = _profile_steps(body.get("profile_steps", ()), source)
-    r = build_section(RunConfig, body, "runconfig", source, profile_steps=profile)
+    trackers = _report_to(body.get("report_to", RunConfig.report_to), source)
+    r = build_section(
+        RunConfig, body, "runconfig", source, profile_steps=profile, report_to=trackers
+    )
     check_min(r, "runconfig", source, 1, "max_steps", "log_steps", "save_summary_steps")
     check_min(r, "runconfig", source, 1, "max_consecutive_skips")
     # Cerebras: keep_checkpoint_max 0 keeps all; eval_steps <= 0 is a full pass (any int)
@@ -207,6 +244,20 @@ def _build_runconfig(body: dict, source: str) -> RunConfig:
     check_min(r, "runconfig", source, 0, "save_checkpoints_steps", "seed")  # 0: no periodic ckpt
     check_choice(r.on_nonfinite, ("stop", "skip"), source, "runconfig.on_nonfinite")
     return r
+
+
+def _report_to(value: Any, source: str) -> tuple[str, ...]:
+    """runconfig.report_to: a list of trackers or "a,b" (a command-line override); "none" (or
+    an empty list) alone: no tracker."""
+    parts = value.strip("[] ").split(",") if isinstance(value, str) else value
+    if not isinstance(parts, list | tuple) or not all(isinstance(p, str) for p in parts):
+        bad(source, "runconfig.report_to", value, f"expected a list of {' | '.join(REPORT_TO)}")
+    names = tuple(dict.fromkeys(p.strip().lower() for p in parts if p.strip()))
+    for name in names:
+        check_choice(name, REPORT_TO, source, "runconfig.report_to")
+    if "none" in names and len(names) > 1:
+        bad(source, "runconfig.report_to", value, '"none" excludes the other trackers')
+    return tuple(n for n in names if n != "none")
 
 
 def _profile_steps(value: Any, source: str) -> tuple[int, ...]:
@@ -239,6 +290,8 @@ def _build_streaming(body: dict, source: str) -> StreamingConfig:
     key = "streaming.optimizer_placement"
     check_choice(s.optimizer_placement, OPTIMIZER_PLACEMENTS, source, key)
     check_choice(s.host_memory_kind, HOST_MEMORY_KINDS, source, "streaming.host_memory_kind")
+    policy = "streaming.recompute_policy"
+    check_choice(s.recompute_policy, RECOMPUTE_POLICIES, source, policy)
     return s
 
 
@@ -246,10 +299,17 @@ def _build_input(body: dict, section: str, model: ModelConfig, source: str) -> I
     body = dict(body)
     body.setdefault("split", "train" if section == "train_input" else "eval")
     body.setdefault("repeat", section == "train_input")  # Cerebras: train repeats, eval does not
+    processor = body.get("data_processor")
+    if processor in DATA_PROCESSOR_ALIASES:
+        body["data_processor"] = DATA_PROCESSOR_ALIASES[processor]
+        msg = "%s: %s.data_processor %s reads as %s (the same HDF5 sample layout)"
+        logger.info(msg, source, section, processor, body["data_processor"])
     if body.get("max_sequence_length") is None:
         body["max_sequence_length"] = model.max_position_embeddings
         msg = "%s: %s.max_sequence_length=%d derived from model.max_position_embeddings"
         logger.info(msg, source, section, model.max_position_embeddings)
+    if body.get("vocab_size") is None:  # the vocabulary is set once, in the model section
+        body["vocab_size"] = model.vocab_size
     given = {}
     if isinstance(body.get("data_dir"), list):
         dirs = body["data_dir"]

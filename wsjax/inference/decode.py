@@ -194,7 +194,7 @@ class StreamingDecoder:
 
     def _empty_caches(self, batch: int, length: int, offload: bool) -> list:
         cfg = self.model.cfg
-        shape = (batch, length, cfg.num_heads, cfg.head_dim)  # (B, S, H, K)
+        shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)  # (B, S, G, K): G = H but GQA
         dtype, where = self.model.compute_dtype, self.cache_home(offload)
         zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=where)
         return [(zeros(), zeros()) for _ in range(self.model.num_layers)]

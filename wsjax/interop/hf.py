@@ -1,12 +1,14 @@
-"""HuggingFace GPT-J / GPT-2 / GPT-NeoX checkpoints in and out: ``config.json`` + safetensors.
+"""HuggingFace checkpoints in and out: ``config.json`` + safetensors, for GPT-J, GPT-2,
+GPT-NeoX, Llama, Mistral and Qwen2.
 
 Our parameter names mirror HF's, so conversion is a renaming table (:func:`hf_table`): each leaf
 of our tree maps to one HF tensor name (``{i}`` = layer index for the stacked blocks) and says
 whether it is transposed (torch ``nn.Linear.weight`` is (out, in), our kernels are (in, out); HF
 GPT-2's ``Conv1D`` weights are already (in, out)). GPT-NeoX keeps HF's fused per-head qkv layout,
-so it too is a pure renaming. Per-layer HF tensors are stacked onto our
-leading layer axis. Weights are read and written with the ``safetensors`` numpy API; torch is
-imported only to load a pickled ``pytorch_model.bin`` when the user explicitly allows it.
+and the Llama families HF's rotate-half q / k layout, so they too are pure renamings. Per-layer
+HF tensors are stacked onto our leading layer axis. Weights are read and written with the
+``safetensors`` numpy API; torch is imported only to load a pickled ``pytorch_model.bin`` when
+the user explicitly allows it.
 """
 
 from __future__ import annotations
@@ -65,6 +67,11 @@ _NAMING = {
         },
     ),
 }
+# Llama, Mistral, Qwen2: our names are HF's but the embedding table (``wte``, the name the engine
+# and the tied head share)
+_NAMING |= dict.fromkeys(
+    ("llama", "mistral", "qwen2"), _Naming("model.", "layers", {"wte": "embed_tokens"})
+)
 
 
 @dataclass(frozen=True)
@@ -169,7 +176,7 @@ class _Tensors:
 
     def _load_pickle(self, f: Path) -> list[str]:
         try:
-            import torch  # only for pickled checkpoints the user explicitly allowed
+            import torch  # lazy: an optional dependency, only for pickles the user allowed
         except ImportError:  # torch is no dependency of wsjax
             raise CheckpointError(
                 f"{f}: cannot load PyTorch checkpoint without torch (pip install torch), or "
@@ -203,7 +210,8 @@ class _Tensors:
 
 
 def import_hf(path: str | Path, *, allow_pickle: bool = False) -> tuple[ModelConfig, dict]:
-    """An HF GPT-J / GPT-2 / GPT-NeoX checkpoint folder -> (ModelConfig, fp32 numpy params)."""
+    """An HF checkpoint folder (config.json + safetensors, sharded or not; a pickled
+    ``pytorch_model.bin`` only with ``allow_pickle``) -> (ModelConfig, fp32 numpy params)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: HF checkpoint folder does not exist")
@@ -274,6 +282,7 @@ def export_hf(
     meta = {"format": "pt"}  # transformers checks this metadata key
     if len(shards) == 1:
         save_file(shards[0], str(out / SAFETENSORS_FILE), metadata=meta)
+        _readable(out)
         return out
     weight_map = {}
     for n, shard in enumerate(shards, 1):
@@ -283,7 +292,16 @@ def export_hf(
     total = sum(a.nbytes for a in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    _readable(out)
     return out
+
+
+def _readable(out: Path) -> None:
+    """The export's files 0644: safetensors writes its file 0600, and a model folder is read by
+    others (a serving user, a shared cache)."""
+    for path in out.iterdir():
+        if path.is_file():
+            path.chmod(0o644)
 
 
 def _shard(tensors: dict[str, np.ndarray], limit: int) -> list[dict[str, np.ndarray]]:

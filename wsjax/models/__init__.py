@@ -1,5 +1,8 @@
 """GPT model families as lists of segments: ``embed``, ``block`` x L (stacked), ``head``.
 
+Families: gptj, gpt2, neox, and llama (Llama 1-3.2, Code Llama) with its variants mistral
+(sliding window) and qwen2 (q / k / v biases), which share llama.py's modules.
+
 A family is one file ``wsjax/models/<family>.py`` defining three flax NNX modules, each built as
 ``Module(cfg, rngs)``: ``Embed`` (tokens (B, T) -> x (B, T, D)), ``Block`` ((B, T, D) ->
 (B, T, D)) and ``Head`` ((B, T, D) -> fp32 logits (B, T, V)). :class:`Model` splits each module
@@ -7,7 +10,8 @@ once into a graph definition and its parameter shapes; a segment is then the pur
 ``merge(graphdef, params)(x)``, so the engine streams parameter trees and never sees a module.
 
 Parameters are plain nested dicts ``{"embed": ..., "blocks": ..., "head": ...}`` named as the
-modules' attributes (HF-like: ``wte``, ``ln_1``, ``attn.q_proj.kernel``, ``ln_f``); block
+modules' attributes (HF-like: ``wte``, ``ln_1``, ``attn.q_proj.kernel``, ``ln_f``; Llama:
+``input_layernorm``, ``self_attn.k_proj``, ``mlp.gate_proj``, ``norm``, ``lm_head``); block
 parameters carry a leading layer axis so layer ``i`` is ``tree_map(lambda a: a[i], blocks)``,
 the unit the engine streams.
 """

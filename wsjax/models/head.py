@@ -1,4 +1,8 @@
-"""The LM head the families share: final layer norm, then the (optionally tied) projection."""
+"""The LM head the families share: final norm, then the (optionally tied) projection.
+
+The final norm is a layer norm ``ln_f`` (GPT-J, GPT-2, GPT-NeoX) or, for ``norm_type:
+rmsnorm`` (the Llama families), an RMSNorm named ``norm`` as in HF's Llama.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from wsjax.models.layers import layer_norm, linear
+from wsjax.models.layers import layer_norm, linear, rms_norm
 from wsjax.precision import at_least_f32, einsum
 
 
@@ -20,7 +24,11 @@ class OutputBias(nnx.Module):
 class Head(nnx.Module):
     def __init__(self, cfg, rngs: nnx.Rngs):
         self.tied = bool(cfg.share_embedding_weights)
-        self.ln_f = layer_norm(cfg, rngs)
+        self.rms = cfg.norm_type == "rmsnorm"
+        if self.rms:
+            self.norm = rms_norm(cfg, rngs)
+        else:
+            self.ln_f = layer_norm(cfg, rngs)
         d, v, bias = cfg.hidden_size, cfg.vocab_size, cfg.use_bias_in_output
         if not self.tied:
             self.lm_head = linear(cfg, d, v, bias, rngs)
@@ -29,7 +37,7 @@ class Head(nnx.Module):
 
     def __call__(self, x: jax.Array, wte: jax.Array | None = None) -> jax.Array:
         """(B, T, D) -> fp32 logits (B, T, V); ``wte`` (V, D) is the embedding when tied."""
-        h = self.ln_f(x)  # (B, T, D)
+        h = self.norm(x) if self.rms else self.ln_f(x)  # (B, T, D)
         out = at_least_f32(h.dtype)  # fp32 (float64 for a float64 model)
         if self.tied:  # wte (V, D)
             logits = einsum("btd,vd->btv", h, wte.astype(h.dtype), out)  # (B, T, V)

@@ -22,8 +22,8 @@ from wsjax.models.layers import causal_attention, masked_attention
 class KVCache(NamedTuple):
     """One layer's cache and where this call's T tokens go (a pytree: passes through jit)."""
 
-    k: jax.Array  # (B, S, H, K) keys after rotary, in the compute dtype
-    v: jax.Array  # (B, S, H, K)
+    k: jax.Array  # (B, S, G, K) keys after rotary, in the compute dtype (G = H but under GQA)
+    v: jax.Array  # (B, S, G, K)
     index: jax.Array  # () int32: the slot of the first of this call's tokens
     start: jax.Array  # (B,) int32: each row's first real (not left-pad) slot
 
@@ -32,14 +32,20 @@ class KVCache(NamedTuple):
         slots = self.index + jnp.arange(t, dtype=jnp.int32)  # (T,)
         return jnp.maximum(slots[None, :] - self.start[:, None], 0)
 
-    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, KVCache]:
-        """Write k, v (B, T, H, K) at ``index``; attend q over the cache's real, earlier slots."""
+    def attend(
+        self, q: jax.Array, k: jax.Array, v: jax.Array, window: int | None = None
+    ) -> tuple[jax.Array, KVCache]:
+        """Write k, v (B, T, G, K) at ``index``; attend q (B, T, H, K) over the cache's real,
+        earlier slots (the last ``window`` of them with a sliding window: slots and positions
+        differ by one offset per row, so slot distance is token distance)."""
         t, s = q.shape[1], self.k.shape[1]
         k_all = jax.lax.dynamic_update_slice_in_dim(self.k, k.astype(self.k.dtype), self.index, 1)
         v_all = jax.lax.dynamic_update_slice_in_dim(self.v, v.astype(self.v.dtype), self.index, 1)
         slots = jnp.arange(s, dtype=jnp.int32)  # (S,)
         query_slots = self.index + jnp.arange(t, dtype=jnp.int32)  # (T,)
         causal = slots[None, :] <= query_slots[:, None]  # (T, S)
+        if window is not None:
+            causal &= query_slots[:, None] - slots[None, :] < window
         real = slots[None, :] >= self.start[:, None]  # (B, S)
         mask = causal[None, None] & real[:, None, None, :]  # (B, 1, T, S)
         out = masked_attention(q, k_all, v_all, mask)
@@ -53,11 +59,13 @@ def attend(
     rng: jax.Array | None,
     dropout_rate: float,
     cache: KVCache | None,
+    window: int | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
-    """Causal attention (training: ``cache`` None), or attention over the cache (decoding)."""
+    """Causal attention (training: ``cache`` None), or attention over the cache (decoding);
+    ``window``: Mistral's sliding window (None: every earlier token)."""
     if cache is None:
-        return causal_attention(q, k, v, rng, dropout_rate), None
-    return cache.attend(q, k, v)
+        return causal_attention(q, k, v, rng, dropout_rate, window), None
+    return cache.attend(q, k, v, window)
 
 
 def rotary_positions(cache: KVCache | None, t: int) -> jax.Array | None:

@@ -6,12 +6,14 @@ copy: fp32, or bf16 under mixed precision); bf16 matmuls accumulate in fp32
 (``wsjax.precision.einsum``: every ``linear`` and attention's ``probs @ v``); layer norm
 statistics, rotary, softmax and the logits run in at least fp32
 (``wsjax.precision.at_least_f32``: float64 for a float64 model, which the exactness tests use).
-Shapes: B batch, T sequence, D hidden, H heads, K head dim, R rotary dims, V vocabulary.
+Shapes: B batch, T sequence, D hidden, H heads, K head dim, R rotary dims, V vocabulary; under
+grouped-query attention G key/value heads, each read by H / G query heads.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +59,25 @@ def layer_norm(cfg, rngs: nnx.Rngs) -> nnx.LayerNorm:
     # two-pass variance (as torch's LayerNorm): flax's fast E[x^2] - E[x]^2 loses digits
     d, eps = cfg.hidden_size, cfg.layer_norm_epsilon
     return nnx.LayerNorm(d, epsilon=eps, use_fast_variance=False, rngs=rngs)
+
+
+class RMSNorm(nnx.Module):
+    """x / sqrt(mean(x^2) + eps) * scale (HF LlamaRMSNorm): the statistics in at least fp32,
+    the normalised x cast back to the input dtype before the scale multiplies it, as HF does."""
+
+    def __init__(self, d: int, eps: float):
+        self.scale = nnx.Param(jnp.ones((d,), F32))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = x.astype(at_least_f32(x.dtype))  # (B, T, D)
+        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * h.astype(x.dtype)
+
+
+def rms_norm(cfg, rngs: nnx.Rngs) -> RMSNorm:
+    del rngs  # its scale starts at ones
+    return RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
 
 
 def embedding(cfg, rows: int, rngs: nnx.Rngs) -> nnx.Param:
@@ -125,21 +146,56 @@ def split_rng(rng: jax.Array | None, n: int) -> list[jax.Array | None]:
     return list(jax.random.split(rng, n))
 
 
+class RopeScaling(NamedTuple):
+    """RoPE frequency scaling: ``linear`` divides every frequency by ``factor`` (positions /
+    factor); ``llama3`` (Meta's Llama 3.1) keeps wavelengths below original / high_freq_factor,
+    divides those above original / low_freq_factor by ``factor``, and blends in between."""
+
+    kind: str  # linear | llama3
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: float = 8192.0
+
+
+def rope_inv_freq(
+    rotary_dim: int, theta: float, dtype, scaling: RopeScaling | None = None
+) -> jax.Array:
+    """(R/2,) inverse frequencies theta^(-2i/R), rescaled by ``scaling`` (as HF's rope types)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=dtype) / rotary_dim))
+    if scaling is None:
+        return inv_freq
+    if scaling.kind == "linear":
+        return inv_freq / scaling.factor
+    old, low, high = (
+        scaling.original_max_position_embeddings,
+        scaling.low_freq_factor,
+        scaling.high_freq_factor,
+    )
+    wavelen = 2 * math.pi / inv_freq  # (R/2,)
+    smooth = (old / wavelen - low) / (high - low)  # 0 at old / low, 1 at old / high
+    blended = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    scaled = jnp.where(wavelen > old / low, inv_freq / scaling.factor, blended)
+    return jnp.where(wavelen < old / high, inv_freq, scaled)
+
+
 def apply_rotary(
     x: jax.Array,
     rotary_dim: int,
     theta: float = 10000.0,
     interleaved: bool = True,
     positions: jax.Array | None = None,
+    scaling: RopeScaling | None = None,
 ) -> jax.Array:
     """Rotate the first ``rotary_dim`` dims of each head by angle pos * theta^(-2i/R).
 
     x: (B, T, H, K); ``positions`` (B, T) ints, default 0..T-1 (training: every row starts at 0;
     decoding passes each row's own positions). ``interleaved`` (GPT-J, rotate-every-two) rotates
-    the pairs (x[2i], x[2i+1]); otherwise (GPT-NeoX, rotate-half) the pairs (x[i], x[i + R/2]).
+    the pairs (x[2i], x[2i+1]); otherwise (GPT-NeoX, Llama: rotate-half) the pairs
+    (x[i], x[i + R/2]). ``scaling`` rescales the frequencies (:func:`rope_inv_freq`).
     """
     t, acc = x.shape[1], at_least_f32(x.dtype)
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=acc) / rotary_dim))  # (R/2,)
+    inv_freq = rope_inv_freq(rotary_dim, theta, acc, scaling)  # (R/2,)
     pos = jnp.arange(t, dtype=acc)[None] if positions is None else positions.astype(acc)
     angles = pos[..., None] * inv_freq  # (1 or B, T, R/2)
     rot, rest = x[..., :rotary_dim].astype(acc), x[..., rotary_dim:]  # (B, T, H, R), (.., K - R)
@@ -157,15 +213,42 @@ def apply_rotary(
 
 
 def causal_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, rng: jax.Array | None, dropout_rate: float
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    rng: jax.Array | None,
+    dropout_rate: float,
+    window: int | None = None,
 ) -> jax.Array:
     """Softmax(q k^T / sqrt(K)) v with a causal mask; scores and softmax in fp32.
 
-    q, k, v: (B, T, H, K) -> (B, T, H, K)
+    q: (B, T, H, K), k, v: (B, T, G, K) -> (B, T, H, K). ``window`` (Mistral's sliding window):
+    query i sees keys i - window < j <= i only.
     """
+    impl = attention_implementation(q, rng, dropout_rate)
+    if impl is not None:  # cuDNN flash attention (bf16 / fp16 on a GPU, no attention dropout)
+        local = None if window is None else (window - 1, 0)  # keys i - window < j <= i
+        return jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, local_window_size=local, implementation=impl
+        )
     t = q.shape[1]
-    causal = jnp.tril(jnp.ones((t, t), dtype=bool))  # (T, T)
-    return masked_attention(q, k, v, causal, rng, dropout_rate)
+    i, j = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
+    mask = j <= i  # (T, T)
+    if window is not None:
+        mask &= i - j < window
+    return masked_attention(q, k, v, mask, rng, dropout_rate)
+
+
+def attention_implementation(q: jax.Array, rng, dropout_rate: float) -> str | None:
+    """``"cudnn"`` where ``jax.nn.dot_product_attention`` can run cuDNN's flash attention (a GPU,
+    bf16 / fp16, head dim a multiple of 8 up to 256, no attention dropout); None elsewhere:
+    then :func:`masked_attention` (plain XLA, exact in fp32 / float64) runs."""
+    head = q.shape[-1]
+    if jax.default_backend() != "gpu" or (rng is not None and dropout_rate > 0):
+        return None
+    if q.dtype not in (jnp.bfloat16, jnp.float16) or head % 8 or head > 256:
+        return None
+    return "cudnn"
 
 
 def masked_attention(
@@ -176,15 +259,20 @@ def masked_attention(
     rng: jax.Array | None = None,
     dropout_rate: float = 0.0,
 ) -> jax.Array:
-    """Softmax over the keys ``mask`` allows; q: (B, T, H, K), k, v: (B, S, H, K) -> (B, T, H, K).
+    """Softmax over the keys ``mask`` allows; q: (B, T, H, K), k, v: (B, S, G, K) -> (B, T, H, K).
 
-    ``mask`` broadcasts to (B, H, T, S): (T, S) in training (causal), (B, 1, T, S) when decoding
-    over a KV cache. Scores and softmax in at least fp32.
+    G divides H: query head h reads key/value head h // (H / G), as HF's ``repeat_kv`` (grouped-
+    query attention; G = H is multi-head). ``mask`` broadcasts to (B, H, T, S): (T, S) in
+    training (causal), (B, 1, T, S) when decoding over a KV cache. Scores and softmax in at
+    least fp32.
     """
-    k_dim, acc = q.shape[-1], at_least_f32(q.dtype)
-    scores = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=acc)  # (B, H, T, S)
-    scores = scores / math.sqrt(k_dim)
+    b, t, h, k_dim = q.shape
+    g, acc = k.shape[2], at_least_f32(q.dtype)
+    q = q.reshape(b, t, g, h // g, k_dim)  # (B, T, G, H/G, K): heads g*H/G .. share kv head g
+    scores = jnp.einsum("btgrk,bsgk->bgrts", q, k, preferred_element_type=acc)  # (B, G, H/G, T, S)
+    scores = scores.reshape(b, h, t, -1) / math.sqrt(k_dim)  # (B, H, T, S)
     scores = jnp.where(mask, scores, jnp.finfo(acc).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    probs = dropout(rng, dropout_rate, probs)
-    return precision.einsum("bhqs,bshk->bqhk", probs, v)  # (B, T, H, K)
+    probs = dropout(rng, dropout_rate, probs).reshape(b, g, h // g, t, -1)  # (B, G, H/G, T, S)
+    out = precision.einsum("bgrts,bsgk->btgrk", probs, v)  # (B, T, G, H/G, K)
+    return out.reshape(b, t, h, k_dim)
