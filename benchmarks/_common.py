@@ -177,38 +177,46 @@ class LivePeak:
     """The peak of ``jax.live_arrays()`` bytes while an engine steps.
 
     It samples whenever the engine touches its residency ledger (a fetch issued, weights
-    released, an executable dispatched, kept values stored or dropped): the ledger's hooks say
-    only WHEN to look; the number is what JAX really holds at that moment, plus one sample per
-    :meth:`sample` call (e.g. after each step).
+    released, an executable dispatched, kept values stored or dropped; the ledger's public
+    ``observers``): the ledger says only WHEN to look; the number is what JAX really holds at
+    that moment, plus one sample per :meth:`sample` call (e.g. after each step).
+    ``forward_kind_peaks``: each memory kind's peak while a step's forward runs (from the start
+    of a step until its first gradient buffer is placed), when the kept block inputs all live.
     """
 
     def __init__(self, engine):
         self.peak_total = 0
         self.peak_by_kind: dict[str, int] = {}  # the split of the total at its peak
         self.kind_peaks: dict[str, int] = {}  # each memory kind's own peak
-        ledger = engine.residency
-        for name in ("add", "drop", "running"):
-            original = getattr(ledger, name)
-            setattr(ledger, name, self._sampling(original))
+        self.forward_kind_peaks: dict[str, int] = {}
+        self._forward = True
+        engine.residency.observers.append(self._observe)
 
-    def _sampling(self, original):
-        def call(*args, **kwargs):
-            self.sample()
-            return original(*args, **kwargs)
-
-        return call
+    def _observe(self, event: str, name: str, nbytes: int) -> None:
+        if event == "add" and name.startswith("grads:"):
+            self._forward = False
+        by_kind = self._sample()
+        if self._forward:
+            for kind, n in by_kind.items():
+                self.forward_kind_peaks[kind] = max(self.forward_kind_peaks.get(kind, 0), n)
 
     def sample(self) -> int:
+        """A sample now (e.g. after a step); the next step's forward is watched again."""
+        self._forward = True
+        return sum(self._sample().values())
+
+    def _sample(self) -> dict[str, int]:
         by_kind = live_bytes_by_kind()
         total = sum(by_kind.values())
         if total > self.peak_total:
             self.peak_total, self.peak_by_kind = total, by_kind
         for kind, nbytes in by_kind.items():
             self.kind_peaks[kind] = max(self.kind_peaks.get(kind, 0), nbytes)
-        return total
+        return by_kind
 
     def reset(self) -> None:
         self.peak_total, self.peak_by_kind, self.kind_peaks = 0, {}, {}
+        self.forward_kind_peaks = {}
 
 
 # ---- the models under test ----------------------------------------------------------------

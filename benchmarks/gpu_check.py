@@ -40,9 +40,15 @@ import numpy as np  # noqa: E402
 
 from wsjax.config import load_config  # noqa: E402
 from wsjax.engine import StreamingEngine, make_plan  # noqa: E402
-from wsjax.engine.plan import GiB, available_device_bytes, available_host_bytes  # noqa: E402
+from wsjax.engine.plan import (  # noqa: E402
+    GiB,
+    available_device_bytes,
+    available_host_bytes,
+    set_host_memory_limit,  # noqa: E402
+)
 from wsjax.errors import PlanError  # noqa: E402
 from wsjax.models import get_model  # noqa: E402
+from wsjax.optim import make_optimizer  # noqa: E402
 from wsjax.trainer.metrics import model_flops_per_token  # noqa: E402
 
 T0 = time.perf_counter()
@@ -71,7 +77,50 @@ def _args(p) -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     p.add_argument("--config", default=str(REPO / "configs" / "params_gptj_6B.yaml"))
     p.add_argument("--no_tests", action="store_true", help="skip pytest -m gpu")
+    p.add_argument("--bench", default="gpu_check_6b", help="the record's bench name")
+    p.add_argument("--compile_probe", action="store_true", help="(internal) time a compile")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
+
+
+# bf16 dense tensor-core peak from the datasheets (FLOP/s), by device_kind prefix
+DATASHEET_PEAK = {"NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
+
+
+def datasheet_peak(device_kind: str) -> float | None:
+    return next((v for k, v in DATASHEET_PEAK.items() if device_kind.startswith(k)), None)
+
+
+def commit() -> str | None:
+    """The checkout's commit (read-only git), None outside a git checkout."""
+    proc = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    return proc.stdout.strip() or None
+
+
+def compile_warm_seconds(args, overrides: list) -> float | None:
+    """A second process compiles the same step on this run's compile cache: its seconds."""
+    cmd = [sys.executable, __file__, "--compile_probe", "--no_tests", "--config", args.config]
+    cmd += [*overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("COMPILE_SECONDS ")]
+    return float(lines[-1].split()[1]) if lines else None
+
+
+def use_own_compile_cache(results_dir: str) -> None:
+    """The run's JAX compile cache (shared with the warm-compile child), unless one is set."""
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = str(Path(results_dir) / "jax_cache")
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+def limit_host_memory(cfg, model, shape) -> int | None:
+    """XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB from the plan, before the GPU backend starts."""
+    optimizer = make_optimizer(cfg.optimizer)
+    plan = make_plan(
+        model, cfg, optimizer, batch_size=shape[0], seq=shape[1],
+        n_micro=cfg.micro_batches(shape[0]), platform="gpu", input_prefetch=0,
+    )  # fmt: skip
+    return set_host_memory_limit(plan)
 
 
 def random_params(model, seed: int = 0) -> dict:
@@ -150,7 +199,7 @@ def plan_for(model, cfg, engine, shape, records, dev):
 def run_gpu_tests() -> dict:
     """``pytest -m gpu`` on the gpu tests; their summary line and exit code."""
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"]
-    cmd.append(str(REPO / "tests" / "test_gpu.py"))
+    cmd.append(str(REPO / "tests" / "engine" / "test_gpu.py"))
     path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": path, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
     say("running: " + " ".join(cmd[1:]))
@@ -169,16 +218,23 @@ def main() -> int:
     args = C.parse_args(__doc__, _args)
     # The gpu tests first, in their own process, before this one takes the accelerator: JAX
     # preallocates 75% of GPU memory per process, so a child started later would find none.
-    tests = None if args.no_tests else run_gpu_tests()
+    tests = None if args.no_tests or args.compile_probe else run_gpu_tests()
+    overrides = (SMOKE if args.smoke else []) + list(args.overrides)
+    cfg = load_config(args.config, overrides)
+    model = get_model(cfg.model)
+    shape = (int(cfg.train_input.batch_size), int(cfg.train_input.max_sequence_length))
+    limit_gb = limit_host_memory(cfg, model, shape)  # before the backend starts
+    use_own_compile_cache(args.results_dir)
+    if args.compile_probe:
+        t = time.perf_counter()
+        StreamingEngine(model, cfg, allocate=False).compile(shape)
+        print(f"COMPILE_SECONDS {time.perf_counter() - t}", flush=True)
+        return 0
     dev = jax.devices()[0]
     say(f"jax {jax.__version__}, {jax.device_count()} x {dev.platform} {dev.device_kind}")
     if dev.platform == "cpu" and not args.smoke:
         say("no accelerator: run on a GPU machine, or --smoke for the reduced CPU check")
         return 2
-    overrides = (SMOKE if args.smoke else []) + list(args.overrides)
-    cfg = load_config(args.config, overrides)
-    model = get_model(cfg.model)
-    shape = (int(cfg.train_input.batch_size), int(cfg.train_input.max_sequence_length))
     tokens = shape[0] * shape[1]
     say(
         f"{model.num_params() / 1e9:.3f} B parameters, {model.num_layers} layers, width "
@@ -186,7 +242,9 @@ def main() -> int:
         f"micro-batches {cfg.micro_batches(shape[0])}, "
         f"compute {np.dtype(model.compute_dtype).name}"
     )
-    record = {"benchmark": "gpu_check", "smoke": args.smoke, "machine": C.machine()}
+    record = {"benchmark": "gpu_check", "bench": args.bench, "smoke": args.smoke}
+    record |= {"commit": commit(), "device_kind": dev.device_kind, "machine": C.machine()}
+    record |= {"tokens_per_step": tokens, "host_memory_limit_gb_set": limit_gb}
     record["gpu_tests"] = tests
     record["config"] = {"file": Path(args.config).name, "overrides": overrides}
     record["shape"] = {"layers": model.num_layers, "hidden": cfg.model.hidden_size}
@@ -202,12 +260,40 @@ def main() -> int:
         record["error"] = f"{type(e).__name__}: {e}"[:2000]
         C.emit(record, out)
         raise
+    record["compile_warm_seconds"] = compile_warm_seconds(args, overrides)
     say("result:")
     C.emit(record, out)
+    if max(record["device_peak_over_plan"] or 0, record["host_peak_over_plan"]) > 1:
+        say("a measured peak exceeds the plan")
+        return 3
     return 0 if tests is None or tests["returncode"] == 0 else 1  # the tests' verdict
 
 
+def phases(last: dict, step_flops: float, peak: dict, raw_h2d, h2d_probe: int, dev) -> dict:
+    """The step's phases, seconds: compute (its FLOPs at the measured peak: a floor), the link
+    busy each way (the step's bytes at the raw pinned_host rates), the update not hidden."""
+    d2h = raw_d2h_rate(h2d_probe, dev)
+    return {
+        "phase_compute_seconds": step_flops / peak["flops_per_sec"],
+        "phase_h2d_busy_seconds": last["stream/h2d_bytes"] / raw_h2d if raw_h2d else None,
+        "phase_d2h_busy_seconds": last["stream/d2h_bytes"] / d2h if d2h else None,
+        "phase_exposed_update_seconds": last["stream/update_wait_seconds"],
+        "raw_d2h_bytes_per_sec": d2h,
+    }
+
+
+def raw_d2h_rate(nbytes: int, device) -> float | None:
+    """device -> ``pinned_host`` of a plain array (the gradients' and state's way back)."""
+    if "pinned_host" not in {m.kind for m in device.addressable_memories()}:
+        return None
+    pinned = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
+    src = jax.device_put(np.ones(nbytes // 2, np.uint16), jax.sharding.SingleDeviceSharding(device))
+    return copy_rate(src, pinned)
+
+
 def measure(args, cfg, model, shape, dev, record: dict) -> None:
+    """The check, long because it is the script read top to bottom: plan, init, compile,
+    steps, peaks, rates, one record."""
     engine = StreamingEngine(model, cfg, allocate=False)
     plan = plan_for(model, cfg, engine, shape, None, dev)
     say("plan before compiling (estimated scratch):\n" + plan.summary())
@@ -244,6 +330,7 @@ def measure(args, cfg, model, shape, dev, record: dict) -> None:
         )
     timed = sorted(m["step_seconds"] for m in steps[1:]) or [steps[0]["step_seconds"]]
     step_s = timed[len(timed) // 2]
+    record["compile_cold_seconds"] = record["compile_seconds"]
     stats = dev.memory_stats() or {}
     device_peak = stats.get("peak_bytes_in_use")
     host_peak = C.rss_bytes("VmHWM")
@@ -258,13 +345,18 @@ def measure(args, cfg, model, shape, dev, record: dict) -> None:
     flops_tok = model_flops_per_token(cfg.model, model.num_params(), shape[1])
     tps = shape[0] * shape[1] / step_s
     kind = jax.tree.leaves(stream_block)[0].sharding.memory_kind
+    record |= phases(steps[-1], flops_tok * shape[0] * shape[1], peak, raw_h2d, nbytes, dev)
     record |= {
-        "step_seconds": [round(m["step_seconds"], 4) for m in steps],
+        "step_seconds": step_s,
+        "step_seconds_all": [round(m["step_seconds"], 4) for m in steps],
         "losses": [round(m["train/loss"], 5) for m in steps],
         "tokens_per_sec": tps,
         "model_flops_per_token": flops_tok,
         "bf16_matmul_peak_flops": peak["flops_per_sec"],
         "mfu": flops_tok * tps / peak["flops_per_sec"],
+        "mfu_measured_peak": flops_tok * tps / peak["flops_per_sec"],
+        "mfu_datasheet": flops_tok * tps / ds if (ds := datasheet_peak(dev.device_kind)) else None,
+        "device_peak_gib": device_peak / GiB if device_peak else None,
         "h2d_wait_seconds": steps[-1]["stream/h2d_wait_seconds"],
         "update_wait_seconds": steps[-1]["stream/update_wait_seconds"],
         "d2h_wait_seconds": steps[-1]["stream/d2h_wait_seconds"],

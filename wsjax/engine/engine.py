@@ -88,7 +88,10 @@ class StreamingEngine:
                 "use host"
             )
         self.functions = SegmentFunctions(
-            model, self.optimizer if train else None, model.compute_dtype
+            model,
+            self.optimizer if train else None,
+            model.compute_dtype,
+            config.streaming.recompute_policy,
         )
         self.cache = ExecutableCache(context=self._cache_context())
         self.residency = Residency()  # the engine's own ledger of device bytes (benchmarks)
@@ -143,7 +146,7 @@ class StreamingEngine:
             raise ValueError("this engine was built with train=False: it cannot train_step")
         t0 = time.perf_counter()
         train = self._step(self.global_shape(batch), train=True)
-        key = jax.device_put(step_key(self.seed, self.step), self.placement.replicated)
+        key = self._step_key(self.step)
         denom = self._denominator(np.asarray(batch["loss_mask"], np.float64))
         metrics = train.run(self.store, batch, key, denom)
         metrics["train/lr"] = float(self.lr_schedule(self.step))
@@ -151,6 +154,13 @@ class StreamingEngine:
         metrics["step_seconds"] = time.perf_counter() - t0
         metrics["memory/device_peak_bytes"] = float(self.residency.peak)
         return metrics
+
+    def _step_key(self, step: int) -> jax.Array:
+        """The step's dropout key, computed on the mesh's first device (not JAX's default
+        device, which need not be in the mesh), then on every device."""
+        with jax.default_device(self.placement.first or jax.devices()[0]):
+            key = step_key(self.seed, step)
+        return jax.device_put(key, self.placement.replicated)
 
     def global_shape(self, batch: dict) -> tuple[int, int]:
         """(batch size, sequence length) of the global batch: with several processes ``batch``
@@ -171,7 +181,7 @@ class StreamingEngine:
     def eval_step(self, batch: dict) -> dict:
         """Forward-only: summed loss, token count and correct predictions of the batch."""
         evaluate = self._step(self.global_shape(batch), train=False)
-        key = jax.device_put(step_key(self.seed, 0), self.placement.replicated)
+        key = self._step_key(0)
         return evaluate.run(self.store, batch, key)
 
     def params_tree(self) -> dict:

@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.compute_on import compute_on
 
 from wsjax.engine.compile_cache import ExecutableCache
 from wsjax.engine.placement import Placement
@@ -28,6 +29,17 @@ from wsjax.engine.store import abstract_tree, segment_shapes, tree_bytes
 def _shardings(abstract_tree) -> Any:
     """The shardings of an abstract tree, as out_shardings."""
     return jax.tree.map(lambda a: a.sharding, abstract_tree)
+
+
+def _streamed_in(update, device_memory):
+    """``update`` with master and optimizer state moved into ``device_memory`` first: inside
+    the jitted update these are DMAs from pinned_host that XLA overlaps with the compute."""
+
+    def streamed(master, opt_state, grads, scale):
+        master, opt_state = jax.device_put((master, opt_state), device_memory)
+        return update(master, opt_state, grads, scale)
+
+    return streamed
 
 
 def _structure(tree) -> Any:
@@ -131,7 +143,8 @@ class StepExecutables:
         takes home its slice."""
         shards = self.placement.shards
         if shards is None:
-            return jax.device_put(grads, self.placement.host)
+            # first's shard (a view), then one move into its pinned_host
+            return jax.device_put(self.placement.on_first(grads), self.placement.host)
         return shards.to_host(grads, self.placement.host)
 
     def _move(self, name: str, example, out_shardings):
@@ -234,22 +247,36 @@ class StepExecutables:
 
     # ---- update ----------------------------------------------------------------------------
     def update(self, kind: str):
-        """The optimizer update of one segment kind, where the placement says it runs."""
-        optimizer, where = self.functions.optimizer, self.placement.update
+        """The optimizer update of one segment kind, where the placement says it runs.
+
+        Master and optimizer state are donated: updated in place in their memory. With the
+        state in the device's pinned_host memory (``placement.pinned``) a host update runs
+        under ``compute_on('device_host')``; a device update takes the state in from
+        pinned_host, updates it in device memory and writes it back, all in this executable
+        (DMAs XLA schedules), the gradients and the scale already on the device."""
+        optimizer, placement = self.functions.optimizer, self.placement
         if optimizer is None:
             raise ValueError("this engine was built with train=False: it has no optimizer")
-        master = abstract_tree(self.host_shapes[kind], where)
-        opt_state = abstract_tree(jax.eval_shape(optimizer.init, self.host_shapes[kind]), where)
+        where = placement.update
+        state_at = placement.host if placement.pinned else where
+        master = abstract_tree(self.host_shapes[kind], state_at)
+        opt_abstract = jax.eval_shape(optimizer.init, self.host_shapes[kind])
+        opt_state = abstract_tree(opt_abstract, state_at)
+        grads = abstract_tree(self.host_shapes[kind], where)
         scale = jax.ShapeDtypeStruct((), self.master_dtype, sharding=where)
         out_tree = lambda n: jax.tree.structure(
             (_structure(master), _structure(opt_state), _structure(master))
         )
-        name = f"update/{kind}" + ("" if self.placement.optimizer_on_host else "@device")
-        out_shardings = (where, where, self.placement.update_output)
+        name = f"update/{kind}" + ("" if placement.optimizer_on_host else "@device")
+        out_shardings = (state_at, state_at, placement.update_output)
+        fn = self.functions.update
+        if placement.host_compute:
+            fn = compute_on("device_host")(jax.jit(fn))
+        elif placement.pinned and not placement.optimizer_on_host:
+            fn = _streamed_in(fn, placement.device_memory)
         return self._get(
-            name, self.functions.update, (master, opt_state, master, scale), out_shardings,
-            out_tree, donate=(0, 1),
-        )  # fmt: skip
+            name, fn, (master, opt_state, grads, scale), out_shardings, out_tree, donate=(0, 1)
+        )
 
     def zeros(self, name: str, grads):
         """Zero-filled accumulators ``grads`` in one call. The backward donates them, so each

@@ -18,6 +18,7 @@ compare the plan against live arrays and process RSS.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,6 +51,7 @@ DEVICE_KNOBS = {
     "executable_temp": "lower streaming.micro_batch_size (or raise optimizer.grad_accum_steps)",
     "weights_in_flight": "lower streaming.prefetch_depth",
     "activations": "lower train_input.batch_size or max_sequence_length",
+    "gradients_held": "set streaming.optimizer_placement: host (gradients to pinned_host)",
 }
 _MORE_HOSTS = "a host with more RAM, or more hosts (the host store is sharded across processes)"
 HOST_KNOBS = {
@@ -208,7 +210,11 @@ def make_plan(
 
     ``n_devices`` counts the devices of all ``processes``; host bytes are per process: with
     several, each host holds 1/P of the weights, optimizer state and gradients
-    (wsjax.engine.shards) and reads 1/P of each batch."""
+    (wsjax.engine.shards) and reads 1/P of each batch.
+
+    It is long because it lists every host and device term in one place, each with the line
+    that sizes it, so a reader checks the plan against the run in one screen.
+    """
     cfg, s = model.cfg, config.streaming
     shapes = model.param_shapes()
     dt = jnp.dtype(model.compute_dtype).itemsize
@@ -256,7 +262,9 @@ def make_plan(
         "executable_temp": temp,
     }
     if train:
-        kept = act if s.recompute else _residual_bytes(model, layer, per_dev_batch, seq)
+        kept = act
+        if not s.recompute:
+            kept = _residual_bytes(model, layer, per_dev_batch, seq, s.recompute_policy)
         if s.activation_offload:
             host["offloaded_activations"] = L * kept * n_devices
             device["kept_activations"] = (s.prefetch_depth + 1) * kept
@@ -266,6 +274,8 @@ def make_plan(
         if s.optimizer_placement == "device":
             opt_per_param = host["optimizer_state"] / max(1, n_params)
             device["optimizer_update"] = int(2 * (4 + opt_per_param) * largest)
+            if processes == 1:  # the gradients stay on the device until the global norm
+                device["gradients_held"] = host.pop("gradients")
     else:
         notes.append("evaluation: no optimizer state, no gradients, nothing kept for a backward")
     if processes > 1:
@@ -273,9 +283,10 @@ def make_plan(
     return MemoryPlan(host, device, host_available, device_available, not gpu, notes)
 
 
-def _residual_bytes(model, layer, batch: int, seq: int) -> int:
-    """Bytes a block keeps for its backward without recompute (its VJP residuals), traced."""
-    fns = SegmentFunctions(model, None, model.compute_dtype)
+def _residual_bytes(model, layer, batch: int, seq: int, policy: str = "none") -> int:
+    """Bytes a block keeps for its backward without recompute (its VJP residuals, those
+    ``streaming.recompute_policy`` saves), traced."""
+    fns = SegmentFunctions(model, None, model.compute_dtype, policy)
     dt = model.compute_dtype
     w = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dt), layer)
     x = jax.ShapeDtypeStruct((batch, seq, model.cfg.hidden_size), dt)
@@ -288,12 +299,39 @@ def _estimate_temp(cfg, micro: int, seq: int, train: bool) -> int:
     MLP's (T, F) intermediates, and up to 4 score- or logit-sized tensors (scores, softmax,
     their gradient, a cast). XLA CPU's memory analysis for GPT-J 6B at micro-batch 4: block
     backward 5.25 GiB (this estimate: 6.25), head 6.01 GiB = 3.9 logit tensors (6.16).
-    SwiGLU keeps twice GELU's (T, F) tensors (gate, up, silu(gate), their product against
-    fc_in's and gelu's), so 6 F-wide rows instead of 3; grouped-query attention has as many
-    (query-head) scores as multi-head, and smaller k / v, which the 6 D-wide rows cover."""
+    SwiGLU keeps gate, up, silu(gate) and their product, and their cotangents, where GELU has
+    fc_in's output and gelu's: XLA CPU's analysis of a Llama block backward (recompute, fp32,
+    D 1024, F 3584, 2048 tokens) held 331.6 MB, 7.3 F-wide rows beyond the 6 D-wide ones and the
+    scores, so 9 (a 15% margin; at 1024-token sequences 483 MB against 583). Grouped-query
+    attention has as many (query-head) scores as multi-head, and smaller k / v."""
     d, f, h, v = cfg.hidden_size, cfg.filter_size, cfg.num_heads, cfg.vocab_size
     copies = 4 if train else 1
-    mlp_rows = 6 if cfg.nonlinearity == "swiglu" else 3
+    mlp_rows = 9 if cfg.nonlinearity == "swiglu" else 3
     block = micro * seq * (6 * d + mlp_rows * f) * 4 + copies * micro * h * seq * seq * 4
     head = copies * micro * seq * v * 4
     return max(block, head)
+
+
+# ---- the GPU client's host memory limit -------------------------------------------------------
+HOST_LIMIT_ENV = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"
+HOST_LIMIT_MARGIN = 1.25  # the pinned pool's rounding and the update's scratch, on the plan
+
+
+def host_memory_limit_gb(plan: MemoryPlan) -> int:
+    """GiB for ``XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB``: the GPU client caps its pinned_host
+    allocations at this (its default refuses a 6B model's ~100 GB of host state). The plan's
+    host total (master, moments, stream copy, gradients, ...: all of it lives in pinned_host
+    since the state moved off the CPU client) with a 25% margin, rounded up."""
+    return int(math.ceil(HOST_LIMIT_MARGIN * plan.host_total / GiB))
+
+
+def set_host_memory_limit(plan: MemoryPlan, environ=None) -> int | None:
+    """Set the limit from ``plan`` in ``environ`` (``os.environ``) unless the user set it;
+    return the value set, or None. Effective only before the GPU backend starts: call it
+    before anything touches a device."""
+    environ = os.environ if environ is None else environ
+    if environ.get(HOST_LIMIT_ENV):
+        return None
+    gb = host_memory_limit_gb(plan)
+    environ[HOST_LIMIT_ENV] = str(gb)
+    return gb

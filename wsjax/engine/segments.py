@@ -15,9 +15,14 @@ from wsjax.models import segment_rng
 from wsjax.optim import sq_norm
 
 # With ``streaming.recompute: false`` the block forward keeps every residual its backward needs
-# (no recompute at all), at many times the kept bytes of recompute. A policy here (e.g.
-# jax.checkpoint_policies.dots_with_no_batch_dims_saveable) trades between the two.
-SAVE_POLICY = None
+# (no recompute at all), at many times the kept bytes of recompute. A policy
+# (``streaming.recompute_policy``) trades between the two: the forward keeps what it saves
+# (e.g. the matmul outputs), the backward recomputes the rest (the cheap elementwise ops).
+SAVE_POLICIES = {
+    "none": None,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 def dropout_key(step_key: jax.Array, index: jax.Array) -> jax.Array:
@@ -41,8 +46,15 @@ class ResidualLayout:
 class SegmentFunctions:
     """The pure functions of one streamed step, built from a model and an optimizer."""
 
-    def __init__(self, model, optimizer: optax.GradientTransformation | None, compute_dtype):
+    def __init__(
+        self,
+        model,
+        optimizer: optax.GradientTransformation | None,
+        compute_dtype,
+        recompute_policy: str = "none",
+    ):
         self.model = model
+        self.save_policy = SAVE_POLICIES[recompute_policy]
         self.optimizer = optimizer
         self.compute_dtype = compute_dtype
         self.dropout = any(
@@ -63,8 +75,8 @@ class SegmentFunctions:
         """(y, VJP leaves, their ResidualLayout) of one block's forward."""
         rng = self._rng(step_key, index, True)
         fn = lambda w, x: self.model.block_apply(w, x, rng)
-        if SAVE_POLICY is not None:
-            fn = jax.checkpoint(fn, policy=SAVE_POLICY)
+        if self.save_policy is not None:
+            fn = jax.checkpoint(fn, policy=self.save_policy)
         y, vjp = jax.vjp(fn, w, x)
         leaves, treedef = jax.tree.flatten(vjp)
         weight_pos = {id(t): i for i, t in enumerate(jax.tree.leaves(w))}

@@ -26,14 +26,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.profiler import TraceAnnotation
 
 from wsjax.engine.executables import StepExecutables
 from wsjax.engine.placement import Placement
 from wsjax.engine.store import HostStore, segment_kind, segment_names, tree_bytes
-from wsjax.engine.transfer import Fetch, Residency, StepStats, WeightStream
+from wsjax.engine.transfer import Fetch, Residency, StepStats, WeightStream, split_batch
 from wsjax.optim import clip_factor, global_norm_from_sq
 
 
@@ -177,6 +176,8 @@ class TrainStep:
             for name in segment_names(self.num_layers):
                 with TraceAnnotation("update", segment=name):
                     self._update(store, name, state.grads_host[name], scale, stats)
+        for name in state.grads_host:  # held on the device until here (a device update)
+            self.residency.drop(f"grads_held:{name}")
         return {
             "train/loss": loss,
             "train/grad_norm": grad_norm,
@@ -259,27 +260,43 @@ class TrainStep:
         return [g, sq]
 
     def _send(self, state, name: str, g, sq) -> None:
-        """Start a segment's summed gradients back to the host (updated once the norm is known)."""
+        """Start a segment's summed gradients back to the host (updated once the norm is known);
+        a device update over pinned state keeps them on the first device instead."""
         state.sq_norms[name] = sq
-        state.stats.d2h_bytes += tree_bytes(g)
-        state.grads_host[name] = self.executables.reduce_to_host(segment_kind(name), g)
+        if self._grads_stay:
+            state.grads_host[name] = self.placement.on_first(g)
+            self.residency.add(f"grads_held:{name}", tree_bytes(g))
+        else:
+            state.stats.d2h_bytes += tree_bytes(g)
+            state.grads_host[name] = self.executables.reduce_to_host(segment_kind(name), g)
         self.residency.drop(f"grads:{name}")
+
+    @property
+    def _grads_stay(self) -> bool:
+        return self.placement.pinned and not self.placement.optimizer_on_host
 
     # ---- the update ------------------------------------------------------------------------
     def _update(self, store: HostStore, name: str, grads, scale, stats: StepStats) -> None:
+        """One segment's update, its master and optimizer state donated. Over pinned state
+        (``placement.pinned``) every input is already where the executable wants it: nothing
+        moves here; the device update's state crosses the link inside the executable."""
         placement, where = self.placement, self.placement.update
         exe = self.train_set.update[segment_kind(name)]
         master, opt_state = store.master[name], store.opt_state[name]
-        if not placement.optimizer_on_host:  # stream the optimizer state to the devices
-            nbytes = tree_bytes(master) + tree_bytes(opt_state)
-            stats.h2d_bytes += nbytes + tree_bytes(grads)
-            self.residency.add(f"update:{name}", 2 * nbytes + tree_bytes(grads))
-            master, opt_state, grads = jax.device_put((master, opt_state, grads), where)
-        scale = jax.device_put(jnp.asarray(scale, self.executables.master_dtype), where)
-        master, opt_state, stream_copy = exe(master, opt_state, grads, scale)
+        legacy_device = not (placement.optimizer_on_host or placement.pinned)
+        state_bytes = tree_bytes(master) + tree_bytes(opt_state)
         if not placement.optimizer_on_host:
+            stats.h2d_bytes += state_bytes
+            stats.d2h_bytes += state_bytes
+            self.residency.add(f"update:{name}", 2 * state_bytes + tree_bytes(grads))
+        if legacy_device:  # state on the CPU client: to the devices and back
+            stats.h2d_bytes += tree_bytes(grads)
+            master, opt_state, grads = jax.device_put((master, opt_state, grads), where)
+        scale = jax.device_put(np.asarray(scale, self.executables.master_dtype), where)
+        master, opt_state, stream_copy = exe(master, opt_state, grads, scale)
+        if legacy_device:
             master, opt_state = jax.device_put((master, opt_state), placement.host)
-            stats.d2h_bytes += tree_bytes(master) + tree_bytes(opt_state)
+        if not placement.optimizer_on_host:
             self.residency.drop(f"update:{name}")
         if not placement.update_writes_stream:
             stream_copy = jax.device_put(stream_copy, placement.stream)
@@ -364,30 +381,6 @@ def weight_fetch(
 
     pending = (lambda: store.stream[name]) if item.first_use else None
     return Fetch(name, nbytes, issue, pending_update=pending, data_exist=data_exist)
-
-
-def split_batch(batch: dict, executables: StepExecutables, placement: Placement, stats: StepStats):
-    """(input_ids, labels, loss_mask), each a list of per-micro-batch device arrays."""
-    micro, n = executables.micro, executables.n_micro
-
-    def split(values, dtype):
-        values = np.asarray(values, dtype)
-        if placement.shards is None:
-            parts = [values[i * micro : (i + 1) * micro] for i in range(n)]
-            return [jax.device_put(part, placement.data) for part in parts]
-        # several processes: ``values`` holds this process's rows of each micro-batch, in
-        # micro-batch order (wsjax.engine.shards.process_rows)
-        rows = micro // placement.shards.count
-        shape = (micro, *values.shape[1:])
-        parts = [values[i * rows : (i + 1) * rows] for i in range(n)]
-        return [jax.make_array_from_process_local_data(placement.data, p, shape) for p in parts]
-
-    stats.h2d_bytes += 3 * n * micro * executables.seq * 4
-    return (
-        split(batch["input_ids"], np.int32),
-        split(batch["labels"], np.int32),
-        split(batch["loss_mask"], np.float32),
-    )
 
 
 def _index(micro_batch: int, item: StreamItem) -> np.ndarray:

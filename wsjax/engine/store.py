@@ -6,9 +6,10 @@ buffers are their own arrays (not one stacked buffer) so that each layer's updat
 update. ``params_tree()`` and ``opt_state_tree()`` present the blocks stacked on the leading
 layer axis, the layout of checkpoints and of the resident reference.
 
-Tiers: ``master`` and ``optimizer`` live on the host compute device (where the host update
-runs); ``stream`` (bf16 under mixed precision) lives in the accelerator's ``pinned_host`` memory
-where it has one: the bytes that cross the link.
+Tiers: ``master``, ``optimizer`` and ``stream`` (bf16 under mixed precision: the bytes that
+cross the link) live in the accelerator's ``pinned_host`` memory where it has one (the
+placement's ``host`` and ``stream``), allocated here once and then replaced by the donated
+outputs of each update, so they never cross to JAX's CPU client on a step's path.
 
 With several processes (``shards``), every entry is this process's slice of each leaf (the
 layout: :mod:`~wsjax.engine.shards`), and the two trees come back as global arrays over the
@@ -135,9 +136,10 @@ class HostStore:
             opt = {n: init(p) for n, p in master.items()}
         else:
             opt = {n: place(s) for n, s in _split_segments(opt_state, num_layers).items()}
+        # its own buffers even where it shares the master's memory and dtype (fp32 compute)
+        cast = lambda p: jax.tree.map(lambda a: a.astype(compute_dtype), p)  # noqa: E731
         stream = {
-            n: jax.device_put(jax.tree.map(lambda a: a.astype(compute_dtype), p), stream_sharding)
-            for n, p in master.items()
+            n: jax.device_put(cast(p), stream_sharding, may_alias=False) for n, p in master.items()
         }
         return cls(num_layers, master, opt, stream, shards, full)
 

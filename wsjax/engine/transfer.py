@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import jax
+import numpy as np
 
 
 @dataclass
@@ -131,3 +132,28 @@ class WeightStream:
         """The computation that used the oldest taken item has finished: free its weights."""
         self._residency.drop(self._taken.popleft())
         self._top_up()
+
+
+# ---- the batch: host -> devices --------------------------------------------------------
+def split_batch(batch: dict, executables, placement, stats: StepStats):
+    """(input_ids, labels, loss_mask), each a list of per-micro-batch device arrays."""
+    micro, n = executables.micro, executables.n_micro
+
+    def split(values, dtype):
+        values = np.asarray(values, dtype)
+        if placement.shards is None:
+            parts = [values[i * micro : (i + 1) * micro] for i in range(n)]
+            return [jax.device_put(part, placement.data) for part in parts]
+        # several processes: ``values`` holds this process's rows of each micro-batch, in
+        # micro-batch order (wsjax.engine.shards.process_rows)
+        rows = micro // placement.shards.count
+        shape = (micro, *values.shape[1:])
+        parts = [values[i * rows : (i + 1) * rows] for i in range(n)]
+        return [jax.make_array_from_process_local_data(placement.data, p, shape) for p in parts]
+
+    stats.h2d_bytes += 3 * n * micro * executables.seq * 4
+    return (
+        split(batch["input_ids"], np.int32),
+        split(batch["labels"], np.int32),
+        split(batch["loss_mask"], np.float32),
+    )
