@@ -52,7 +52,24 @@ def setup_logging(log_file: Path | None = None) -> logging.Handler | None:
     fh = _RunLogFile(log_file)
     fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s: %(message)s"))
     root.addHandler(fh)
+    for name in LIBRARY_LOGGERS:  # their tracebacks and lines into run.log, not the output
+        lib = logging.getLogger(name)
+        lib.addHandler(fh)
+        lib.propagate = False
     return fh
+
+
+# the loggers of libraries a run writes through (orbax logs through absl)
+LIBRARY_LOGGERS = ("absl", "tensorboardX")
+
+
+def close_log_file(handler: logging.Handler | None) -> None:
+    """Detach and close a handler :func:`setup_logging` returned (None: nothing)."""
+    if handler is None:
+        return
+    for name in ("wsjax", *LIBRARY_LOGGERS):
+        logging.getLogger(name).removeHandler(handler)
+    handler.close()
 
 
 class _RunLogFile(logging.FileHandler):

@@ -25,6 +25,7 @@ from wsjax.distributed import exit_process
 from wsjax.errors import ArgumentParser, WsjaxError
 from wsjax.logs import setup_logging
 from wsjax.trainer import MODES, RunResult, Trainer, run
+from wsjax.trainer.faults import exit_on_signal
 from wsjax.trainer.options import add_arguments, options_from_args
 from wsjax.trainer.run_dir import DEFAULT_MODEL_DIR
 
@@ -87,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             if (value := getattr(args, flag)) is not None:
                 log.warning("--%s %s: a Cerebras hardware flag, ignored here", flag, value)
         config = load_config(args.params or params_of(args), args.overrides)
-        Trainer(config, options).run()
+        with exit_on_signal():  # one line and exit 5 outside the loop's preemption guard
+            Trainer(config, options).run()
     except WsjaxError as e:
         # one line whatever a library put into the text (the contract of every WsjaxError)
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)

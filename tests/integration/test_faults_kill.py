@@ -98,8 +98,10 @@ def test_second_signal_stops_at_once(tmp_path, reference):
     proc.send_signal(signal.SIGTERM)
     assert poll(proc, logged(md, "received SIGTERM"))
     proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=300)
-    assert proc.returncode == -signal.SIGTERM  # the default action: no save, no cleanup
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_PREEMPTED, err  # at once: no save, no cleanup; one line
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "second signal: stopped at once" in lines[0], err
     resumes_exactly(md, reference)
 
 
@@ -127,4 +129,20 @@ def test_sigkill_at_a_checkpoint_moment_loses_nothing(tmp_path, reference, momen
     proc.kill()
     proc.communicate()
     assert hit, f"the run ended before the moment '{moment}' was seen"
+    resumes_exactly(md, reference)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_during_init_or_compile_is_one_line_exit_5(tmp_path, reference, sig):
+    """Before the first step (weights, compile) there is nothing of this run to save: one line,
+    exit 5, never a segfault or a bare 143; the run then starts afresh exactly."""
+    md = tmp_path / "md"
+    proc = start(md)
+    assert poll(proc, lambda: (md / "train" / "run.log").is_file()), proc.communicate()[1]
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_PREEMPTED, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert re.search(r"stopped before any step|preempted by", lines[0]), lines[0]
     resumes_exactly(md, reference)

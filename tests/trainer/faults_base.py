@@ -36,6 +36,12 @@ def snapshot(md: Path) -> dict:
     }
 
 
+def unaside(snap: dict) -> dict:
+    """``snap`` with set-aside folder names (``model-ckpt-<step>.corrupt-<time>``) back under
+    their own name: the same files, none deleted."""
+    return {re.sub(r"\.corrupt-[^/]+", "", k): v for k, v in snap.items()}
+
+
 def copy_md(saved, dest: Path) -> Path:
     shutil.copytree(saved.md, dest)
     return dest

@@ -12,6 +12,7 @@ to ``keep_checkpoint_max`` (0 = keep all) renames before it deletes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -22,16 +23,17 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from orbax.checkpoint._src.path import step as step_lib
 
 from wsjax.checkpoint.digest import (
     DIGEST_KEY,
     CorruptCheckpoint,
+    UnverifiedCheckpoint,
     array_digest,
+    check_shapes,
     first_line,
-    fmt_path,
     process_digest,
     verify_digest,
     verify_process_digest,
@@ -45,24 +47,35 @@ log = logging.getLogger("wsjax.checkpoint")
 PREFIX = "model-ckpt"
 TRASH = ".trash-"
 _TMP_MARK = "orbax-checkpoint-tmp"
+CORRUPT = ".corrupt-"  # model-ckpt-<step>.corrupt-<time>: moved aside, never deleted
 NAME = re.compile(rf"{PREFIX}-(0|[1-9]\d*)")
+FORMAT_KEY, FORMAT = "wsjax_checkpoint_format", 2  # in meta; 2: the digest is always present
 
 
 @dataclasses.dataclass(frozen=True)
-class _DashNameFormat(step_lib._StandardNameFormat):
-    """Orbax step names ``model-ckpt-<step>`` (orbax's own prefix format uses ``_``)."""
+class DashNameFormat(ocp.step.NameFormat):
+    """Orbax step names ``model-ckpt-<step>`` through orbax's public ``NameFormat`` protocol
+    (``ocp.step.standard_name_format`` joins a prefix with ``_``)."""
 
     def build_name(self, step: int) -> str:
         return f"{PREFIX}-{step}"
 
-    def _build_metadata(self, step_path, step=None):
-        m = NAME.fullmatch(step_path.name)
-        if m is None or not step_lib.is_path_finalized(step_path):
-            return None  # temporary (uncommitted) folders are not checkpoints
-        return step_lib.Metadata(step=int(m.group(1)), path=step_path)
+    def _metadata(self, path: epath.Path) -> ocp.step.Metadata | None:
+        m = NAME.fullmatch(path.name)
+        if m is None or not path.is_dir() or not ocp.step.is_path_finalized(path):
+            return None  # temporary (uncommitted) or moved-aside folders are not checkpoints
+        return ocp.step.Metadata(step=int(m.group(1)), path=path)
 
-    def _glob_step_paths(self, base_path):
-        return [p for p in epath.Path(base_path).iterdir() if p.name.startswith(PREFIX + "-")]
+    def find_all(self, base_path):
+        base = epath.Path(base_path)
+        found = (self._metadata(p) for p in base.iterdir()) if base.exists() else ()
+        return iter([m for m in found if m is not None])
+
+    def find_step(self, base_path, step: int):
+        found = self._metadata(epath.Path(base_path) / self.build_name(step))
+        if found is None:
+            raise ValueError(f"no committed checkpoint for step {step} in {base_path}")
+        return found
 
 
 # What orbax / tensorstore raise on bytes they cannot parse: JSONDecodeError and tensorstore's
@@ -77,15 +90,32 @@ class Checkpoints:
     ``keep`` newest checkpoints are kept after each save (0 or None: all). Pruning renames a
     checkpoint to a hidden ``.trash-`` name before deleting it, so a kill mid-delete never leaves
     a half-deleted folder under a committed name; the checkpoint just written is never pruned.
+    With ``async_save`` (training's): :meth:`save` returns once the arrays are copied and
+    digested, orbax writes them while training goes on, and :meth:`wait` (or the next save)
+    reports a failed write. ``allow_unverified``: a checkpoint of the layout before digests
+    (no format marker, no digest) is loaded unverified instead of refused.
     """
 
-    def __init__(self, directory: str | Path, *, keep: int | None = None, read_only=False):
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        keep: int | None = None,
+        read_only=False,
+        async_save=False,
+        allow_unverified=False,
+    ):
         self.directory = Path(directory).absolute()
         self.keep = keep or None
+        self.read_only = read_only
+        self.allow_unverified = allow_unverified
+        self._pending: int | None = None
+        # several processes save synchronously: their barriers and orbax's would interleave
+        self.async_save = async_save and not read_only and not multi_process()
         opts = ocp.CheckpointManagerOptions(
             max_to_keep=None,  # pruned here: rename first, then delete
-            step_name_format=_DashNameFormat(),
-            enable_async_checkpointing=False,
+            step_name_format=DashNameFormat(),
+            enable_async_checkpointing=self.async_save,
             create=not read_only,
             read_only=read_only,
         )
@@ -101,6 +131,7 @@ class Checkpoints:
         self._mngr = ocp.CheckpointManager(self.directory, options=opts, item_handlers=handlers)
 
     def steps(self) -> list[int]:
+        self.wait()
         self._mngr.reload()
         return sorted(self._mngr.all_steps())
 
@@ -113,30 +144,55 @@ class Checkpoints:
 
     # -- writing -------------------------------------------------------------------------------
     def save(self, step: int, params: dict, opt_state: dict, meta: dict) -> Path:
-        """Write ``model-ckpt-<step>`` with its digest (synchronously), then prune to ``keep``.
+        """Start writing ``model-ckpt-<step>`` with its digest, after the previous save has
+        finished (and been pruned to ``keep``); :meth:`wait` for this one.
 
-        Raises NonFiniteError, writing nothing, when any array holds a NaN or an infinity.
+        The digest is computed here from the arrays being saved and committed in the same
+        folder as them (orbax renames the whole step folder at once), so a committed checkpoint
+        always carries it. Raises NonFiniteError, writing nothing, when any array holds a NaN or
+        an infinity.
         """
+        self.wait()
         trees, name = {"params": params, "opt_state": opt_state}, f"{PREFIX}-{step}"
         if multi_process():  # every process writes its blocks (wsjax.checkpoint.shards)
             digest = process_digest(trees, name)
-        else:
-            params, opt_state = jax.device_get(params), jax.device_get(opt_state)
+        else:  # own copies: the engine may reuse its buffers while orbax writes
+            params, opt_state = _owned(params), _owned(opt_state)
             digest = array_digest({"params": params, "opt_state": opt_state}, name)
-        if self.path(step).exists() and is_main_process():  # an unreadable leftover: replace it
-            self._trash(self.path(step))
+        if self.path(step).exists() and is_main_process():  # an unreadable leftover: set aside
+            self.set_aside(step, "unreadable")
         barrier(f"checkpoint-{step}-clear")
-        try:
+        self._mngr.reload()
+        record = {**meta, DIGEST_KEY: digest, FORMAT_KEY: FORMAT}
+        with self._write_errors(step):
             self._mngr.save(
                 step,
                 args=ocp.args.Composite(
                     params=ocp.args.StandardSave(params),
                     opt_state=ocp.args.StandardSave(opt_state),
-                    meta=ocp.args.JsonSave({**meta, DIGEST_KEY: digest}),
+                    meta=ocp.args.JsonSave(record),
                 ),
                 force=True,
             )
+        self._pending = step
+        if not self.async_save:
+            self.wait()
+        return self.path(step)
+
+    def wait(self) -> None:
+        """Block until the save in flight is committed, then prune; CheckpointError (one line)
+        when it failed."""
+        if self._pending is None:
+            return
+        step, self._pending = self._pending, None
+        with self._write_errors(step):
             self._mngr.wait_until_finished()
+        self._prune(newest_good=step)
+
+    @contextlib.contextmanager
+    def _write_errors(self, step: int):
+        try:
+            yield
         except READ_ERRORS as e:
             if is_main_process():
                 self._clear_after_failed_save()  # orbax's uncommitted temporary folder
@@ -145,8 +201,22 @@ class Checkpoints:
                 f"{self.path(step)}: cannot write the checkpoint ({first_line(e)}); the earlier "
                 f"checkpoints are kept ({hint}free disk space and rerun to resume)"
             ) from None
-        self._prune(newest_good=step)
-        return self.path(step)
+
+    def set_aside(self, step: int, why: str) -> Path | None:
+        """Rename ``model-ckpt-<step>`` to ``model-ckpt-<step>.corrupt-<time>`` (never
+        deleted), so the run can save that step again; None for a read-only manager."""
+        if self.read_only or not is_main_process():
+            return None
+        path = self.path(step)
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        aside = path.with_name(f"{path.name}{CORRUPT}{stamp}")
+        n = 1
+        while aside.exists():
+            aside, n = path.with_name(f"{path.name}{CORRUPT}{stamp}-{n}"), n + 1
+        os.replace(path, aside)
+        log.warning("%s: %s; moved aside to %s", path, why, aside.name)
+        self._mngr.reload()
+        return aside
 
     def _prune(self, newest_good: int) -> None:
         if self.keep is None:
@@ -233,14 +303,31 @@ class Checkpoints:
         opt = r["opt_state"] if opt_shapes is not None else None
         params = r["params"]
         digest = meta.pop(DIGEST_KEY, None)
+        if not digest:
+            self._no_digest(where, meta.pop(FORMAT_KEY, None))
+            return params, opt, meta
+        meta.pop(FORMAT_KEY, None)
         trees = {"params": params} if opt is None else {"params": params, "opt_state": opt}
-        if digest and isinstance(next(iter(digest.values())), dict):  # written by P processes
+        if isinstance(next(iter(digest.values())), dict):  # written by P processes
             verify_process_digest(digest, trees, where)
         elif multi_process():
             log.info("%s: written by one process; its digest is checked by one process", where)
         else:
             verify_digest(digest, params, opt, where)
         return params, opt, meta
+
+    def _no_digest(self, where: Path, fmt) -> None:
+        """A checkpoint without its digest: corrupt when this layout wrote it (it always writes
+        one); the older layout only with ``allow_unverified``."""
+        if fmt is not None:
+            raise CorruptCheckpoint(f"{where}: its crc32c digest is missing (corrupt metadata)")
+        if not self.allow_unverified:
+            raise UnverifiedCheckpoint(
+                f"{where}: has no crc32c digest (a wsjax checkpoint from before digests, or its "
+                "digest was removed); refused unverified (--allow_unverified_checkpoint loads "
+                "such a checkpoint of the older layout without checking it)"
+            )
+        log.warning("%s: written without a digest (older layout); loaded unverified", where)
 
     def _check_optimizer(self, step: int, opt_shapes: dict) -> None:
         """One line instead of orbax's tree dump when the optimizer changed since the save."""
@@ -255,7 +342,17 @@ class Checkpoints:
             )
 
     def close(self) -> None:
-        self._mngr.close()
+        try:
+            self.wait()
+        finally:
+            self._mngr.close()
+
+
+def _owned(tree: dict) -> dict:
+    """``tree`` with every leaf an array that owns its bytes (a view is copied)."""
+    return jax.tree.map(
+        lambda a: a if isinstance(a, np.ndarray) and a.flags.owndata else np.array(a), tree
+    )
 
 
 def restore_newest_good(
@@ -272,6 +369,8 @@ def restore_newest_good(
         except CorruptCheckpoint as e:
             log.warning("%s; falling back to the previous checkpoint", e)
             bad.append(ckpts.path(step).name)
+            if not isinstance(e, UnverifiedCheckpoint):  # set aside so the step can be saved
+                ckpts.set_aside(step, "corrupt")
     raise CheckpointError(
         f"{ckpts.directory}: no readable checkpoint ({', '.join(bad)} are corrupt); move them "
         "away to start afresh"
@@ -280,27 +379,3 @@ def restore_newest_good(
 
 def _is_shape(x) -> bool:
     return isinstance(x, tuple)
-
-
-def check_shapes(expected: Any, found: Any, where: str | Path) -> None:
-    """Raise CheckpointError naming the first parameter whose shape (or presence) differs."""
-    exp = {
-        fmt_path(p): tuple(s.shape) for p, s in jax.tree_util.tree_flatten_with_path(expected)[0]
-    }
-    got = {
-        fmt_path(p): tuple(s)
-        for p, s in jax.tree_util.tree_flatten_with_path(
-            found, is_leaf=lambda x: isinstance(x, tuple)
-        )[0]
-    }
-    for name, shape in exp.items():
-        if name not in got:
-            raise CheckpointError(f"{where}: has no parameter {name} (model expects {shape})")
-        if got[name] != shape:
-            raise CheckpointError(
-                f"{where}: parameter {name} has shape {got[name]}, the model expects {shape} "
-                "(check model.* in the params file against the checkpoint)"
-            )
-    extra = sorted(set(got) - set(exp))
-    if extra:
-        raise CheckpointError(f"{where}: parameter {extra[0]} is not in the model")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import google_crc32c
 import jax
@@ -28,6 +29,10 @@ DIGEST_KEY = "digest_crc32c"  # in meta: {"params.<name>" | "opt_state.<name>": 
 
 class CorruptCheckpoint(CheckpointError):
     """A checkpoint that cannot be read or fails its digest (not a config mismatch)."""
+
+
+class UnverifiedCheckpoint(CorruptCheckpoint):
+    """A checkpoint of the layout before digests, refused without --allow_unverified_checkpoint."""
 
 
 def first_line(e: BaseException) -> str:
@@ -130,3 +135,27 @@ def verify_process_digest(digest: dict, tree: dict, where: Path) -> bool:
         if digest[name]["crc32c"][index] != crc32c(block):
             raise CorruptCheckpoint(f"{where}: {name} fails its crc32c digest (corrupt bytes)")
     return True
+
+
+def check_shapes(expected: Any, found: Any, where: str | Path) -> None:
+    """Raise CheckpointError naming the first parameter whose shape (or presence) differs."""
+    exp = {
+        fmt_path(p): tuple(s.shape) for p, s in jax.tree_util.tree_flatten_with_path(expected)[0]
+    }
+    got = {
+        fmt_path(p): tuple(s)
+        for p, s in jax.tree_util.tree_flatten_with_path(
+            found, is_leaf=lambda x: isinstance(x, tuple)
+        )[0]
+    }
+    for name, shape in exp.items():
+        if name not in got:
+            raise CheckpointError(f"{where}: has no parameter {name} (model expects {shape})")
+        if got[name] != shape:
+            raise CheckpointError(
+                f"{where}: parameter {name} has shape {got[name]}, the model expects {shape} "
+                "(check model.* in the params file against the checkpoint)"
+            )
+    extra = sorted(set(got) - set(exp))
+    if extra:
+        raise CheckpointError(f"{where}: parameter {extra[0]} is not in the model")

@@ -23,6 +23,7 @@ class StartState:
     step: int = 0
     loader_state: dict | None = None
     source: str | None = None  # what the log says it restored from
+    config: dict | None = None  # the effective config the checkpoint was saved with
 
 
 def _orbax_location(path: Path) -> tuple[Path, int | None] | None:
@@ -35,18 +36,21 @@ def _orbax_location(path: Path) -> tuple[Path, int | None] | None:
     return None
 
 
-def orbax_start(path: Path, model, optimizer, *, weights_only: bool) -> StartState | None:
+def orbax_start(
+    path: Path, model, optimizer, *, weights_only: bool, allow_unverified: bool = False
+) -> StartState | None:
     """The state in ``path`` when it is an orbax checkpoint or a folder holding them, else None.
 
     ``weights_only`` (``--is_pretrained_checkpoint``): step 0, fresh optimizer, loader from the
     start. A model_dir whose latest checkpoint is corrupt falls back to its newest good one; a
-    named ``model-ckpt-<step>`` that is corrupt is an error.
+    named ``model-ckpt-<step>`` that is corrupt is an error. ``allow_unverified``: a checkpoint
+    of the layout before digests is loaded unverified instead of refused.
     """
     loc = _orbax_location(path)
     if loc is None:
         return None
     shapes = model.param_shapes()
-    ckpts = Checkpoints(loc[0], read_only=True)
+    ckpts = Checkpoints(loc[0], read_only=True, allow_unverified=allow_unverified)
     steps = ckpts.steps() if loc[1] is None else [loc[1]]
     if not steps or steps[-1] not in ckpts.steps():
         raise CheckpointError(f"{path}: not a complete orbax checkpoint")
@@ -55,7 +59,8 @@ def orbax_start(path: Path, model, optimizer, *, weights_only: bool) -> StartSta
     src = str(ckpts.path(step))
     if weights_only:
         return StartState(params=params, source=src)
-    return StartState(params, opt, int(meta.get("step", step)), meta.get("loader"), src)
+    loader = meta.get("loader")
+    return StartState(params, opt, int(meta.get("step", step)), loader, src, meta.get("config"))
 
 
 def run_model_dir(path: Path) -> Path:

@@ -17,13 +17,20 @@ from wsjax.interop.hf import import_hf
 
 
 def load_start(
-    path: str | Path, model, optimizer, *, weights_only: bool, allow_pickle: bool = False
+    path: str | Path,
+    model,
+    optimizer,
+    *,
+    weights_only: bool,
+    allow_pickle: bool = False,
+    allow_unverified: bool = False,
 ) -> StartState:
     """The state in ``path`` (orbax checkpoint, model_dir, or HF folder) for ``model``.
 
     ``weights_only`` (``--is_pretrained_checkpoint``, and always for HF): step 0, fresh
     optimizer, loader from the start. ``allow_pickle``: an HF folder may hold a pickled
-    ``pytorch_model.bin`` (only for a source the user trusts).
+    ``pytorch_model.bin`` (only for a source the user trusts). ``allow_unverified``: an orbax
+    checkpoint without a digest (the older layout) is loaded unverified.
     """
     path = Path(path)
     if not path.exists():
@@ -31,7 +38,9 @@ def load_start(
             f"{path}: --checkpoint_path does not exist (give a model-ckpt-<step> folder, a "
             "model_dir with checkpoints, or a HuggingFace folder)"
         )
-    start = orbax_start(path, model, optimizer, weights_only=weights_only)
+    start = orbax_start(
+        path, model, optimizer, weights_only=weights_only, allow_unverified=allow_unverified
+    )
     if start is not None:
         return start
     if (path / "config.json").is_file():

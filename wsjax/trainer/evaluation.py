@@ -96,7 +96,7 @@ def eval_mode(r: RunSpec) -> RunResult:
     if r.options.checkpoint_path is not None:
         targets = [Path(r.options.checkpoint_path)]
     else:
-        steps = Checkpoints(r.md.path, read_only=True).steps()
+        steps = Checkpoints(r.md.path, read_only=True).steps()  # committed ones only
         if not steps:
             raise CheckpointError(
                 f"model_dir {r.md.path} has no checkpoint to evaluate; train first or give "
@@ -106,7 +106,7 @@ def eval_mode(r: RunSpec) -> RunResult:
         targets = (
             [r.md.path / f"model-ckpt-{s}" for s in steps] if r.mode == "eval_all" else [r.md.path]
         )
-    tb = Summaries(r.md.path)
+    tb, skipped = Summaries(r.md.path), []
     try:
         for path in targets:
             try:
@@ -116,23 +116,30 @@ def eval_mode(r: RunSpec) -> RunResult:
                     r.optimizer,
                     weights_only=True,
                     allow_pickle=r.options.allow_pickle,
+                    allow_unverified=r.options.allow_unverified_checkpoint,
                 )
             except CorruptCheckpoint as e:
                 if len(targets) == 1:
                     raise
                 log.warning("%s; skipped", e)
+                skipped.append(path.name)
                 continue
             step = _step_of(Path(start.source))
             engine, _, _ = build_engine(r, start)
             if text is None:
                 row = evaluate(r, engine, step)
-                tb.scalars("eval", eval_tags(row), step)
+                tb.scalars("eval", eval_tags(row, r.config.runconfig.cerebras_eval_tags), step)
                 result.evals.append(row)
             else:
                 result.evals.append(evaluate_text(r, engine, step, tb, text))
             result.global_step = step
     finally:
         tb.close()
+    if not result.evals:  # every checkpoint asked for was unreadable: nothing done is a failure
+        raise CheckpointError(
+            f"{r.md.path}: no checkpoint could be evaluated ({', '.join(skipped)} unreadable); "
+            "train again or give a readable --checkpoint_path"
+        )
     return result
 
 

@@ -5,13 +5,17 @@
   (log, TensorBoard ``skipped_updates``) and ``max_consecutive_skips`` in a row stop the run.
   A checkpoint holding a NaN or an infinity is refused by wsjax.checkpoint anyway.
 - SIGTERM / SIGINT finish the current step, save a checkpoint and raise Preempted (exit 5); a
-  second signal kills the process at once. Resuming from that checkpoint is exact.
+  second signal stops the process at once with one line, exit 5. Resuming from that checkpoint
+  is exact. Outside the training loop (init, compile, eval, export) a signal stops at once,
+  one line, exit 5: there is nothing of this run to save (:func:`exit_on_signal`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import signal
 import threading
 
@@ -19,7 +23,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from wsjax.errors import NonFiniteError
+from wsjax.errors import EXIT_PREEMPTED, NonFiniteError
 
 log = logging.getLogger("wsjax.train")
 
@@ -71,9 +75,39 @@ class NonFinitePolicy:
         return True
 
 
+def _stop_now(what: str):
+    """A handler that writes one line and ends the process with exit 5 (no cleanup: what a
+    killed writer leaves is cleared by the next run)."""
+
+    def stop(signum, frame) -> None:
+        name = signal.Signals(signum).name
+        line = f"error: {name}: {what}; the latest complete checkpoint is kept (rerun to resume)"
+        os.write(2, (line + "\n").encode())
+        os._exit(EXIT_PREEMPTED)
+
+    return stop
+
+
+@contextlib.contextmanager
+def exit_on_signal():
+    """SIGTERM / SIGINT end the process at once, one line, exit 5, until the training loop's
+    PreemptionGuard takes over (and again after it): during init, compile, eval or export
+    nothing of this run is there to save. Only in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stop = _stop_now("stopped before any step of this run could be saved")
+    before = {s: signal.signal(s, stop) for s in PreemptionGuard.SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
 class PreemptionGuard:
     """While active: the first SIGTERM / SIGINT is recorded in ``signal`` for the loop to act on
-    after its step; both signals then get their default action, so a second one kills at once.
+    after its step; a second one then stops the process at once (one line, exit 5).
     Outside the main thread (signals cannot be caught there) it does nothing."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -85,7 +119,7 @@ class PreemptionGuard:
     def _record(self, signum, frame) -> None:
         self.signal = signum
         for s in self.SIGNALS:
-            signal.signal(s, signal.SIG_DFL)
+            signal.signal(s, _stop_now("a second signal: stopped at once without saving"))
         log.warning(
             "received %s: finishing this step, then saving a checkpoint (a second signal stops "
             "at once)",

@@ -73,6 +73,16 @@ class RunOptions:
         "for a source you trust",
         default=False,
     )
+    allow_unverified_checkpoint: bool = _opt(
+        "load a checkpoint of the layout before digests (no crc32c digest, no format marker) "
+        "without verifying it; a checkpoint this version wrote is always verified",
+        default=False,
+    )
+    allow_data_position_change: bool = _opt(
+        "resume although the batch size, sequence length or data changed since the checkpoint, "
+        "so its data position cannot be honoured exactly (the loader restarts its epoch)",
+        default=False,
+    )
     eval_text: Path | None = _opt(
         "-m eval / eval_all: loss, perplexity, accuracy and bits per byte on this UTF-8 text or "
         ".jsonl file ('text' field), tokenised with the run's tokenizer; without -p the run's "

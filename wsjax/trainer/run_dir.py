@@ -22,14 +22,18 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
+import shutil
 from pathlib import Path
 
 import jax
 from jax._src import compilation_cache
 
-from wsjax.distributed import is_main_process
+from wsjax.distributed import is_main_process, launcher, process_count
 from wsjax.errors import ConfigError
+
+log = logging.getLogger("wsjax.train")
 
 DEFAULT_MODEL_DIR = "model_dir"
 
@@ -88,14 +92,23 @@ class ModelDir:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            text = os.pread(fd, 256, 0).decode(errors="replace").strip()
+            pid, _, started = (text.splitlines() or [""])[0].partition(" ")  # "pid launcher"
             os.close(fd)
+            by = f", started by {started}" if started else ""
+            ours, alone = launcher(), process_count() == 1
+            hint = f"; this run was started by {ours}" if ours else ""
+            if ours and alone:  # a launcher whose processes did not join one run
+                hint = (
+                    f"; this process was started by {ours} but joined no multi-process run "
+                    "(see docs/scale-out.md)"
+                )
             raise ConfigError(
-                f"model_dir {self.path} is in use by another run (pid {holder}); wait for it "
-                "to finish or give another --model_dir"
+                f"model_dir {self.path} is in use by another run (pid {pid or 'unknown'}{by})"
+                f"{hint}; wait for it to finish or give another --model_dir"
             ) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.pwrite(fd, f"{os.getpid()} {launcher() or 'a plain start'}\n".encode(), 0)
         self._lock_fd = fd
 
     def unlock(self) -> None:
@@ -107,7 +120,29 @@ class ModelDir:
     def __enter__(self) -> ModelDir:
         self.prepare()
         self.lock()
+        self.clear_temporaries()
         return self
+
+    def clear_temporaries(self) -> list[Path]:
+        """Delete what a killed writer of the run's files left (the ``.<name>.tmp-*`` of
+        wsjax.fileio, a ``.tokenizer-*`` folder); only the lock holder does. One log line."""
+        if not is_main_process():
+            return []
+        found = [
+            p
+            for folder in (self.path, self.train_dir, self.eval_dir, self.path / "performance")
+            if folder.is_dir()
+            for p in folder.iterdir()
+            if p.name.startswith(".tokenizer-") or (p.name.startswith(".") and ".tmp-" in p.name)
+        ]
+        for p in found:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        if found:
+            log.info("removed %d temporaries of a killed writer: %s", len(found), found[0].name)
+        return found
 
     def __exit__(self, *exc) -> None:
         self.unlock()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import yaml
 
 from wsjax.checkpoint import StartState, restore_newest_good
 from wsjax.config.schema import Config, InputConfig
-from wsjax.data.loader import make_loader
+from wsjax.data.loader import BUILTIN_STDLIB, make_loader
 from wsjax.data.validate import check_data_vocab
 from wsjax.distributed import is_main_process
 from wsjax.engine import StreamingEngine, make_plan
@@ -37,6 +38,7 @@ from wsjax.models import get_model
 from wsjax.optim import make_optimizer
 from wsjax.trainer.metrics import Performance
 from wsjax.trainer.options import RunOptions
+from wsjax.trainer.resume import check_resume
 from wsjax.trainer.run_dir import (
     ModelDir,
     backend_signature,
@@ -87,13 +89,19 @@ class RunSpec:
 
 
 def disk_error(e: OSError, where: Path) -> WsjaxError | OSError:
-    """A full or read-only disk as one line; any other OSError stays a bug (traceback)."""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
+    """A full or read-only disk, or a path under a file, as one line naming the path and the
+    errno; any other OSError stays a bug (traceback)."""
+    if e.errno in WRITE_ERRNOS:
         return WsjaxError(
-            f"{e.filename or where}: cannot write ({e.strerror}); free space in {where} and "
-            "rerun: the saved checkpoints are intact"
+            f"{e.filename or where}: cannot write ({e.strerror}, {errno.errorcode[e.errno]}); "
+            f"free space in {where} or fix the path, and rerun: the saved checkpoints are intact"
         )
     return e
+
+
+WRITE_ERRNOS = (
+    errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.EACCES
+)  # fmt: skip
 
 
 def make_spec(config, mode: str, md, options: RunOptions) -> RunSpec:
@@ -190,7 +198,8 @@ def plan_run(r: RunSpec, records: list[dict] | None = None, *, strict: bool):
     )
     if target:
         plan.notes.append("planned against streaming.device_memory_gb / host_memory_gb")
-    plan.write(r.md.plan_json)
+    if is_main_process():  # process 0 writes the run's files, atomically
+        atomic_write_text(r.md.plan_json, json.dumps(plan.to_dict(), indent=2) + "\n")
     if records is None:
         log.info("%s", plan.summary())
     try:
@@ -205,14 +214,20 @@ def plan_run(r: RunSpec, records: list[dict] | None = None, *, strict: bool):
 def validate_only(r: RunSpec) -> RunResult:
     """``--validate_only``: config and shapes valid and the plan written; nothing compiled. A
     plan that does not fit is the verdict: PlanError, exit 3, naming the shortfall and knob.
-    Data whose vocabulary the model cannot hold is refused first (one line, exit 2)."""
+    Data whose vocabulary the model cannot hold is refused first (one line, exit 2); data that
+    is not on this machine is named in a warning, and the plan goes on."""
     sections = {"train_input": "train", "eval_input": "eval"}
     reads = ["train_input"] if r.training else ["eval_input"]
     if r.mode == "train_and_eval":
         reads.append("eval_input")
     for section in reads:
-        if (inp := getattr(r.config, section)) is not None:
-            check_data_vocab(inp, r.config.model.vocab_size, split=sections[section])
+        if (inp := getattr(r.config, section)) is None:
+            continue
+        missing = [d for d in data_dirs(inp) if d != BUILTIN_STDLIB and not Path(d).exists()]
+        if missing:  # planning on a machine without the data: the plan still holds
+            log.warning("%s.data_dir %s is not here: its data is not checked", section, missing[0])
+            continue
+        check_data_vocab(inp, r.config.model.vocab_size, split=sections[section])
     plan_run(r, strict=True)
     result = r.result(plan_path=r.md.plan_json)
     result.compile_dir = None
@@ -330,7 +345,14 @@ def open_train_loader(r: RunSpec, loader_state: dict | None):
 
 def resolve_start(r: RunSpec, ckpts):
     """Where training starts: --checkpoint_path, else the newest good checkpoint in model_dir
-    (a corrupt newer one is skipped with a warning), else fresh weights."""
+    (a corrupt newer one is set aside with a warning), else fresh weights; a resume whose data
+    position the config no longer honours is refused (wsjax.trainer.resume)."""
+    start = _find_start(r, ckpts)
+    check_resume(start, r.config, r.options.allow_data_position_change)
+    return start
+
+
+def _find_start(r: RunSpec, ckpts):
     opts = r.options
     steps = ckpts.steps()
     if opts.checkpoint_path is not None:
@@ -347,6 +369,7 @@ def resolve_start(r: RunSpec, ckpts):
             r.optimizer,
             weights_only=opts.is_pretrained_checkpoint,
             allow_pickle=opts.allow_pickle,
+            allow_unverified=opts.allow_unverified_checkpoint,
         )
     if not steps:
         return StartState()
@@ -358,4 +381,11 @@ def resolve_start(r: RunSpec, ckpts):
     )
     log.info("Found checkpoint %s: resuming from it", ckpts.path(step))
     source = str(ckpts.path(step))
-    return StartState(params, opt, int(meta.get("step", step)), meta.get("loader"), source)
+    loader = meta.get("loader")
+    return StartState(params, opt, int(meta.get("step", step)), loader, source, meta.get("config"))
+
+
+def data_dirs(inp: InputConfig) -> list[str]:
+    """The data folders (or files) of an input section."""
+    d = inp.data_dir
+    return [] if d is None else [str(d)] if isinstance(d, str | Path) else [str(x) for x in d]
