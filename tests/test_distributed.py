@@ -3,25 +3,17 @@ SLURM / Open MPI through JAX), and the one-line errors of bad ones; the launcher
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import probe_env
 from wsjax import distributed, launch
 from wsjax.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def probe_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WSJAX_")}
-    env.pop("XLA_FLAGS", None)  # 1 CPU device per process unless --devices_per_process
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = str(ROOT)
-    return env
 
 
 # ---- settings: flags, environment, cluster; one-line errors --------------------------------------

@@ -11,7 +11,12 @@ Where the three settings come from, first match wins, each setting on its own:
    --process_id I``);
 2. the environment: ``WSJAX_COORDINATOR_ADDRESS``, ``WSJAX_NUM_PROCESSES``, ``WSJAX_PROCESS_ID``
    (``WSJAX_LOCAL_DEVICE_IDS`` too), which the local launcher :mod:`wsjax.launch` sets;
-3. the cluster: under SLURM ``srun`` or Open MPI ``mpirun`` with more than one task, JAX's own
+3. torchrun's and Kubernetes' (PyTorchJob) variables: ``WORLD_SIZE`` processes, this one
+   ``RANK``, the coordinator at ``MASTER_ADDR`` on port ``MASTER_PORT + 1`` (torchrun's own store
+   serves on ``MASTER_PORT``; it binds nothing else, so the next port is left to JAX's
+   coordinator in process 0); with several processes per node (``LOCAL_WORLD_SIZE`` > 1) process
+   ``LOCAL_RANK`` drives local device ``LOCAL_RANK``;
+4. the cluster: under SLURM ``srun`` or Open MPI ``mpirun`` with more than one task, JAX's own
    detection (``jax.distributed.initialize`` with what is still unset) fills in the rest.
 
 One process and no cluster: nothing happens, so a single-process run is untouched. On CPU the
@@ -72,6 +77,7 @@ __all__ = [
     "exit_process",
     "initialize",
     "is_main_process",
+    "launcher",
     "process_count",
     "process_index",
     "resolve",
@@ -112,10 +118,14 @@ def resolve(
     or ``None`` for a single-process run. Raises a one-line :class:`ConfigError` for a bad
     value or an incomplete set outside a cluster."""
     env = os.environ
-    address = coordinator_address or env.get(ENV_COORDINATOR_ADDRESS) or None
+    torch = _torch_env(env)
+    address = coordinator_address or env.get(ENV_COORDINATOR_ADDRESS) or torch.get("address")
     count = _int_setting("--num_processes", num_processes, env, ENV_NUM_PROCESSES)
+    count = torch.get("count") if count is None else count
     index = _int_setting("--process_id", process_id, env, ENV_PROCESS_ID)
+    index = torch.get("index") if index is None else index
     devices = _device_ids(local_device_ids, env)
+    devices = torch.get("devices") if devices is None else devices
     cluster = _cluster()
     if count is not None and count < 1:
         raise ConfigError(f"--num_processes {count} is invalid: must be >= 1")
@@ -143,8 +153,9 @@ def resolve(
         if missing:
             raise ConfigError(
                 f"a multi-process run needs {', '.join(missing)} (or {ENV_COORDINATOR_ADDRESS}, "
-                f"{ENV_NUM_PROCESSES}, {ENV_PROCESS_ID}); or start it with python -m "
-                "wsjax.launch, SLURM srun or Open MPI mpirun, which set them"
+                f"{ENV_NUM_PROCESSES}, {ENV_PROCESS_ID}; or MASTER_ADDR, MASTER_PORT, "
+                "WORLD_SIZE, RANK); or start it with wsjax-launch, torchrun, SLURM srun or Open "
+                "MPI mpirun, which set them"
             )
     return Settings(address, count, index, devices, cluster)
 
@@ -246,6 +257,38 @@ def _int_setting(flag: str, value: int | None, env: Mapping[str, str], name: str
         return int(text)
     except ValueError:
         raise ConfigError(f"{name}={text!r} is invalid: must be an integer ({flag})") from None
+
+
+def _torch_env(env: Mapping[str, str]) -> dict:
+    """The settings torchrun's (or a Kubernetes PyTorchJob's) variables give: address, count,
+    index, devices; empty without ``WORLD_SIZE`` and ``RANK``."""
+    if not (env.get("WORLD_SIZE") and env.get("RANK")):
+        return {}
+    out = {
+        "count": _int_setting("--num_processes", None, env, "WORLD_SIZE"),
+        "index": _int_setting("--process_id", None, env, "RANK"),
+    }
+    port = _int_setting("--coordinator_address", None, env, "MASTER_PORT")
+    if env.get("MASTER_ADDR") and port is not None:
+        out["address"] = f"{env['MASTER_ADDR']}:{port + 1}"  # MASTER_PORT is torch's store
+    local = _int_setting("LOCAL_RANK", None, env, "LOCAL_RANK")
+    per_node = _int_setting("LOCAL_WORLD_SIZE", None, env, "LOCAL_WORLD_SIZE") or 1
+    if local is not None and per_node > 1:
+        out["devices"] = (local,)
+    return out
+
+
+def launcher() -> str | None:
+    """What started this process as one of several: wsjax.launch, torchrun, a PyTorchJob-style
+    environment, SLURM srun or Open MPI mpirun; None for a plain start."""
+    env = os.environ
+    if env.get(ENV_COORDINATOR_ADDRESS):
+        return "wsjax.launch"
+    if env.get("TORCHELASTIC_RUN_ID"):
+        return "torchrun"
+    if env.get("WORLD_SIZE") and env.get("RANK"):
+        return "RANK/WORLD_SIZE (torchrun or Kubernetes)"
+    return _cluster()
 
 
 def _device_ids(given: Sequence[int] | None, env: Mapping[str, str]) -> tuple[int, ...] | None:

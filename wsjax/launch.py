@@ -3,6 +3,8 @@
 
     python -m wsjax.launch --nproc 2 -- -p params.yaml -m train -o model_dir
     python -m wsjax.launch --nproc 2 --devices_per_process 2 -- -p params.yaml   # CPU: 2 x 2
+    # two machines, 8 processes each; run on each machine with its own --node_rank:
+    wsjax-launch --nnodes 2 --node_rank 0 --coordinator node0:1234 --nproc 8 -- -p params.yaml
 
 It picks a free localhost port for the coordinator and starts ``--nproc`` children
 ``python -m wsjax.train <args>`` (``--module`` names another module), each with
@@ -13,6 +15,11 @@ process per GPU by default) set for :func:`wsjax.distributed.initialize`. With
 (``--xla_force_host_platform_device_count``, appended to ``XLA_FLAGS``), so a CPU machine runs
 the same layouts as a GPU node. The children's output passes through unchanged (the children
 prefix their own lines, :func:`wsjax.logs.setup_logging`).
+
+Several machines: one launcher per machine, each with ``--nnodes N``, its own ``--node_rank R``
+(0 .. N-1) and the same ``--coordinator HOST:PORT`` (machine 0's address and a free port there:
+global process 0 serves the coordinator). Launcher R starts global processes R*nproc ..
+R*nproc+nproc-1 of a run of N*nproc; each drives its local devices as above.
 
 Faults and signals, so that it never hangs:
 
@@ -66,14 +73,23 @@ def free_port() -> int:
 
 
 def child_env(
-    base: dict[str, str], port: int, nproc: int, index: int, devices_per_process: int | None
+    base: dict[str, str],
+    port: int,
+    nproc: int,
+    index: int,
+    devices_per_process: int | None,
+    *,
+    host: str = "127.0.0.1",
+    node_rank: int = 0,
+    nnodes: int = 1,
 ) -> dict[str, str]:
-    """The environment of child ``index``: ``base`` plus the run's coordinates."""
+    """The environment of local child ``index`` (of ``nproc`` on node ``node_rank`` of
+    ``nnodes``): ``base`` plus the run's coordinates."""
     per = devices_per_process or 1
     env = dict(base)
-    env[ENV_COORDINATOR_ADDRESS] = f"127.0.0.1:{port}"
-    env[ENV_NUM_PROCESSES] = str(nproc)
-    env[ENV_PROCESS_ID] = str(index)
+    env[ENV_COORDINATOR_ADDRESS] = f"{host}:{port}"
+    env[ENV_NUM_PROCESSES] = str(nnodes * nproc)
+    env[ENV_PROCESS_ID] = str(node_rank * nproc + index)
     env[ENV_LOCAL_DEVICE_IDS] = ",".join(str(index * per + k) for k in range(per))
     if devices_per_process is not None:
         flag = f"--xla_force_host_platform_device_count={devices_per_process}"
@@ -107,6 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="local devices per process: process i gets devices i*D .. i*D+D-1; on CPU the "
         "host platform gets D devices (default: 1 device each, the host's one CPU device)",
+    )
+    p.add_argument("--nnodes", type=int, default=1, help="machines in the run (default 1)")
+    p.add_argument(
+        "--node_rank", type=int, default=0, help="this machine, 0 .. nnodes-1 (default 0)"
+    )
+    p.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="machine 0's address and a free port there, the same on every machine (needed "
+        "with --nnodes > 1; default: a free localhost port)",
     )
     p.add_argument(
         "--module", default="wsjax.train", help="the module each child runs (default: wsjax.train)"
@@ -144,18 +170,60 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.grace_s < 0:
         print(f"error: --grace_s {args.grace_s:g} is invalid: must be >= 0", file=sys.stderr)
         return 2
-    group = ProcessGroup(args.nproc, args.devices_per_process, args.module, child_args)
+    problem = _node_problem(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    group = ProcessGroup(
+        args.nproc,
+        args.devices_per_process,
+        args.module,
+        child_args,
+        node=(args.node_rank, args.nnodes, args.coordinator),
+    )
     return group.run(args.grace_s)
+
+
+def _node_problem(args) -> str | None:
+    """What is wrong with --nnodes / --node_rank / --coordinator, in one line; None if nothing."""
+    if args.nnodes < 1:
+        return f"--nnodes {args.nnodes} is invalid: must be >= 1"
+    if not 0 <= args.node_rank < args.nnodes:
+        return (
+            f"--node_rank {args.node_rank} is invalid for --nnodes {args.nnodes}: valid ranks "
+            f"are 0..{args.nnodes - 1}"
+        )
+    if args.nnodes > 1 and not args.coordinator:
+        return "--nnodes > 1 needs --coordinator HOST:PORT (machine 0's address, the same on all)"
+    if args.coordinator:
+        host, sep, port = args.coordinator.rpartition(":")
+        if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+            return (
+                f"--coordinator {args.coordinator!r} is invalid: must be HOST:PORT with a port "
+                "in 1..65535, e.g. 10.0.0.1:1234"
+            )
+    return None
 
 
 class ProcessGroup:
     """The children of one launch and what happened to them."""
 
-    def __init__(self, nproc: int, devices_per_process: int | None, module: str, args: list[str]):
+    def __init__(
+        self,
+        nproc: int,
+        devices_per_process: int | None,
+        module: str,
+        args: list[str],
+        node: tuple[int, int, str | None] = (0, 1, None),
+    ):
         self.command = [sys.executable, "-m", module, *args]
-        port = free_port()
+        node_rank, nnodes, coordinator = node  # this machine, machines, HOST:PORT or None
+        host, _, port = coordinator.rpartition(":") if coordinator else ("127.0.0.1", "", "")
+        where = {"host": host, "node_rank": node_rank, "nnodes": nnodes}
+        port = int(port) if port else free_port()
         self.envs = [
-            child_env(dict(os.environ), port, nproc, i, devices_per_process) for i in range(nproc)
+            child_env(dict(os.environ), port, nproc, i, devices_per_process, **where)
+            for i in range(nproc)
         ]
         self.children: list[subprocess.Popen] = []
         self.signals: list[int] = []  # received by the launcher, in order

@@ -17,20 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import probe_env
 from wsjax import launch
 
 ROOT = Path(__file__).resolve().parents[2]
 # A bound on "about 2-4 s": JAX import and the coordinator handshake, on a loaded 2-core machine
 # (a client that starts before the coordinator retries with a back-off of up to ~20 s).
 START_S = 60.0
-
-
-def probe_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WSJAX_")}
-    env.pop("XLA_FLAGS", None)  # 1 CPU device per process unless --devices_per_process
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = str(ROOT)
-    return env
 
 
 def start(out: Path, action: str, *launcher: str, heartbeat_s: int | None = None):

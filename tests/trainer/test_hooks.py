@@ -4,8 +4,6 @@ Cerebras words first and the step's rates after them."""
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 
 from tests.helpers import small_config
@@ -73,10 +71,15 @@ def test_callback_every_n_steps_and_the_last(recorded):
     assert [e[1] for e in events if e[0] == "step"] == [4, 6]  # every 4th, and the last
 
 
-def test_log_line_has_cerebras_words_then_rates(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="wsjax"):
-        Trainer(small_config(), RunOptions(max_steps=2, progress=False), tmp_path / "m").train()
-    lines = [r.getMessage() for r in caplog.records if "global_step = " in r.getMessage()]
+def run_log(md) -> list[str]:
+    """The messages of the run's train/run.log (after its timestamp and level)."""
+    text = (md / "train" / "run.log").read_text().splitlines()
+    return [line.split(": ", 1)[1] for line in text if ": " in line]
+
+
+def test_log_line_has_cerebras_words_then_rates(tmp_path):
+    Trainer(small_config(), RunOptions(max_steps=2, progress=False), tmp_path / "m").train()
+    lines = [t for t in run_log(tmp_path / "m") if "global_step = " in t]
     assert len(lines) == 2 and lines[-1].startswith("global_step = 2, loss = ")
     for word in ("lr = ", "grad_norm = ", " s/step", " tokens/s", "MFU ", "ETA "):
         assert word in lines[-1], (word, lines[-1])
@@ -96,3 +99,18 @@ def test_a_failing_callback_still_closes_every_hook(tmp_path):
     assert rec.events[-1] == ("close",)
     # the model_dir is unlocked again: a second Trainer can take it
     Trainer(small_config(), RunOptions(max_steps=1), tmp_path / "m").train()
+
+
+def test_log_says_where_things_go_and_logs_the_first_step(tmp_path):
+    """With log_steps larger than the run, the first and the last step are still logged, and
+    the log names the checkpoint, summary and log locations before the first step."""
+    md = tmp_path / "m"
+    cfg = small_config("runconfig.log_steps=100")
+    Trainer(cfg, RunOptions(max_steps=3, progress=False), md).train()
+    text = run_log(md)
+    steps = [t.split(",")[0] for t in text if t.startswith("global_step = ")]
+    assert steps == ["global_step = 1", "global_step = 3"]
+    where = next(t for t in text if t.startswith("Checkpoints go to"))
+    assert f"{md.absolute()}/model-ckpt-<step> (every 3 steps and at the end)" in where
+    assert f"{md.absolute()}/train every 1 steps" in where
+    assert any(t.endswith(f"to {md.absolute()}/model-ckpt-3") for t in text)

@@ -1,12 +1,15 @@
 """Text generation from a trained model: ``wsjax-generate`` and :func:`generate`.
 
-    wsjax-generate -p params.yaml --checkpoint_path model_dir --prompt "def main(" \\
+    wsjax-generate --checkpoint_path model_dir --prompt "def main(" \\
         --max_new_tokens 40 [--prompts_file F] [--temperature T --top_k K --top_p P --seed S] \\
-        [--kv_cache auto|device|host]
+        [--kv_cache auto|device|host] [-p params.yaml]
 
 ``--checkpoint_path`` is a model_dir (its newest good checkpoint), a ``model-ckpt-<step>``
 folder or a HuggingFace folder, read by the loaders training uses (:func:`wsjax.checkpoint.
-load_start`). The weights are streamed layer by layer from host memory
+load_start`). Without ``-p`` the config is the checkpoint's own: a model_dir's (or a
+model-ckpt-<step> folder's parent's) ``train/params_train.yaml``, a HuggingFace folder's
+``config.json``. Only the prompt and its continuation go to stdout; every other line goes to
+stderr. The weights are streamed layer by layer from host memory
 (:class:`~wsjax.inference.decode.StreamingDecoder`). The tokenizer is the run's: a
 ``tokenizer.json`` in the checkpoint folder or in ``model_dir/tokenizer``, else the one of the
 config's training data (the built-in corpus' BPE, or a shards folder's).
@@ -26,6 +29,7 @@ In a notebook::
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -37,11 +41,14 @@ import numpy as np
 
 from wsjax.checkpoint import run_model_dir
 from wsjax.config import load_config
+from wsjax.config.schema import Config, OptimizerConfig, RunConfig, StreamingConfig
 from wsjax.data.builtin import ensure_builtin_corpus
 from wsjax.data.textio import DEFAULT_EOS, load_tokenizer
-from wsjax.errors import ArgumentParser, DataError, WsjaxError
+from wsjax.errors import ArgumentParser, ConfigError, DataError, WsjaxError
 from wsjax.inference.decode import Sampling, StreamingDecoder, generation_plan
 from wsjax.inference.decode_plan import KV_CACHE_MODES, GenerationPlan
+from wsjax.interop.export import PARAMS_TRAIN, PLACEHOLDER_OPTIMIZER
+from wsjax.interop.hf_config import CONFIG_FILE, config_from_hf
 from wsjax.interop.load import load_start
 from wsjax.models import get_model
 
@@ -88,6 +95,27 @@ def find_tokenizer(config, checkpoint_path: str | Path | None):
     raise DataError(
         f"no tokenizer found (looked for {', '.join(looked) or 'a training data_dir'}); give "
         "--tokenizer FILE (a HuggingFace tokenizer.json)"
+    )
+
+
+def checkpoint_config(checkpoint_path: str | Path) -> Config:
+    """The config of what ``checkpoint_path`` holds (see the module docstring), or a one-line
+    ConfigError naming the path and what it should hold."""
+    path = Path(checkpoint_path)
+    saved = run_model_dir(path) / PARAMS_TRAIN
+    if saved.is_file():
+        return load_config(saved)
+    hf = path / CONFIG_FILE
+    if hf.is_file():
+        try:
+            model = config_from_hf(json.loads(hf.read_text()), str(hf))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{hf}: cannot read ({e})") from None
+        optimizer = OptimizerConfig(**PLACEHOLDER_OPTIMIZER)  # generation updates nothing
+        return Config(model, optimizer, RunConfig(), StreamingConfig(), None, None, str(hf))
+    raise ConfigError(
+        f"--checkpoint_path {path}: neither {saved} (a model_dir or model-ckpt-<step> folder) "
+        f"nor {hf} (a HuggingFace folder) exists; give -p PARAMS_YAML"
     )
 
 
@@ -153,7 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="wsjax-generate",
         description="Generate text from a trained model, its weights streamed layer by layer.",
     )
-    p.add_argument("-p", "--params", required=True, help="the run's params YAML")
+    p.add_argument(
+        "-p",
+        "--params",
+        help="the run's params YAML (default: the checkpoint's own: the model_dir's "
+        "train/params_train.yaml or the HuggingFace folder's config.json)",
+    )
     p.add_argument(
         "--checkpoint_path",
         required=True,
@@ -225,8 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     log.addHandler(to_stderr)
     log.setLevel(logging.INFO)
     propagate, log.propagate = log.propagate, False  # not also on a notebook's stdout handler
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's restore chatter
     try:
-        config = load_config(args.params)
+        path = args.checkpoint_path
+        config = load_config(args.params) if args.params else checkpoint_config(path)
         prompts = _prompts(args)
         tok = load_tokenizer(args.tokenizer) if args.tokenizer else None
         tok = tok or find_tokenizer(config, args.checkpoint_path)

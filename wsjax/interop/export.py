@@ -5,7 +5,12 @@ checks; a corrupt newer one is skipped with a warning) or one ``model-ckpt-<step
 model config comes from the run's ``train/params_train.yaml`` (or ``params_yaml``). ``out`` gets
 ``config.json`` + safetensors (wsjax.interop.hf.export_hf) and the run's tokenizer folder
 (wsjax.data.tokenizer), so ``AutoModelForCausalLM.from_pretrained(out)`` and
-``AutoTokenizer.from_pretrained(out)`` both work. ``wsjax-convert`` is the CLI.
+``AutoTokenizer.from_pretrained(out)`` both work, as does
+``transformers.pipeline("text-generation", model=out)``: ``generation_config.json`` holds the
+BOS / EOS / pad ids and ``max_length`` (the model's positions), and the pad token is the EOS
+token where the tokenizer has none (GPT-2's practice), in config.json and the tokenizer's
+files. Every file is readable by others (0644, the folder 0755), as a shared model folder
+must be. ``wsjax-convert`` is the CLI.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ log = logging.getLogger("wsjax.interop.export")
 PARAMS_TRAIN = Path("train") / "params_train.yaml"
 # An HF export needs only the model section; the optimizer is a stand-in when it is absent.
 PLACEHOLDER_OPTIMIZER = {"optimizer_type": "adamw", "learning_rate": 1.0e-4}
+GENERATION_CONFIG = "generation_config.json"
 PARTIAL = ".partial-"  # an export in progress: .<out name>.partial-<pid>, renamed when whole
 
 
@@ -83,7 +89,8 @@ def export_run(
         export_hf(
             model_cfg, start.params, tmp, max_shard_size=max_shard_size or DEFAULT_MAX_SHARD_SIZE
         )
-        write_tokenizer_and_ids(model_dir, tmp)
+        write_tokenizer_and_ids(model_dir, tmp, model_cfg.max_position_embeddings)
+        share(tmp)
         os.replace(tmp, out)  # onto a missing or empty folder: atomic
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -99,18 +106,48 @@ def clear_partial(out: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def write_tokenizer_and_ids(model_dir: Path, out: Path) -> None:
-    """The run's tokenizer into ``out``, and its EOS id as config.json's BOS and EOS ids."""
+def write_tokenizer_and_ids(model_dir: Path, out: Path, max_length: int) -> None:
+    """The run's tokenizer into ``out``; its EOS id as config.json's BOS, EOS and pad ids (a
+    tokenizer's own pad token wins), and generation_config.json."""
     tok_dir = run_tokenizer_dir(model_dir)
-    eos_id = None  # not HF's per-family default (GPT-2's 50256), which may lie outside the vocab
+    eos_id = pad_id = None  # not HF's family default (GPT-2's 50256): maybe outside the vocab
     if tok_dir is None:
         log.warning("%s has no tokenizer/ folder: the export has no tokenizer", model_dir)
     else:
         eos_id = copy_tokenizer(tok_dir, out)
+        pad_id = pad_token(out, eos_id)
+    ids = {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": pad_id}
     config_file = out / "config.json"
     config = json.loads(config_file.read_text())
-    config.update(bos_token_id=eos_id, eos_token_id=eos_id)  # where generate stops
+    config.update(ids)  # where generate stops, and what it pads a batch with
     config_file.write_text(json.dumps(config, indent=2) + "\n")
+    generation = {**{k: v for k, v in ids.items() if v is not None}, "max_length": max_length}
+    (out / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2) + "\n")
+
+
+def pad_token(out: Path, eos_id: int) -> int:
+    """The pad id of the tokenizer files in ``out``: its pad token's, else EOS's, which then
+    becomes the pad token of tokenizer_config.json and special_tokens_map.json."""
+    tok = load_run_tokenizer(out)[0]
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = out / name
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        pad = data.get("pad_token")
+        pad = pad.get("content") if isinstance(pad, dict) else pad
+        if pad is not None and tok.token_to_id(pad) is not None:
+            return tok.token_to_id(pad)
+        data["pad_token"] = data.get("eos_token") or tok.id_to_token(eos_id)
+        path.write_text(json.dumps(data, indent=2) + "\n")
+    return eos_id
+
+
+def share(folder: Path) -> None:
+    """Files 0644, folders 0755: an export is read by others (a serving user, a shared cache)."""
+    folder.chmod(0o755)
+    for path in folder.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def copy_tokenizer(tok_dir: Path, out: Path) -> int:

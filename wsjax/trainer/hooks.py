@@ -6,14 +6,15 @@ hook in order; the built-in ones come first, each acting every N steps of its ow
     NonFiniteHook    a non-finite loss or gradient norm: stop, or count a skipped update
     PreemptionHook   SIGTERM / SIGINT seen (agreed by every process): save, then stop
     LogHook          the step line, every runconfig.log_steps (Cerebras' words first)
-    ProgressHook     a tqdm bar in terminals and notebooks
-    SummaryHook      TensorBoard scalars every runconfig.save_summary_steps, eval scalars
+    ProgressHook     a tqdm.auto bar in terminals and notebooks, else a plain line now and then
+    TrackerHook      TensorBoard, W&B, MLflow (runconfig.report_to; wsjax.trainer.trackers):
+                     scalars every runconfig.save_summary_steps, eval scalars
     CheckpointHook   a checkpoint every runconfig.save_checkpoints_steps, at the end, on a signal
-    EvalHook         train_and_eval: an evaluation after each checkpoint
     ProfileHook      a jax.profiler trace of the steps in runconfig.profile_steps
 
 then the user's callbacks (``Trainer(..., callbacks=[...])``), each every ``callback.every``
-steps and on the last one.
+steps and on the last one; last, EvalHook (train_and_eval: an evaluation after each
+checkpoint, once every other hook has seen the checkpoint).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 import jax
 
 from wsjax.trainer.faults import NonFinitePolicy, PreemptionGuard
-from wsjax.trainer.metrics import Progress, Summaries, eval_tags, train_scalars
+from wsjax.trainer.metrics import Progress
 
 log = logging.getLogger("wsjax.train")
 
@@ -155,13 +156,30 @@ def _duration(seconds: float) -> str:
 
 class LogHook(Callback):
     """``global_step = N, loss = X`` (the Cerebras line, which users grep) and, on the same
-    line, the learning rate, gradient norm, step time, tokens/s, MFU and time left."""
+    line, the learning rate, gradient norm, step time, tokens/s, MFU and time left: every
+    ``every`` steps, on the run's first step (so a long log_steps still shows the run is
+    alive) and on the last."""
 
     def __init__(self, every: int):
         self.log_every = max(1, every)
+        self.first: int | None = None  # the run's first step is always logged
+
+    def on_train_begin(self, trainer, step: int) -> None:
+        self.first = step + 1
+        rc, where = trainer.config.runconfig, trainer.md.path
+        every = rc.save_checkpoints_steps
+        log.info(
+            "Checkpoints go to %s/model-ckpt-<step> (%s), TensorBoard summaries "
+            "to %s/train every %d steps, the log to %s/train/run.log",
+            where,
+            f"every {every} steps and at the end" if every else "at the end",
+            where,
+            rc.save_summary_steps,
+            where,
+        )
 
     def on_step(self, trainer, info: StepInfo) -> None:
-        if info.step % self.log_every and not info.last:
+        if info.step % self.log_every and not info.last and info.step != self.first:
             return
         m = info.metrics
         log.info(
@@ -187,31 +205,6 @@ class ProgressHook(Callback):
 
     def close(self) -> None:
         self.bar.close()
-
-
-class SummaryHook(Callback):
-    """TensorBoard: the step's scalars every ``every`` steps and on the last; eval scalars under
-    wsjax's tags and the ones Cerebras writes (wsjax.trainer.metrics.eval_tags)."""
-
-    def __init__(self, summaries: Summaries, every: int, policy: NonFinitePolicy):
-        self.tb, self.summary_every, self.policy = summaries, max(1, every), policy
-
-    def on_step(self, trainer, info: StepInfo) -> None:
-        if info.step % self.summary_every and not info.last:
-            return
-        tags = train_scalars(
-            info.metrics,
-            samples_per_sec=info.samples_per_sec,
-            tokens_per_sec=info.tokens_per_sec,
-            mfu=info.mfu,
-        )
-        self.tb.scalars("train", {**tags, "skipped_updates": self.policy.total}, info.step)
-
-    def on_eval(self, trainer, step: int, scalars: dict) -> None:
-        self.tb.scalars("eval", eval_tags(scalars), step)
-
-    def close(self) -> None:
-        self.tb.close()
 
 
 class CheckpointHook(Callback):

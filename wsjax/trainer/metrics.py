@@ -17,16 +17,22 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
+import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tensorboardX import SummaryWriter
-from tqdm import tqdm
+from tensorboardX.summary import hparams as hparams_summaries
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+with warnings.catch_warnings():  # a notebook without ipywidgets: the text bar, not a warning
+    warnings.filterwarnings("ignore", "IProgress not found")
+    from tqdm.auto import tqdm
+
 from wsjax.distributed import is_main_process
+from wsjax.fileio import atomic_write_text
 
 log = logging.getLogger("wsjax.train")
 
@@ -69,10 +75,7 @@ class Performance:
     def write(self, path: Path) -> None:
         if not is_main_process():  # process 0 writes the run's files
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(asdict(self), indent=2) + "\n")
 
 
 class Summaries:
@@ -86,6 +89,18 @@ class Summaries:
         if split not in self._writers:
             self._writers[split] = SummaryWriter(str(self.model_dir / split))
         return self._writers[split]
+
+    def describe(self, hparams: dict, text: str) -> None:
+        """The run's hyperparameters (TensorBoard's HPARAMS tab) and its config as Markdown
+        text (the TEXT tab), into the train events."""
+        if not is_main_process():
+            return
+        w = self._writer("train")
+        metrics = {"loss": 0.0, "eval/loss": 0.0}  # the tags the HPARAMS table shows
+        for summary in hparams_summaries(hparams, metrics):
+            w._get_file_writer().add_summary(summary)
+        w.add_text("config", text, 0)
+        w.flush()
 
     def scalars(self, split: str, values: dict, step: int) -> None:
         if not is_main_process():  # process 0 writes the events
@@ -132,31 +147,66 @@ def eval_scalars(loss_sum: float, count: float, correct: float) -> dict:
 CEREBRAS_EVAL_TAGS = {"perplexity": "eval/lm_perplexity", "accuracy": "eval/accuracy"}
 
 
-def eval_tags(scalars: dict) -> dict:
-    """TensorBoard tags of an evaluation: wsjax's (loss, perplexity, accuracy) and the ones
-    Cerebras writes (the loss tag is ``loss`` on both)."""
+def eval_tags(scalars: dict, cerebras: bool = True) -> dict:
+    """TensorBoard tags of an evaluation: wsjax's (loss, perplexity, accuracy) and, with
+    ``cerebras`` (runconfig.cerebras_eval_tags), the ones Cerebras writes (the loss tag is
+    ``loss`` on both)."""
     out = {k: scalars[k] for k in ("loss", "perplexity", "accuracy")}
+    if not cerebras:
+        return out
     return {**out, **{tag: out[k] for k, tag in CEREBRAS_EVAL_TAGS.items()}}
 
 
-class Progress:
-    """A tqdm bar (steps, loss, samples/s, ETA) when stdout is a terminal, else nothing."""
+PLAIN_EVERY_S = 30.0  # a plain progress line this often when the output is not a terminal
 
-    def __init__(self, start: int, total: int, enabled: bool | None = None):
-        enabled = sys.stdout.isatty() if enabled is None else enabled
+
+def interactive() -> bool:
+    """Whether the output is a terminal or a Jupyter notebook (where tqdm.auto draws a bar)."""
+    if sys.stdout.isatty():
+        return True
+    shell = sys.modules.get("IPython")
+    ip = shell.get_ipython() if shell is not None and hasattr(shell, "get_ipython") else None
+    return type(ip).__name__ == "ZMQInteractiveShell"
+
+
+class Progress:
+    """Where the run is (steps, loss, samples/s, ETA): a tqdm.auto bar in a terminal or a
+    notebook; elsewhere (a log file, a batch job) a plain line every ``every_s`` seconds.
+    ``enabled``: None decides by the output, True a bar, False nothing."""
+
+    def __init__(
+        self, start: int, total: int, enabled: bool | None = None, every_s: float = PLAIN_EVERY_S
+    ):
+        bar = interactive() if enabled is None else enabled
+        self.plain = enabled is None and not bar and total > start
+        self.step, self.total, self.every_s = start, total, every_s
+        self._t0 = self._last = time.monotonic()
+        self._start = start
         self._bar = None
         self._redirect = None
-        if enabled and total > start:
+        if bar and total > start:
             self._redirect = logging_redirect_tqdm([logging.getLogger("wsjax")])
             self._redirect.__enter__()
-            self._bar = tqdm(
-                total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stdout
-            )
+            self._bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
 
     def update(self, loss: float, samples_per_sec: float) -> None:
+        self.step += 1
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{samples_per_sec:.1f}")
             self._bar.update(1)
+        elif self.plain and time.monotonic() - self._last >= self.every_s:
+            self._last = time.monotonic()
+            done = self.step - self._start
+            left = (self._last - self._t0) / done * (self.total - self.step) if done else 0.0
+            log.info(
+                "progress: step %d/%d (%.0f%%), loss %.4f, %.1f samples/s, %d s left",
+                self.step,
+                self.total,
+                100.0 * self.step / self.total,
+                loss,
+                samples_per_sec,
+                round(left),
+            )
 
     def close(self) -> None:
         if self._bar is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,8 @@ from wsjax.checkpoint import Checkpoints
 from wsjax.data.builtin import CORPUS_RECORD, corpus_record, write_corpus_record
 from wsjax.data.tokenizer import save_run_tokenizer
 from wsjax.distributed import is_main_process
-from wsjax.errors import Preempted
-from wsjax.logs import setup_logging
+from wsjax.errors import Preempted, WsjaxError
+from wsjax.logs import close_log_file, setup_logging
 from wsjax.trainer import evaluation
 from wsjax.trainer.faults import NonFinitePolicy
 from wsjax.trainer.hooks import (
@@ -37,10 +38,9 @@ from wsjax.trainer.hooks import (
     ProfileHook,
     ProgressHook,
     StepInfo,
-    SummaryHook,
     preempted_message,
 )
-from wsjax.trainer.metrics import Performance, Summaries, model_flops_per_token
+from wsjax.trainer.metrics import Performance, model_flops_per_token
 from wsjax.trainer.options import RunOptions
 from wsjax.trainer.run_dir import DEFAULT_MODEL_DIR, ModelDir, use_compile_dir
 from wsjax.trainer.setup import (
@@ -59,6 +59,7 @@ from wsjax.trainer.setup import (
     validate_only,
     write_effective_config,
 )
+from wsjax.trainer.trackers import tracker_hooks
 
 log = logging.getLogger("wsjax.train")
 
@@ -105,7 +106,6 @@ class Trainer:
         self.result: RunResult | None = None
         self._hooks = Hooks([])
         self._ckpts = self._loader = None
-        self._summaries: Summaries | None = None
 
     # ---- the public entry points --------------------------------------------------------------
     def run(self) -> RunResult:
@@ -137,7 +137,10 @@ class Trainer:
         --checkpoint_path; train_and_eval evaluates after each checkpoint."""
         mode = "train_and_eval" if self.options.mode == "train_and_eval" else "train"
         with self._session(mode):
-            return self._train()
+            try:
+                return self._train()
+            finally:
+                self._close_checkpoints()
 
     def evaluate(self) -> RunResult:
         """``eval``: the newest good checkpoint (or --checkpoint_path); ``eval_all``: every
@@ -150,7 +153,7 @@ class Trainer:
     # ---- what the hooks call ------------------------------------------------------------------
     def save_checkpoint(self, step: int) -> Path:
         """A checkpoint of the engine's state at ``step``; the hooks' ``on_checkpoint`` after."""
-        log.info("Saving checkpoint at global step %d", step)
+        log.info("Saving checkpoint at global step %d to %s", step, self._ckpts.path(step))
         meta = {
             "step": step,
             "loader": self._loader.state(),
@@ -193,13 +196,27 @@ class Trainer:
             except OSError as e:
                 raise disk_error(e, self.md.path) from None
             finally:
-                if handler is not None:
-                    logging.getLogger("wsjax").removeHandler(handler)
-                    handler.close()
+                close_log_file(handler)
+
+    def _close_checkpoints(self) -> None:
+        """Wait for a save in flight and close; under another error a failed save is logged."""
+        ckpts, self._ckpts, failing = self._ckpts, None, sys.exc_info()[0] is not None
+        try:
+            if ckpts is not None:
+                ckpts.close()
+        except WsjaxError as e:
+            if not failing:
+                raise
+            log.error("%s", e)
 
     def _train(self) -> RunResult:
         spec, rc = self.spec, self.config.runconfig
-        self._ckpts = Checkpoints(spec.md.path, keep=rc.keep_checkpoint_max)
+        self._ckpts = Checkpoints(
+            spec.md.path,
+            keep=rc.keep_checkpoint_max,
+            async_save=True,
+            allow_unverified=self.options.allow_unverified_checkpoint,
+        )
         start = resolve_start(spec, self._ckpts)
         target = start.step + self.options.steps if self.options.steps else rc.max_steps
         if self.options.steps:
@@ -220,6 +237,7 @@ class Trainer:
             first = next(self._loader)  # read now: a corrupt record fails before any compile
             ready = self._prepare(start)
             stats = self._loop(first, target, ready.peaks.flops)
+            self._ckpts.wait()  # the last save committed (and pruned) before the totals
         finally:
             self._loader.close()
         self._finish(stats, ready)
@@ -240,10 +258,10 @@ class Trainer:
         self.result = spec.result(compile_time=compile_s, plan_path=spec.md.plan_json)
         return _Prepared(self.engine, self.result, est, peaks, init_s, programming_s)
 
-    def _builtin_hooks(self, target: int) -> list:
+    def _builtin_hooks(self, target: int) -> tuple[list, list]:
         rc, spec = self.config.runconfig, self.spec
         policy = NonFinitePolicy(rc.on_nonfinite, rc.max_consecutive_skips)
-        self._summaries = Summaries(spec.md.path)
+        trackers = tracker_hooks(self.config, spec.md.path, policy)  # a missing package: now
         hooks = [
             NonFiniteHook(policy),
             PreemptionHook(),
@@ -251,16 +269,17 @@ class Trainer:
             ProgressHook(
                 self.engine.step, target, self.options.progress if is_main_process() else False
             ),
-            SummaryHook(self._summaries, rc.save_summary_steps, policy),
+            *trackers,
             CheckpointHook(rc.save_checkpoints_steps),
+            ProfileHook(rc.profile_steps, spec.md.path / "profile"),
         ]
-        if spec.mode == "train_and_eval":
-            hooks.append(EvalHook())
-        return [*hooks, ProfileHook(rc.profile_steps, spec.md.path / "profile")]
+        # the eval after a checkpoint runs once every hook, the user's too, has seen it
+        return hooks, [EvalHook()] if spec.mode == "train_and_eval" else []
 
     def _loop(self, first: dict, target: int, peak_flops: float) -> _LoopStats:
         """Steps until ``target``, each followed by the hooks. Reads in one screen."""
-        self._hooks = Hooks(self._builtin_hooks(target) + self.callbacks)
+        builtin, last = self._builtin_hooks(target)
+        self._hooks = Hooks([*builtin, *self.callbacks, *last])
         batches, clock = _chain(first, self._loader), Clock(self.engine.step)
         stats = _LoopStats()
         try:
@@ -277,6 +296,7 @@ class Trainer:
                     self.result.skipped_steps.append(info.step)
                 if info.preempted and not info.last:  # on the last step the run is simply done
                     path = self._ckpts.path(info.step)
+                    self._ckpts.wait()
                     raise Preempted(preempted_message(info.preempted, info.step, path))
         finally:
             self._hooks.close()
