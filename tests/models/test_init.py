@@ -4,50 +4,12 @@ does not grow with depth."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wsjax.config import config_from_dict
+from tests.models.base import FAMILIES, model_cfg
 from wsjax.models import get_model
-
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-OPTIMIZER = {"optimizer_type": "adamw", "learning_rate": 1e-3}
-VOCAB, SEQ = 64, 10
-FAMILIES = ["gptj", "gpt2", "neox"]
-ROTARY_FAMILIES = ("gptj", "neox")
-
-
-def _model_cfg(family: str, **overrides):
-    model = {
-        "model_family": family,
-        "vocab_size": VOCAB,
-        "hidden_size": 32,
-        "num_heads": 4,
-        "num_hidden_layers": 2,
-        "filter_size": 64,
-        "max_position_embeddings": 16,
-        **({"rotary_dim": 4} if family in ROTARY_FAMILIES else {}),
-        **overrides,
-    }
-    return config_from_dict({"model": model, "optimizer": OPTIMIZER}).model
-
-
-def _tokens(seed: int = 0) -> jnp.ndarray:
-    return jax.random.randint(jax.random.key(seed), (2, SEQ), 0, VOCAB)
-
-
-def _random_params(model, seed: int = 0) -> dict:
-    """Init, then perturb every leaf so layer norms and biases are not the trivial 1 / 0."""
-    params = model.init(jax.random.key(seed))
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    leaves = [a + 0.1 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys, strict=True)]
-    return jax.tree.unflatten(treedef, leaves)
-
 
 # ---- initialisation: which config initializer each weight gets ------------------------------
 OUTPUT_PROJECTIONS = {  # residual-branch output projections: output_layer_initializer
@@ -62,7 +24,7 @@ def test_init_uses_the_configs_initializers(family):
     """Distinct stds per kind; sample stds within 10% (>= 1000 samples: ~2.2% standard error)."""
     stds = {"initializer": 0.05, "embedding_initializer": 0.3, "output_layer_initializer": 0.005}
     inits = {k: {"name": "normal", "std": v} for k, v in stds.items()}
-    model = get_model(_model_cfg(family, **inits))
+    model = get_model(model_cfg(family, **inits))
     params = jax.jit(model.init)(jax.random.key(0))
     blocks = params["blocks"]
     np.testing.assert_allclose(np.std(params["embed"]["wte"]), 0.3, rtol=0.1)
@@ -102,7 +64,7 @@ def test_init_of_a_process_slice_is_that_slice_of_the_whole_init(family, devices
     slices are the whole init's, bitwise, and the two processes' slices make the whole."""
     from wsjax.engine.store import local_stacked, slice_stacked
 
-    model = get_model(_model_cfg(family, num_hidden_layers=4))
+    model = get_model(model_cfg(family, num_hidden_layers=4))
     key = jax.random.key(3)
     whole = jax.tree.map(np.asarray, jax.jit(model.init)(key))  # all layers at once (vmap)
     one_process = jax.tree.map(np.asarray, _sliced_init(model, None)(key))
@@ -135,7 +97,7 @@ def test_layer_by_layer_init_scratch_does_not_grow_with_depth():
     family = "gptj"
 
     def analysis(layers: int, shards):
-        model = get_model(_model_cfg(family, num_hidden_layers=layers, hidden_size=64))
+        model = get_model(model_cfg(family, num_hidden_layers=layers, hidden_size=64))
         init = jax.jit(model.init) if shards == "vmap" else _sliced_init(model, shards)
         return init.lower(jax.random.key(0)).compile().memory_analysis()
 

@@ -12,30 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.models.base import FAMILIES, SEQ, VOCAB, model_cfg
 from wsjax.config import config_from_dict, load_config
 from wsjax.models import get_model
 from wsjax.models.layers import apply_rotary
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-OPTIMIZER = {"optimizer_type": "adamw", "learning_rate": 1e-3}
-VOCAB, SEQ = 64, 10
-FAMILIES = ["gptj", "gpt2", "neox"]
-ROTARY_FAMILIES = ("gptj", "neox")
-
-
-def _model_cfg(family: str, **overrides):
-    model = {
-        "model_family": family,
-        "vocab_size": VOCAB,
-        "hidden_size": 32,
-        "num_heads": 4,
-        "num_hidden_layers": 2,
-        "filter_size": 64,
-        "max_position_embeddings": 16,
-        **({"rotary_dim": 4} if family in ROTARY_FAMILIES else {}),
-        **overrides,
-    }
-    return config_from_dict({"model": model, "optimizer": OPTIMIZER}).model
 
 
 def _tokens(seed: int = 0) -> jnp.ndarray:
@@ -82,7 +64,7 @@ def test_param_count_by_formula():
         ("gpt2", gpt2, 124_439_808),
         ("gpt2", xl, 1_315_723_264),
     ):
-        model = get_model(_model_cfg(family, **d))
+        model = get_model(model_cfg(family, **d))
         assert model.num_params() == count
         if family == "gpt2":
             v, p, h = d["vocab_size"], d["max_position_embeddings"], d["hidden_size"]
@@ -104,7 +86,7 @@ NEOX_COUNTS = [  # published totals: Pythia-160M (HF model card), GPT-NeoX-20B (
 @pytest.mark.parametrize("name,arch,count", NEOX_COUNTS, ids=[n for n, _, _ in NEOX_COUNTS])
 def test_neox_param_count_by_formula(name, arch, count):
     """Untied in/out embeddings, no positions; per block two norms, fused qkv, dense, MLP."""
-    model = get_model(_model_cfg("neox", **arch))
+    model = get_model(model_cfg("neox", **arch))
     assert model.num_params() == count
     v, h, f, n = (
         arch[k] for k in ("vocab_size", "hidden_size", "filter_size", "num_hidden_layers")
@@ -118,7 +100,7 @@ def test_neox_param_count_by_formula(name, arch, count):
 
 # ---- today's parameter names: checkpoints written before the flax modules still load --------
 def _pre_flax_tree(family: str, d: int, f: int, layers: int) -> dict:
-    """The tree the hand-written (pre-NNX) models built for ``_model_cfg(family)``, by name."""
+    """The tree the hand-written (pre-NNX) models built for ``model_cfg(family)``, by name."""
     norm = {"scale": (d,), "bias": (d,)}
 
     def dense(i, o, bias=True):
@@ -148,7 +130,7 @@ def test_pre_flax_checkpoint_loads_unchanged(tmp_path, family):
     from wsjax.checkpoint import Checkpoints
     from wsjax.interop.load import load_start
 
-    cfg = _model_cfg(family)
+    cfg = model_cfg(family)
     model = get_model(cfg)
     old = _pre_flax_tree(family, cfg.hidden_size, cfg.filter_size, cfg.num_hidden_layers)
     shapes = jax.tree.map(lambda s: s.shape, model.param_shapes())
@@ -205,7 +187,7 @@ def test_rotary_relative_position():
 # ---- causality, dropout, precision ----------------------------------------------------------
 @pytest.mark.parametrize("family", FAMILIES)
 def test_causal(family):
-    model = get_model(_model_cfg(family))
+    model = get_model(model_cfg(family))
     params = _random_params(model)
     tokens = _tokens()
     t = 4
@@ -219,7 +201,7 @@ def test_causal(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_dropout(family):
     rates = dict(embedding_dropout_rate=0.1, attention_dropout_rate=0.1, residual_dropout_rate=0.1)
-    model = get_model(_model_cfg(family, **rates))
+    model = get_model(model_cfg(family, **rates))
     params = _random_params(model)
     tokens = _tokens()
     logits = jax.jit(model.logits)
@@ -232,7 +214,7 @@ def test_dropout(family):
     assert np.abs(tr1 - ev1).max() > 1e-3
     assert np.abs(tr1 - tr3).max() > 1e-3
     # a model without dropout ignores the rng
-    plain = jax.jit(get_model(_model_cfg(family)).logits)
+    plain = jax.jit(get_model(model_cfg(family)).logits)
     np.testing.assert_array_equal(plain(params, tokens, rng=jax.random.key(1)), ev1)
 
 
@@ -264,7 +246,7 @@ def _ops(jaxpr) -> list:
 def test_mixed_precision_close_to_fp32(family):
     """bf16 matmuls accumulate in fp32, and norms, softmax and logits stay fp32 (checked on the
     traced program, exactly); the logits are then within MP_RTOL of the fp32 model's."""
-    cfg = _model_cfg(family)
+    cfg = model_cfg(family)
     fp32 = get_model(cfg)
     bf16 = get_model(dataclasses.replace(cfg, mixed_precision=True))
     params = _random_params(fp32)
@@ -326,7 +308,7 @@ def test_neox_engine_matches_reference(config_dict, make_batches, rel_err, paral
 
 def test_gptj_honours_untied_norm_and_sequential_residual():
     """The NeoX wiring knobs on GPT-J: ln_2 feeds the MLP; sequential feeds attn's output on."""
-    base_cfg = _model_cfg("gptj")
+    base_cfg = model_cfg("gptj")
     params = _random_params(get_model(base_cfg))
     tokens = _tokens()
     ref = jax.jit(get_model(base_cfg).logits)(params, tokens)
