@@ -179,7 +179,7 @@ def matmul_line(shape: str, reps: int) -> dict:
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
         best = C.time_calls(lambda a=a, b=b: a @ b, warmup=1, reps=reps)["best"]
-        rec[f"torch_{name}_gflops"] = round(gflop / best, 1)
+        rec[f"torch_{name}_gflops"] = float(f"{gflop / best:.4g}")  # a tiny shape: not 0.0
     bf16, f32 = jnp.bfloat16, jnp.float32
     x = jnp.asarray(rng.standard_normal((m, k)), bf16)  # (T, K) activations
     w = jnp.asarray(rng.standard_normal((k, n)), bf16)  # (K, N) kernel
@@ -206,7 +206,7 @@ def matmul_line(shape: str, reps: int) -> dict:
         best = C.time_calls(
             lambda f=compiled, o=operands: f(*o).block_until_ready(), warmup=1, reps=reps
         )["best"]
-        rec[f"jax_{name}_gflops"] = round(gflop / best, 1)
+        rec[f"jax_{name}_gflops"] = float(f"{gflop / best:.4g}")
     rec["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
     return rec
 

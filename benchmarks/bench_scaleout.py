@@ -102,7 +102,9 @@ def _time_updates(updates, store, reps: int = 3) -> list[float]:
 
     from wsjax.engine.store import segment_kind
 
-    copy = lambda t: jax.tree.map(lambda a: a.copy(), t)  # noqa: E731
+    # fresh buffers where the store keeps its own (pinned_host on one process): the update
+    # donates them
+    copy = lambda t: jax.tree.map(lambda a: jax.device_put(np.asarray(a), a.sharding), t)  # noqa: E731
     times = []
     for _ in range(reps):
         total = 0.0

@@ -39,7 +39,9 @@ def test_shipped_config_key_fields():
     assert j6.train_input.data_processor == "GptHDF5DataProcessor"
 
     cp = load_config(CONFIGS / "params_continuous_pretraining.yaml")
-    assert cp.model.family == "gptj" and cp.model.share_embedding_weights
+    # the released GPT-J 6B: an LM head of its own, with a bias (tests/interop/test_continued_...)
+    assert cp.model.family == "gptj" and not cp.model.share_embedding_weights
+    assert cp.model.use_bias_in_output
 
     tiny = load_config(CONFIGS / "params_gptj_tiny.yaml")
     m = tiny.model
