@@ -271,7 +271,7 @@ class StepExecutables:
         out_shardings = (state_at, state_at, placement.update_output)
         fn = self.functions.update
         if placement.host_compute:
-            fn = compute_on("device_host")(jax.jit(fn))
+            fn = _on_host(fn)
         elif placement.pinned and not placement.optimizer_on_host:
             fn = _streamed_in(fn, placement.device_memory)
         return self._get(
@@ -321,3 +321,13 @@ class StepExecutables:
             block_fwd=self.block_forward(train=train_fwd),
             head=self.head_eval(),
         )
+
+
+def _on_host(fn):
+    """``fn`` under ``compute_on('device_host')`` (JAX 0.10 / 0.11). Newer JAX asks for the
+    outputs' memory spaces in another signature: there ``fn`` runs as a plain computation, its
+    outputs placed in pinned_host by the executable's out_shardings (the same values)."""
+    try:
+        return compute_on("device_host")(jax.jit(fn))
+    except TypeError:  # compute_on(f, *, compute_type, out_memory_spaces) in newer JAX
+        return fn
