@@ -2,28 +2,29 @@
 
 runconfig.report_to picks the trackers; TensorBoard gets the scalars, the hyperparameters and the
 config as text; the Cerebras duplicate eval tags follow runconfig.cerebras_eval_tags. W&B and
-MLflow are optional extras too heavy for the test extra (wandb ~20 MB and mlflow ~13 MB of
-wheels before their dependencies), so their hooks are tested against small stand-in modules
-that record the calls, and against the real packages (W&B offline, MLflow's file store) only
-where those are importable.
+MLflow (in the test extra) are checked through one real training run: what W&B wrote into its
+offline run file and what MLflow wrote into its file store, against the run's own losses and
+evaluation.
 """
 
 from __future__ import annotations
 
-import importlib.machinery
+import json
 import logging
+import struct
 import sys
 import types
 from types import SimpleNamespace
 
 import pytest
+import yaml
 
 from tests.helpers import small_config
 from wsjax.errors import ConfigError
 from wsjax.trainer import RunOptions, StepInfo, Trainer
 from wsjax.trainer.faults import NonFinitePolicy
 from wsjax.trainer.metrics import Progress
-from wsjax.trainer.trackers import MlflowHook, TensorBoardHook, WandbHook, tracker_hooks
+from wsjax.trainer.trackers import TensorBoardHook, tracker_hooks
 
 EVAL = {"loss": 2.0, "perplexity": 7.389, "accuracy": 0.25}
 
@@ -109,68 +110,128 @@ def test_report_to_none_writes_no_events(tmp_path):
     assert tracker_hooks(small_config("runconfig.report_to=none"), tmp_path, policy()) == []
 
 
-# ---- W&B and MLflow through stand-in modules ----------------------------------------------------
-def stand_in(monkeypatch, name: str, **functions) -> list:
-    """A module ``name`` whose functions record (function, args, kwargs) into the list returned."""
-    calls: list = []
-    module = types.ModuleType(name)
-    module.__spec__ = importlib.machinery.ModuleSpec(name, None)
-    for fname, result in functions.items():
-
-        def record(*args, _f=fname, _r=result, **kwargs):
-            calls.append((_f, args, kwargs))
-            return _r(calls) if callable(_r) else _r
-
-        setattr(module, fname, record)
-    monkeypatch.setitem(sys.modules, name, module)
-    return calls
+# ---- W&B and MLflow: a real run, and what the packages wrote -------------------------------------
+ENV = {
+    "WANDB_MODE": "offline",
+    "WANDB_SILENT": "true",
+    "WANDB_CONSOLE": "off",  # pytest captures the output; W&B would wrap it otherwise
+    "WANDB_PROJECT": "wsjax-test",
+    "MLFLOW_EXPERIMENT_NAME": "wsjax-test",
+    "MLFLOW_ALLOW_FILE_STORE": "true",  # what the hook sets when it picks the file store
+}
 
 
-def test_wandb_hook_logs_split_tags_by_step_and_finishes(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_PROJECT", "p")
-    monkeypatch.delenv("WANDB_DIR", raising=False)
-    run_calls: list = []
-    run = SimpleNamespace(
-        log=lambda values, step: run_calls.append(("log", values, step)),
-        finish=lambda: run_calls.append(("finish",)),
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory):
+    """One 2-step train_and_eval run (checkpoint and evaluation at step 2) reporting to
+    TensorBoard, W&B (offline) and MLflow (its file store in model_dir): its result and folder."""
+    md = tmp_path_factory.mktemp("trackers") / "md"
+    config = small_config(
+        "runconfig.report_to=tensorboard,wandb,mlflow", "runconfig.save_checkpoints_steps=2"
     )
-    calls = stand_in(monkeypatch, "wandb", init=run)
-    trainer = fake_trainer(tmp_path, "runconfig.report_to=wandb")
-    [hook] = tracker_hooks(trainer.config, tmp_path, policy())
-    assert isinstance(hook, WandbHook)
-    drive(hook, trainer)
-    [(_, _, init)] = calls
-    assert init["project"] == "p" and init["name"] == tmp_path.name
-    assert init["dir"] == str(tmp_path) and init["config"]["model"]["hidden_size"] == 64
-    logs = [c for c in run_calls if c[0] == "log"]
-    assert [(c[1]["train/loss"], c[2]) for c in logs[:2]] == [(3.0, 1), (1.5, 2)]
-    assert logs[0][1]["throughput/tokens_per_sec"] == 1280.0 and "train/grad_norm" not in logs[0][1]
-    assert logs[2][2] == 2 and logs[2][1]["eval/perplexity"] == EVAL["perplexity"]
-    assert logs[2][1]["eval/lm_perplexity"] == EVAL["perplexity"]
-    assert run_calls[-1] == ("finish",)
+    options = RunOptions(mode="train_and_eval", max_steps=2, progress=False)
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in ENV.items():
+            mp.setenv(name, value)
+        for name in ("WANDB_DIR", "MLFLOW_TRACKING_URI"):
+            mp.delenv(name, raising=False)
+        result = Trainer(config, options, md).train()
+    assert [s for s, _ in result.losses] == [1, 2] and [e["step"] for e in result.evals] == [2]
+    return result, md
 
 
-def test_mlflow_hook_uses_a_file_store_in_model_dir_and_logs_params_and_metrics(
-    tmp_path, monkeypatch
-):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # what the hook sets when it picks
-    names = ("set_tracking_uri", "set_experiment", "start_run", "log_params", "log_text")
-    calls = stand_in(monkeypatch, "mlflow", **dict.fromkeys(names), log_metrics=None, end_run=None)
-    trainer = fake_trainer(tmp_path, "runconfig.report_to=mlflow")
-    [hook] = tracker_hooks(trainer.config, tmp_path, policy())
-    assert isinstance(hook, MlflowHook)
-    drive(hook, trainer)
-    by_name: dict = {}
-    for fname, args, kwargs in calls:
-        by_name.setdefault(fname, []).append((args, kwargs))
-    assert by_name["set_tracking_uri"][0][0] == ((tmp_path / "mlruns").as_uri(),)
-    params = {k: v for args, _ in by_name["log_params"] for k, v in args[0].items()}
-    assert params["model/hidden_size"] == 64 and params["runconfig/report_to"] == "['mlflow']"
-    metrics = by_name["log_metrics"]
-    assert [(a[0]["train/loss"], kw["step"]) for a, kw in metrics[:2]] == [(3.0, 1), (1.5, 2)]
-    assert metrics[2][0][0]["eval/loss"] == 2.0
-    assert [c[0] for c in calls][-1] == "end_run"
+def wandb_records(path):
+    """The protobuf records of a W&B run file (``run-<id>.wandb``): a 7-byte header, then
+    LevelDB's log format (32 KiB blocks; chunks with a 7-byte header: crc32c, length, kind
+    1 full | 2 first | 3 middle | 4 last)."""
+    from wandb.proto import wandb_internal_pb2  # lazy: only this test reads W&B's files
+
+    data, block, pos, chunks = path.read_bytes(), 32768, 7, b""
+    assert data[:4] == b":W&B", data[:7]
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        length, kind = struct.unpack("<HB", data[pos + 4 : pos + 7])
+        if left < 7 or kind == 0:  # the zero padding at a block's end
+            pos += left
+            continue
+        chunks += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunks)
+            chunks = b""
+            yield record
+
+
+def test_wandb_offline_run_holds_the_config_each_step_and_the_eval(tracked):
+    result, md = tracked
+    [run_dir] = (md / "wandb").glob("offline-run-*")  # under model_dir: WANDB_DIR is unset
+    records = list(wandb_records(next(run_dir.glob("run-*.wandb"))))
+    [run] = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert run.project == "wsjax-test" and run.display_name == md.name
+    config = {u.key: json.loads(u.value_json) for u in run.config.update}
+    assert config["model"]["hidden_size"] == 64 and config["runconfig"]["report_to"] == [
+        "tensorboard",
+        "wandb",
+        "mlflow",
+    ]
+    history: dict = {}  # step -> {tag: value}; W&B merges the logs of one step
+    for r in records:
+        if r.WhichOneof("record_type") == "history":
+            items = {
+                i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item
+            }
+            history.setdefault(r.history.step.num, {}).update(items)
+    assert sorted(history) == [1, 2]
+    assert [(s, history[s]["train/loss"]) for s in (1, 2)] == result.losses  # float64 JSON
+    assert history[1]["throughput/tokens_per_sec"] > 0 and "train/lr" in history[1]
+    [ev] = result.evals
+    assert (
+        history[2]["eval/loss"] == ev["loss"] and history[2]["eval/perplexity"] == ev["perplexity"]
+    )
+    assert history[2]["eval/lm_perplexity"] == ev["perplexity"]  # the Cerebras tag, by default
+    assert records[-1].WhichOneof("record_type") == "exit"  # finished
+
+
+def test_mlflow_file_store_holds_the_params_each_step_and_the_eval(tracked):
+    result, md = tracked
+    store = md / "mlruns"  # MLFLOW_TRACKING_URI unset: the file store in model_dir
+    [experiment] = [
+        p.parent
+        for p in store.glob("*/meta.yaml")
+        if yaml.safe_load(p.read_text())["name"] != "Default"
+    ]
+    assert yaml.safe_load((experiment / "meta.yaml").read_text())["name"] == "wsjax-test"
+    [run] = [p.parent for p in experiment.glob("*/meta.yaml")]
+    meta = yaml.safe_load((run / "meta.yaml").read_text())
+    assert meta["run_name"] == md.name and meta["status"] == 3  # RunStatus.FINISHED
+
+    def metric(tag: str) -> list[tuple[int, float]]:  # lines "<timestamp ms> <value> <step>"
+        rows = [line.split() for line in (run / "metrics" / tag).read_text().splitlines()]
+        return [(int(step), float(value)) for _, value, step in rows]
+
+    assert metric("train/loss") == result.losses  # written with repr(): exact
+    [ev] = result.evals
+    assert metric("eval/loss") == [(2, ev["loss"])] and metric("eval/accuracy") == [
+        (2, ev["accuracy"])
+    ]
+    assert (run / "params" / "model" / "hidden_size").read_text() == "64"
+    assert (run / "params" / "runconfig" / "report_to").read_text() == str(
+        ["tensorboard", "wandb", "mlflow"]
+    )
+    params = yaml.safe_load((run / "artifacts" / "params.yaml").read_text())
+    assert params == yaml.safe_load((md / "train" / "params_train.yaml").read_text())
+
+
+def test_the_same_run_reports_each_step_to_tensorboard(tracked):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result, md = tracked
+    train = EventAccumulator(str(md / "train")).Reload()
+    # TensorBoard keeps float32: each loss to within half a float32 ulp
+    assert [(e.step, e.value) for e in train.Scalars("loss")] == [
+        (s, pytest.approx(loss, rel=2**-24)) for s, loss in result.losses
+    ]
 
 
 @pytest.mark.parametrize("package", ["wandb", "mlflow"])
@@ -179,47 +240,6 @@ def test_a_missing_tracker_package_is_one_line_naming_the_extra(monkeypatch, tmp
     config = small_config(f"runconfig.report_to=tensorboard,{package}")
     with pytest.raises(ConfigError, match=rf"pip install 'wsjax\[{package}\]'"):
         tracker_hooks(config, tmp_path, policy())
-
-
-def test_a_run_reports_to_every_tracker_it_names(tmp_path, monkeypatch):
-    """The Trainer wires runconfig.report_to: TensorBoard and (stand-in) W&B see each step."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    run_calls: list = []
-    run = SimpleNamespace(
-        log=lambda values, step: run_calls.append(step), finish=lambda: run_calls.append("end")
-    )
-    stand_in(monkeypatch, "wandb", init=run)
-    config = small_config("runconfig.report_to=tensorboard,wandb")
-    Trainer(config, RunOptions(max_steps=2, progress=False), tmp_path / "m").train()
-    assert run_calls == [1, 2, "end"]
-    train = EventAccumulator(str(tmp_path / "m" / "train")).Reload()
-    assert [e.step for e in train.Scalars("loss")] == [1, 2]
-
-
-# ---- the real packages, where installed ---------------------------------------------------------
-def test_wandb_offline_writes_the_run_under_model_dir(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.delenv("WANDB_DIR", raising=False)
-    trainer = fake_trainer(tmp_path, "runconfig.report_to=wandb")
-    drive(WandbHook(1, policy()), trainer)
-    runs = list((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
-
-
-def test_mlflow_file_store_holds_the_metrics(tmp_path, monkeypatch):
-    mlflow = pytest.importorskip("mlflow")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # what the hook sets when it picks
-    trainer = fake_trainer(tmp_path, "runconfig.report_to=mlflow")
-    drive(MlflowHook(1, policy()), trainer)
-    client = mlflow.tracking.MlflowClient((tmp_path / "mlruns").as_uri())
-    [run] = client.search_runs([client.get_experiment_by_name("wsjax").experiment_id])
-    history = client.get_metric_history(run.info.run_id, "train/loss")
-    assert [(m.step, m.value) for m in history] == [(1, 3.0), (2, 1.5)]
-    assert run.data.params["model/hidden_size"] == "64"
 
 
 # ---- progress -----------------------------------------------------------------------------------

@@ -38,10 +38,20 @@ class TrackerHook(Callback):
     """One tracker: override :meth:`open`, :meth:`write` and :meth:`close`."""
 
     name = ""
+    package = ""  # the optional package the tracker needs: missing, the run stops before step 1
 
     def __init__(self, every: int, policy: NonFinitePolicy, cerebras_tags: bool = True):
         self.summary_every, self.policy, self.cerebras_tags = max(1, every), policy, cerebras_tags
         self.opened = False
+        if self.package and importlib.util.find_spec(self.package) is None:
+            raise missing(self.package)
+
+    def import_package(self):
+        """:attr:`package`, imported when the run opens (process 0 only)."""
+        try:
+            return importlib.import_module(self.package)
+        except ImportError:
+            raise missing(self.package) from None
 
     def on_train_begin(self, trainer, step: int) -> None:
         if is_main_process() and not self.opened:
@@ -122,21 +132,12 @@ class WandbHook(TrackerHook):
     """Weights & Biases: one run per training session, named after the model_dir, its config
     the run's params; ``WANDB_MODE`` / ``WANDB_PROJECT`` / ``WANDB_DIR`` as W&B reads them."""
 
-    name = "wandb"
-
-    def __init__(self, every: int, policy, cerebras_tags: bool = True):
-        super().__init__(every, policy, cerebras_tags)
-        if importlib.util.find_spec("wandb") is None:  # said before the first step
-            raise missing("wandb")
-        self.run = None
+    name = package = "wandb"
+    run = None  # the W&B run, once open
 
     def open(self, trainer) -> None:
-        try:
-            import wandb  # lazy: optional dependency
-        except ImportError:
-            raise missing("wandb") from None
         md = trainer.md.path
-        self.run = wandb.init(
+        self.run = self.import_package().init(
             project=os.environ.get("WANDB_PROJECT", DEFAULT_PROJECT),
             name=md.name,
             dir=os.environ.get("WANDB_DIR", str(md)),
@@ -156,20 +157,12 @@ class MlflowHook(TrackerHook):
     """MLflow: one run per training session, named after the model_dir; the config's values as
     parameters and the params YAML as an artifact."""
 
-    name = "mlflow"
+    name = package = "mlflow"
     PARAMS_PER_CALL = 100  # MLflow's batch limit
-
-    def __init__(self, every: int, policy, cerebras_tags: bool = True):
-        super().__init__(every, policy, cerebras_tags)
-        if importlib.util.find_spec("mlflow") is None:  # said before the first step
-            raise missing("mlflow")
-        self.mlflow = None
+    mlflow = None  # the module, once the run is open
 
     def open(self, trainer) -> None:
-        try:
-            import mlflow  # lazy: optional dependency
-        except ImportError:
-            raise missing("mlflow") from None
+        mlflow = self.import_package()
         md = trainer.md.path
         if not os.environ.get("MLFLOW_TRACKING_URI"):
             # MLflow 3 asks for this opt-in before it writes a file store
