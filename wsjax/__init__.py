@@ -17,6 +17,7 @@ The packages: ``wsjax.config`` (params files), ``wsjax.models`` (the families),
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from typing import Any
 
 __all__ = [
@@ -45,13 +46,22 @@ _HOMES = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    """The names above, or a submodule (``wsjax.models``, ``wsjax.engine``, ...), on first use."""
-    if name in _HOMES:
-        return getattr(importlib.import_module(_HOMES[name]), name)
-    try:
-        return importlib.import_module(f"wsjax.{name}")
-    except ModuleNotFoundError as e:
-        if e.name != f"wsjax.{name}":
-            raise
-        raise AttributeError(f"module 'wsjax' has no attribute {name!r}") from None
+def lazy_getattr(package: str, homes: dict[str, str]) -> Callable[[str], Any]:
+    """A package's module-level ``__getattr__`` that loads on first use: a name of ``homes``
+    (name -> module) from its module, any other name as the submodule ``<package>.<name>``
+    (wsjax's and wsjax.data's)."""
+
+    def __getattr__(name: str) -> Any:
+        if name in homes:
+            return getattr(importlib.import_module(homes[name]), name)
+        try:
+            return importlib.import_module(f"{package}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{package}.{name}":
+                raise
+            raise AttributeError(f"module {package!r} has no attribute {name!r}") from None
+
+    return __getattr__
+
+
+__getattr__ = lazy_getattr(__name__, _HOMES)

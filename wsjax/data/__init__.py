@@ -11,8 +11,7 @@ command does not import the loaders' h5py and friends.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from wsjax import lazy_getattr
 
 __all__ = [
     "BUILTIN_STDLIB",
@@ -33,13 +32,4 @@ _HOMES = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    """The names above, or a submodule (``wsjax.data.shards``, ...), on first use."""
-    if name in _HOMES:
-        return getattr(importlib.import_module(_HOMES[name]), name)
-    try:
-        return importlib.import_module(f"wsjax.data.{name}")
-    except ModuleNotFoundError as e:
-        if e.name != f"wsjax.data.{name}":
-            raise
-        raise AttributeError(f"module 'wsjax.data' has no attribute {name!r}") from None
+__getattr__ = lazy_getattr(__name__, _HOMES)
