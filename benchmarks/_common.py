@@ -111,6 +111,23 @@ def time_calls(fn: Callable[[], object], *, warmup: int = 1, reps: int = 3) -> d
     return {"best": min(times), "median": statistics.median(times), "all": times}
 
 
+def take_turns(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1) -> dict:
+    """``{name: [seconds, ...]}`` of each ``fns[name]()`` (which must block until done): ``warmup``
+    untimed calls each, then ``rounds`` rounds of one call each, in turn. All stay built and take
+    turns, so a change in the machine's load (other virtual machines share its cores) falls on
+    all of them alike, instead of on whichever ran during it."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
 # ---- the machine's limits, measured in the same run ---------------------------------------
 def matmul_peak(n: int = 2048, reps: int = 5, dtype=jnp.float32, device=None) -> dict:
     """Best-of FLOP/s of a jitted n x n x n matmul (2 n^3 FLOPs) on ``device``."""

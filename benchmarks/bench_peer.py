@@ -148,20 +148,10 @@ def step_parts(model, cfg, shape: tuple[int, int]) -> dict:
 
 
 def interleaved_best(steps: dict, warmup: int, rounds: int, rec: dict) -> dict:
-    """Best seconds of each step callable over ``rounds`` rounds of one step each, in turn.
-
-    All implementations stay built and take turns, so a change in the machine's load (other
-    virtual machines share its cores) falls on all of them alike, instead of on whichever ran
-    during it; the medians go into ``rec`` (``<name>_median_step_seconds``) beside the bests."""
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    times: dict = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - t0)
+    """Best seconds of each step callable over ``rounds`` rounds of one step each, in turn
+    (``_common.take_turns``); the medians go into ``rec`` (``<name>_median_step_seconds``)
+    beside the bests."""
+    times = C.take_turns(steps, rounds, warmup)
     for name, ts in times.items():
         rec[f"{name}_median_step_seconds"] = round(float(np.median(ts)), 4)
     return {name: min(ts) for name, ts in times.items()}
