@@ -1,9 +1,11 @@
 """The tests' shared helpers, in one place: tiny model configs and random batches, the built-in
-tiny config made smaller and faster, the loader config of the data tests, and short runs on
-real token shards. The fixtures in tests/conftest.py hand some of them to tests."""
+tiny config made smaller and faster, the loader config of the data tests, short runs on real
+token shards, and torch's float32 made float64 for transformers' reference models. The fixtures
+in tests/conftest.py hand some of them to tests."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -192,3 +194,60 @@ def probe_env() -> dict[str, str]:
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = str(REPO)
     return env
+
+
+# ---- transformers in float64: the yardstick of the golden data and the Llama parity tests ----
+@contextlib.contextmanager
+def float64_torch():
+    """torch's float32 made float64 (dtype names, ``Tensor.float``, the default dtype), so the
+    casts transformers inserts to protect half precision (RMSNorm, rotary tables, the eager
+    softmax, GPT-J's attention scores) keep float64 instead. Needs torch."""
+    import torch  # torch is optional: only leg 1 of CI (and make_golden) has it
+
+    saved = torch.float32, torch.float, torch.get_default_dtype()
+    own_float = torch.Tensor.__dict__.get("float")
+    torch.float32 = torch.float = torch.float64
+    torch.Tensor.float = torch.Tensor.double
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.float32, torch.float = saved[0], saved[1]
+        torch.set_default_dtype(saved[2])
+        if own_float is None:
+            del torch.Tensor.float
+        else:
+            torch.Tensor.float = own_float
+
+
+# ---- the preprocess command's user errors ----
+def preprocess_error(path: Path, output: Path, capsys) -> str:
+    """``wsjax-preprocess --input path --output output`` (a BPE tokenizer of 300 trained), which
+    must fail as a user's error: exit 2, one ``error: `` line on stderr. That line."""
+    from wsjax.data.preprocess import main  # lazy: only the data tests run the command
+
+    argv = ["--input", str(path), "--output", str(output), "--train_tokenizer", "300"]
+    rc = main([*argv, "--no_progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: ") and "\n" not in err, (rc, err)
+    return err
+
+
+# ---- gradients against transformers' ----
+def hf_grad_errors(cfg, grads: dict, torch_grads: dict[str, np.ndarray]) -> dict[tuple, float]:
+    """For each parameter of wsjax.interop.hf's table: the relative (Frobenius) error of wsjax's
+    gradient ``grads`` against transformers' (``{HF name: gradient}``), stacked over the layers
+    and transposed as the table says."""
+    from wsjax.interop.hf import hf_table  # lazy: helpers import no model code at the top
+
+    errors = {}
+    for e in hf_table(cfg):
+        g = grads
+        for k in e.path:
+            g = g[k]
+        layers = range(cfg.num_hidden_layers) if e.stacked else [None]
+        names = [e.hf_name.format(i=i) if e.stacked else e.hf_name for i in layers]
+        want = np.stack([torch_grads[n].T if e.transpose else torch_grads[n] for n in names])
+        want = want if e.stacked else want[0]
+        errors[e.path] = float(np.linalg.norm(np.asarray(g) - want) / np.linalg.norm(want))
+    return errors

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
+from tests.helpers import preprocess_error
 from wsjax.data import arrowio
 from wsjax.data.preprocess import main, preprocess
 from wsjax.data.shards import read_meta
@@ -224,20 +225,7 @@ BAD = {  # name -> (make the input, its error: file named and what would be vali
 @pytest.mark.parametrize("name", list(BAD))
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, name):
     make, pattern = BAD[name]
-    path = make(tmp_path)
-    rc = main(
-        [
-            "--input",
-            str(path),
-            "--output",
-            str(tmp_path / "o"),
-            "--train_tokenizer",
-            "300",
-            "--no_progress",
-        ]
-    )
-    err = capsys.readouterr().err.strip()
-    assert rc == 2 and err.startswith("error: ") and "\n" not in err
+    err = preprocess_error(make(tmp_path), tmp_path / "o", capsys)
     assert re.search(pattern, err), err
     assert not (tmp_path / "o").exists()
 
@@ -251,9 +239,6 @@ def test_int_column_named_is_not_text(tmp_path):
 def test_without_pyarrow_one_line_names_the_extra(tmp_path, monkeypatch, capsys):
     pq.write_table(pa.table({"text": ["a text"]}), tmp_path / "x.parquet")
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow -> ImportError
-    rc = main(["--input", str(tmp_path / "x.parquet"), "--output", str(tmp_path / "o"),
-               "--train_tokenizer", "300", "--no_progress"])  # fmt: skip
-    err = capsys.readouterr().err.strip()
-    assert rc == 2 and "\n" not in err
+    err = preprocess_error(tmp_path / "x.parquet", tmp_path / "o", capsys)
     assert err.endswith("x.parquet: reading parquet and Arrow files needs pyarrow: "
                         "pip install 'wsjax[data]'")  # fmt: skip

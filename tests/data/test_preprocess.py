@@ -15,10 +15,10 @@ import pytest
 import zstandard
 from tokenizers import Tokenizer
 
-from tests.helpers import input_config
+from tests.helpers import input_config, preprocess_error
 from wsjax.data import builtin, make_loader
 from wsjax.data.loader import BUILTIN_STDLIB
-from wsjax.data.preprocess import dtype_for_vocab, main, preprocess
+from wsjax.data.preprocess import dtype_for_vocab, preprocess
 from wsjax.data.shards import read_meta, unigram_entropy
 from wsjax.errors import DataError
 
@@ -189,19 +189,7 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys, name):
     path = tmp_path / name
     if content is not None:
         path.write_text(content)
-    rc = main(
-        [
-            "--input",
-            str(path),
-            "--output",
-            str(tmp_path / "o"),
-            "--train_tokenizer",
-            "300",
-            "--no_progress",
-        ]
-    )
-    err = capsys.readouterr().err.strip()
-    assert rc == 2 and err.startswith("error: ") and "\n" not in err
+    err = preprocess_error(path, tmp_path / "o", capsys)
     assert re.search(pattern, err), err
 
 

@@ -30,8 +30,9 @@ import pytest
 import transformers
 from safetensors.numpy import load_file, save_file
 
+from tests.helpers import hf_grad_errors
 from wsjax.errors import CheckpointError
-from wsjax.interop.hf import export_hf, hf_table, import_hf
+from wsjax.interop.hf import export_hf, import_hf
 from wsjax.losses import token_loss_sum
 from wsjax.models import get_model
 
@@ -248,19 +249,8 @@ def test_loss_gradient_matches_torch(tmp_path, family, parallel):
     if family == "neox" and "embed_out.weight" not in t_grads:
         # transformers >= 5 calls NeoX's head lm_head in memory, embed_out in the checkpoint
         t_grads["embed_out.weight"] = t_grads.pop("lm_head.weight")
-    for e in hf_table(cfg):
-        g = grads
-        for k in e.path:
-            g = g[k]
-        names = (
-            [e.hf_name.format(i=i) for i in range(cfg.num_hidden_layers)]
-            if e.stacked
-            else [e.hf_name]
-        )
-        ref = np.stack([t_grads[n].T if e.transpose else t_grads[n] for n in names])
-        ref = ref if e.stacked else ref[0]
-        rel = np.linalg.norm(np.asarray(g) - ref) / np.linalg.norm(ref)
-        assert rel <= GRAD_RTOL, f"{e.path}: relative gradient error {rel:.3g}"
+    for path, rel in hf_grad_errors(cfg, grads, t_grads).items():
+        assert rel <= GRAD_RTOL, f"{path}: relative gradient error {rel:.3g}"
 
 
 def test_pickled_checkpoint_refused_unless_allowed(tmp_path):

@@ -9,8 +9,9 @@ everything else 0.3 N, drawn by numpy and rounded to float32 so the float32 chec
 them exactly and the import is lossless).
 
 float64, both sides. transformers casts to float32 inside a float64 model on purpose (RMSNorm,
-the rotary tables, the eager softmax); ``float64_torch`` maps torch's float32 onto float64 while
-the reference model is built and run, so its arithmetic is float64 throughout. Tolerance from
+the rotary tables, the eager softmax); ``float64_torch`` (tests/helpers.py, shared with the
+golden data's make_golden) maps torch's float32 onto float64 while the reference model is built
+and run, so its arithmetic is float64 throughout. Tolerance from
 float64 arithmetic: u = 2^-53 = 1.1e-16. A logit ends a chain of 2 blocks x (7 matmuls with dot
 products of length <= 48, 2 RMSNorms, rotary, a softmax over <= 12 keys) + the head: about
 n = 400 roundings, each <= u relative to the O(1) values it rounds; a gradient runs the chain
@@ -27,7 +28,6 @@ a user would (random logits: the top two differ by far more than float32 noise).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -44,6 +44,7 @@ try:
 except ImportError:  # CI's leg 2: each test below is skipped, saying so (tests/conftest.py)
     torch = None
 
+from tests.helpers import float64_torch, hf_grad_errors
 from wsjax.config.schema import StreamingConfig
 from wsjax.errors import CheckpointError
 from wsjax.inference.decode import StreamingDecoder
@@ -108,26 +109,6 @@ CASES: dict[str, Case] = {
         max_window_layers=0, tie_word_embeddings=True)),
 }  # fmt: skip
 FAMILY = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
-
-
-@contextlib.contextmanager
-def float64_torch():
-    """torch's float32 made float64 (dtype names, ``Tensor.float``, the default dtype), so the
-    casts transformers inserts to protect half precision keep float64 instead."""
-    saved = torch.float32, torch.float, torch.get_default_dtype()
-    own_float = torch.Tensor.__dict__.get("float")
-    torch.float32 = torch.float = torch.float64
-    torch.Tensor.float = torch.Tensor.double
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.float32, torch.float = saved[0], saved[1]
-        torch.set_default_dtype(saved[2])
-        if own_float is None:
-            del torch.Tensor.float
-        else:
-            torch.Tensor.float = own_float
 
 
 def torch_model(name: str, seed: int = 0, values: dict | None = None):
@@ -226,19 +207,8 @@ def test_import_logits_and_gradients_match_transformers(tmp_path, name, x64):
     _close(logits, t_logits.detach().numpy(), RTOL, "logits")
     assert abs(loss - t_loss.item()) <= RTOL * t_loss.item()
     t_grads = {n: p.grad.numpy() for n, p in ref.named_parameters()}
-    for e in hf_table(cfg):
-        g = grads
-        for k in e.path:
-            g = g[k]
-        names = (
-            [e.hf_name.format(i=i) for i in range(cfg.num_hidden_layers)]
-            if e.stacked
-            else [e.hf_name]
-        )
-        want = np.stack([t_grads[n].T if e.transpose else t_grads[n] for n in names])
-        want = want if e.stacked else want[0]
-        rel = np.linalg.norm(g - want) / np.linalg.norm(want)
-        assert rel <= RTOL, f"{e.path}: relative gradient error {rel:.3g}"
+    for path, rel in hf_grad_errors(cfg, grads, t_grads).items():
+        assert rel <= RTOL, f"{path}: relative gradient error {rel:.3g}"
     assert len(t_grads) == sum(cfg.num_hidden_layers if e.stacked else 1 for e in hf_table(cfg))
 
 

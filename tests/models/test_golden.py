@@ -11,13 +11,15 @@ Tolerance, from float64 arithmetic: unit roundoff u = 2^-53 = 1.1e-16. A logit e
 2 blocks x (5 matmuls with dot products of length <= 32, 2 layer norms, a softmax over <= 8
 keys) + the head: about n = 300 roundings along its path, each at most u relative to the O(1)
 values it rounds (layer norm outputs, unit-scale activations); a gradient runs the chain again
-backwards, n <= 1000. Worst case n u = 1.1e-13 relative to the values' scale, and the two
-implementations round independently, so their distance is at most twice that. A random-weight
-network may amplify an early rounding on its way to the output by its Jacobian's norm, which
-for these O(1) weights (std 0.3, layer norms renormalising each block's input) is a modest
-factor per block; 1e-10 leaves a factor ~500 for it. A real discrepancy (a dropped bias, a
-rotary pair taken from the wrong dims, the wrong layer norm, a transposed kernel) moves the
-outputs by 1e-3 or more: seven orders above the bound. Logits: max |ours - golden| <= RTOL x
+backwards, n <= 1000 (the Llama families: 7 matmuls and 2 RMSNorms a block, n <= 400 and
+1200). Worst case n u = 1.3e-13 relative to the values' scale, and the two implementations
+round independently, so their distance is at most twice that. A random-weight network may
+amplify an early rounding on its way to the output by its Jacobian's norm, which for these O(1)
+weights (std 0.3, norms renormalising each block's input) is a modest factor per block; 1e-10
+leaves a factor ~400 for it. A real discrepancy (a dropped bias, a rotary pair taken from the
+wrong dims, the wrong layer norm, a transposed kernel) moves the outputs by 1e-3 or more:
+seven orders above the bound; so do the llama3 scaling and Mistral's window of the Llama
+cases (test_scaling_and_window_are_not_vacuous). Logits: max |ours - golden| <= RTOL x
 max |golden|; loss: relative; gradients: ||ours - golden|| <= RTOL x ||golden|| per tensor.
 
 Leg 1 (torch installed) also regenerates the data with the transformers it has and checks it
@@ -27,6 +29,7 @@ caught there, and the committed data stays what transformers computes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -115,6 +118,32 @@ def test_wsjax_matches_transformers_golden(case, x64):
         assert np.linalg.norm(g) > 0, name  # every tensor is reached by the loss
         err = rel(grads[name], g)
         assert err <= RTOL, f"{case} {name}: relative gradient error {err:.3g} > {RTOL}"
+
+
+@pytest.mark.parametrize(
+    "case, change",
+    [
+        ("llama", dict(pos_scaling_type="linear", pos_scaling_factor=1.0,
+                       pos_scaling_extra_args=None)),
+        ("llama", dict(pos_scaling_extra_args=(("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
+                                               ("original_max_position_embeddings", 16.0)))),
+        ("mistral", dict(attention_sliding_window_length=None)),
+        ("mistral", dict(attention_sliding_window_length=5)),
+    ],
+)  # fmt: skip
+def test_scaling_and_window_are_not_vacuous(case, change, x64):
+    """Without llama3 scaling (or with its bands moved), without Mistral's window (or with it
+    one token wider), the logits move by far more than RTOL: the golden cases test them."""
+    folder = GOLDEN_DIR / case
+    golden = load_file(folder / "golden.safetensors")
+    cfg, params = import_hf(folder)
+    model = get_model(dataclasses.replace(cfg, **change))
+    model.compute_dtype = jnp.float64
+    with x64():
+        params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
+        logits = np.asarray(jax.jit(model.logits)(params, jnp.asarray(golden["input_ids"])))
+    ref = golden["logits"]
+    assert float(np.abs(logits - ref).max()) > 1e4 * RTOL * float(np.abs(ref).max())
 
 
 @pytest.mark.needs_torch
