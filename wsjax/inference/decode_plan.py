@@ -2,7 +2,8 @@
 
 Generation streams the weights as training does (``prefetch_depth + 1`` segments on the device),
 but it also keeps, per layer, the keys and values of every token so far: L x 2 x batch x
-cache_len x heads x head_dim in the compute dtype. That term grows with the depth, the batch and
+cache_len x kv_heads x head_dim in the compute dtype (kv_heads: the key/value heads, fewer than
+the query heads under grouped-query attention). That term grows with the depth, the batch and
 the number of new tokens, so it decides whether a call fits. The plan computes the device bytes
 two ways, before anything is allocated:
 
@@ -93,7 +94,8 @@ def plan_generation(
     cfg, dt = model.cfg, jnp.dtype(model.compute_dtype).itemsize
     cache_len, layers = width + max_new_tokens, model.num_layers
     depth = int(streaming_cfg.prefetch_depth)
-    per_layer = 2 * batch * cache_len * cfg.num_heads * cfg.head_dim * dt  # keys + values
+    # keys + values of the key/value heads (fewer than the query heads under GQA)
+    per_layer = 2 * batch * cache_len * cfg.num_kv_heads * cfg.head_dim * dt
     fixed = {
         "weights_in_flight": (depth + 1) * max(segment_params(model).values()) * dt,
         # the prefill's (B, T, D) in and out, the last logits (fp32), tokens and positions
