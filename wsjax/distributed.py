@@ -54,6 +54,7 @@ from typing import NoReturn
 
 import jax
 
+from wsjax import peers
 from wsjax.errors import ConfigError
 
 try:  # JAX's own launcher detection and backend state: private names, so guarded
@@ -210,6 +211,7 @@ def initialize(
             f"cannot join the run's coordinator at {where} "
             f"(within {initialization_timeout_s} s): {first}"
         ) from None
+    peers.watch()  # a peer's failure stops this process too, within seconds (wsjax.peers)
 
 
 def process_index() -> int:
@@ -238,8 +240,10 @@ def exit_process(code: int) -> NoReturn:
     """End this process with ``code``. A process of a multi-process run that fails exits at
     once: a normal exit would first wait in JAX's shutdown barrier for every other process (up
     to ``SHUTDOWN_TIMEOUT_S``), while they wait in their next collective for it, so nobody
-    would see the failure for minutes. Its peers then see its connections close."""
+    would see the failure for minutes. A failure it posted (:func:`wsjax.peers.post`) is read
+    by every peer first, so they stop at once with one line naming it."""
     if code != 0 and jax.distributed.is_initialized():
+        peers.exit_after_peers(code)  # returns only when it posted nothing
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

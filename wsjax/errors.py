@@ -9,6 +9,8 @@ The CLI prints ``str(err)`` as a single line without a traceback and exits with 
     3  the memory plan does not fit (PlanError; ``--validate_only`` too, when the plan is short)
     4  a non-finite loss or gradient norm stopped the run (NonFiniteError); nothing was saved
     5  preempted: SIGTERM/SIGINT finished the step, saved a checkpoint and exited (Preempted)
+    6  another process of a multi-process run failed first; this one stopped (its line names
+       the failed process, wsjax.peers)
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ EXIT_USER = 2
 EXIT_NOT_FIT = 3
 EXIT_NONFINITE = 4
 EXIT_PREEMPTED = 5
+EXIT_PEER_FAILED = 6
 
 
 class WsjaxError(Exception):

@@ -29,7 +29,9 @@ Faults and signals, so that it never hangs:
   the launcher kills the children.
 - A child that exits non-zero or is killed: one line names it and its status, the others get
   SIGTERM, and SIGKILL ``--grace_s`` seconds later if they are still there (a peer blocked in a
-  collective on the dead process may never reach its signal handler).
+  collective on the dead process may never reach its signal handler). A child that exits 6
+  stopped because another one failed (wsjax.peers): that one is the failure reported, and the
+  launcher waits ``--grace_s`` for it to exit by itself.
 - On Linux a child also gets SIGTERM when the launcher itself dies (``PR_SET_PDEATHSIG``).
 
 Exit code: 0 when every child succeeded, else the first failing child's code (a child killed by
@@ -55,7 +57,7 @@ from wsjax.distributed import (
     ENV_NUM_PROCESSES,
     ENV_PROCESS_ID,
 )
-from wsjax.errors import ArgumentParser
+from wsjax.errors import EXIT_PEER_FAILED, ArgumentParser
 
 __all__ = ["GRACE_S", "build_parser", "child_env", "exit_code_of", "free_port", "main"]
 
@@ -280,7 +282,11 @@ class ProcessGroup:
                 if child.poll() is None or index in reported:
                     continue
                 reported.add(index)
-                if child.returncode != 0 and self.first_failure is None:
+                if child.returncode == EXIT_PEER_FAILED and self.first_failure is None:
+                    # it stopped because another failed (wsjax.peers): that one exits on its
+                    # own in a moment, and its code is the one to report
+                    self.kill_at = self.kill_at or time.monotonic() + grace_s
+                elif child.returncode != 0 and self.first_failure is None:
                     self._fail(index, child, grace_s)
                 elif self.signals and self.kill_at is None:
                     # the first child done after a forwarded signal: the others are saving the
@@ -304,9 +310,10 @@ class ProcessGroup:
             # before it saves), and exits 5 on its own
             return
         others = self._running()
+        stopping = f"; stopping the other {len(others)} process(es)" if others else ""
         print(
-            f"wsjax.launch: process {index} (pid {child.pid}) {describe(child.returncode)}; "
-            f"stopping the other {len(others)} process(es)",
+            f"wsjax.launch: process {index} (pid {child.pid}) {describe(child.returncode)}"
+            + stopping,
             file=sys.stderr,
             flush=True,
         )

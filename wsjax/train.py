@@ -13,16 +13,17 @@ directly (or :func:`run`, the same in one call). The flags are derived from
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import traceback
 from pathlib import Path
 from typing import NoReturn
 
-from wsjax import distributed
+from wsjax import distributed, peers
 from wsjax.config import load_config
 from wsjax.distributed import exit_process
-from wsjax.errors import ArgumentParser, WsjaxError
+from wsjax.errors import EXIT_BUG, EXIT_USER, ArgumentParser, WsjaxError
 from wsjax.logs import setup_logging
 from wsjax.trainer import MODES, RunResult, Trainer, run
 from wsjax.trainer.faults import exit_on_signal
@@ -36,6 +37,8 @@ log = logging.getLogger("wsjax.train")
 DEFAULT_PARAMS = "configs/params_gptj_tiny.yaml"
 # Cerebras run.py flags that name hardware: accepted so a Cerebras command line runs unchanged.
 IGNORED_FLAGS = ("cs_ip", "device")
+# A process that fails before joining joins only to tell the others: a short wait for process 0.
+JOIN_TO_REPORT_S = 30
 
 
 def default_params_path() -> Path:
@@ -74,13 +77,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # intermixed: overrides may come before, between or after the options
-    args = build_parser().parse_intermixed_args(argv)
+    try:  # intermixed: overrides may come before, between or after the options
+        args = build_parser().parse_intermixed_args(argv)
+    except SystemExit as e:  # --help (0), or a bad flag: its one line is printed already
+        if e.code:
+            _join_to_tell_the_others()
+            peers.post(EXIT_USER, "its command line is invalid")
+        raise
+    before_join = True
     try:
         mode = args.mode or (
             "eval" if args.eval_text else "train" if args.params else "train_and_eval"
         )
         options = options_from_args(args, mode=mode)
+        before_join = False
         if options.planning_processes is None:  # first: joining precedes any use of a backend
             distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
         setup_logging()
@@ -91,13 +101,27 @@ def main(argv: list[str] | None = None) -> int:
         with exit_on_signal():  # one line and exit 5 outside the loop's preemption guard
             Trainer(config, options).run()
     except WsjaxError as e:
+        if before_join:  # the others wait for this process to join: join, to tell them
+            _join_to_tell_the_others(args)
         # one line whatever a library put into the text (the contract of every WsjaxError)
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        line = " ".join(str(e).split())
+        rank = peers.rank()
+        print(f"error: {f'process {rank}: ' if rank is not None else ''}{line}", file=sys.stderr)
+        peers.post(e.exit_code, line)
         return e.exit_code
     except KeyboardInterrupt:
         print("error: interrupted; the latest complete checkpoint is kept", file=sys.stderr)
         return 130
     return 0
+
+
+def _join_to_tell_the_others(args: argparse.Namespace | None = None) -> None:
+    """A process of a multi-process run that fails before joining it still joins (briefly), so
+    that :func:`wsjax.peers.post` reaches the others waiting for it; nothing in a
+    single-process run or when joining fails."""
+    flags = (args.coordinator_address, args.num_processes, args.process_id) if args else ()
+    with contextlib.suppress(WsjaxError, RuntimeError):
+        distributed.initialize(*flags, initialization_timeout_s=JOIN_TO_REPORT_S)
 
 
 def cli() -> NoReturn:
@@ -106,9 +130,12 @@ def cli() -> NoReturn:
     (:func:`wsjax.distributed.exit_process`) instead of waiting for the others."""
     try:
         code = main()
-    except Exception:  # a bug: its traceback, then exit 1
+    except SystemExit as e:  # --help, or a bad flag (its line is printed)
+        code = e.code if isinstance(e.code, int) else EXIT_USER
+    except Exception as e:  # a bug: its traceback, then exit 1
         traceback.print_exc()
-        code = 1
+        code = EXIT_BUG
+        peers.post(code, f"{type(e).__name__}: {' '.join(str(e).split())}")
     exit_process(code)
 
 
