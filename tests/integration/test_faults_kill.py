@@ -146,3 +146,27 @@ def test_signal_during_init_or_compile_is_one_line_exit_5(tmp_path, reference, s
     assert len(lines) == 1 and "Traceback" not in err, err
     assert re.search(r"stopped before any step|preempted by", lines[0]), lines[0]
     resumes_exactly(md, reference)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_during_the_final_eval_stops_it_at_the_next_batch(tmp_path, reference, sig):
+    """train_and_eval's last checkpoint (step 12) is followed by a 400-batch evaluation; a
+    signal while it runs ends the run at the next batch, exit 5 and one line, instead of being
+    held until the whole pass is done; model-ckpt-12 is kept and restores."""
+    md = tmp_path / "md"
+    argv = ["-m", "train_and_eval", "--save_checkpoints_steps", "100", "runconfig.eval_steps=400"]
+    proc = start(md, *argv)
+    assert poll(proc, logged(md, "Evaluating global step 12: 400 batches")), proc.communicate()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_PREEMPTED, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    found = re.search(
+        rf"preempted by {sig.name}: finished global step 12 and saved \S+model-ckpt-12; the "
+        r"evaluation at global step 12 stopped after (\d+) of 400 batches",
+        lines[0],
+    )
+    assert found and int(found[1]) < 400, lines[0]
+    assert committed(md) == [12]
+    resumes_exactly(md, reference)

@@ -16,6 +16,7 @@ the run's tokenizer, every token once) and adds bits per byte; its scalars go to
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 
 import jax
@@ -24,9 +25,10 @@ from wsjax.checkpoint import Checkpoints, CorruptCheckpoint, run_model_dir
 from wsjax.data import make_loader
 from wsjax.data.synthetic import NUM_EXAMPLES
 from wsjax.data.tokenizer import load_run_tokenizer
-from wsjax.errors import CheckpointError, ConfigError
+from wsjax.errors import CheckpointError, ConfigError, Preempted
 from wsjax.interop.load import load_start
 from wsjax.trainer.eval_text import bits_per_byte, text_batches, tokenize_text
+from wsjax.trainer.faults import stop_requested, stoppable
 from wsjax.trainer.metrics import Summaries, eval_scalars, eval_tags
 from wsjax.trainer.setup import RunResult, RunSpec, build_engine, process_rows_of
 
@@ -69,9 +71,11 @@ def evaluate(r: RunSpec, engine, step: int) -> dict:
     """One evaluation pass with ``engine``'s weights, logged: step, batches, loss, perplexity,
     accuracy."""
     total = {"loss_sum": 0.0, "count": 0.0, "correct": 0.0}
-    with open_eval_loader(r) as loader:
+    with open_eval_loader(r) as loader, stoppable():
         n = eval_batches(r.config, loader.batches_per_epoch)
-        for _ in range(n):
+        log.info("Evaluating global step %d: %d batches", step, n)
+        for done in range(n):
+            stop_if_signalled(r, step, done, n)
             for k, v in engine.eval_step(next(loader)).items():
                 total[k] += float(v)
     out = eval_scalars(total["loss_sum"], total["count"], total["correct"])
@@ -84,6 +88,23 @@ def evaluate(r: RunSpec, engine, step: int) -> dict:
         out["accuracy"],
     )
     return {"step": step, "batches": n, **out}
+
+
+def stop_if_signalled(r: RunSpec, step: int, done: int, n: int) -> None:
+    """Preempted (one line, exit 5) when SIGTERM / SIGINT came during the pass: it stops at
+    the next batch. In train_and_eval the pass follows the checkpoint of ``step``, saved."""
+    signum = stop_requested()
+    if signum is None:
+        return
+    name = signal.Signals(signum).name
+    where = f"the evaluation at global step {step} stopped after {done} of {n} batches"
+    if r.training:
+        saved = r.md.path / f"model-ckpt-{step}"
+        raise Preempted(
+            f"preempted by {name}: finished global step {step} and saved {saved}; {where}; "
+            "rerun the same command to resume exactly"
+        )
+    raise Preempted(f"preempted by {name}: {where}; nothing of it was written")
 
 
 def eval_mode(r: RunSpec) -> RunResult:
@@ -170,9 +191,13 @@ def read_eval_text(r: RunSpec):
 def evaluate_text(r: RunSpec, engine, step: int, tb, text) -> dict:
     """Every token of ``text`` once: loss, perplexity, accuracy, bits per byte."""
     total = {"loss_sum": 0.0, "count": 0.0, "correct": 0.0}
-    for batch in text_batches(text, *r.shape):
-        for k, v in engine.eval_step(batch).items():
-            total[k] += float(v)
+    B, T = r.shape
+    n = -(-max(1, -(-text.predicted_tokens // T)) // B)  # ceil(ceil(tokens / T) / B) batches
+    with stoppable():
+        for done, batch in enumerate(text_batches(text, B, T)):
+            stop_if_signalled(r, step, done, n)
+            for k, v in engine.eval_step(batch).items():
+                total[k] += float(v)
     out = eval_scalars(total["loss_sum"], total["count"], total["correct"])
     out["bits_per_byte"] = bits_per_byte(total["loss_sum"], text.num_bytes)
     tb.scalars("eval_text", {f"eval/{k}": v for k, v in out.items()}, step)

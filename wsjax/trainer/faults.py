@@ -6,8 +6,10 @@
   A checkpoint holding a NaN or an infinity is refused by wsjax.checkpoint anyway.
 - SIGTERM / SIGINT finish the current step, save a checkpoint and raise Preempted (exit 5); a
   second signal stops the process at once with one line, exit 5. Resuming from that checkpoint
-  is exact. Outside the training loop (init, compile, eval, export) a signal stops at once,
-  one line, exit 5: there is nothing of this run to save (:func:`exit_on_signal`).
+  is exact. An evaluation pass (eval modes, and train_and_eval's after a checkpoint) stops at
+  its next batch (:func:`stoppable`, :func:`stop_requested`), one line, exit 5. Elsewhere outside
+  the training loop (init, compile, export) a signal stops at once, one line, exit 5: there is
+  nothing of this run to save (:func:`exit_on_signal`).
 """
 
 from __future__ import annotations
@@ -129,11 +131,15 @@ class PreemptionGuard:
     def __enter__(self) -> PreemptionGuard:
         if threading.current_thread() is threading.main_thread():
             self._before = {s: signal.signal(s, self._record) for s in self.SIGNALS}
+        _active.append(self)
         return self
 
     def __exit__(self, *exc) -> None:
         for s, handler in self._before.items():
             signal.signal(s, handler)
+        self._before = {}
+        if self in _active:
+            _active.remove(self)
 
     def agreed(self) -> int | None:
         """The signal, as every process sees it after this step: with several processes one
@@ -143,3 +149,25 @@ class PreemptionGuard:
         flags = multihost_utils.process_allgather(np.asarray(self.signal or 0, np.int32))
         found = int(np.max(flags))
         return found or None
+
+
+_active: list[PreemptionGuard] = []  # the guards entered and not yet left, innermost last
+
+
+def stop_requested() -> int | None:
+    """The signal every process agrees it got, while a :class:`PreemptionGuard` is active (the
+    training loop's, or :func:`stoppable`'s); else None. A long pass inside one step (an
+    evaluation) asks between its batches, so it stops at the next batch."""
+    return _active[-1].agreed() if _active else None
+
+
+@contextlib.contextmanager
+def stoppable():
+    """A :class:`PreemptionGuard` for an evaluation pass, unless one is active already (the
+    training loop's, in train_and_eval): a signal then stops the pass at its next batch
+    (:func:`stop_requested`) instead of at once."""
+    if _active:
+        yield
+        return
+    with PreemptionGuard():
+        yield
