@@ -3,9 +3,37 @@ a reader (or a rerun after a kill) sees the old file or the new one, never a tor
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import tempfile
 from pathlib import Path
+
+from wsjax.errors import WsjaxError
+
+# what a writer meets on a full or read-only disk, or a path under a file: the user's to fix
+WRITE_ERRNOS = (
+    errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.EACCES
+)  # fmt: skip
+
+
+def rust_os_error(e: Exception, path: str | os.PathLike) -> OSError | None:
+    """The OSError inside a Rust library's error text ("... (os error 28)": tokenizers,
+    safetensors), naming ``path``; None when the text holds none."""
+    found = re.search(r"\(os error (\d+)\)", str(e))
+    if found is None:
+        return None
+    n = int(found[1])
+    return OSError(n, os.strerror(n), str(path))
+
+
+def write_error(e: OSError, where: str | os.PathLike | None = None) -> WsjaxError | OSError:
+    """A write error of :data:`WRITE_ERRNOS` as one line naming the path and the errno (exit 2);
+    any other OSError is returned as it is (a bug: its traceback)."""
+    if e.errno not in WRITE_ERRNOS:
+        return e
+    path = e.filename or where
+    return WsjaxError(f"{path}: cannot write ({e.strerror}, {errno.errorcode[e.errno]})")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> Path:
@@ -20,6 +48,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int = 0o644) 
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.filename:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from None  # a failed write names no file
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

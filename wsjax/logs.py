@@ -3,8 +3,10 @@ command whose stdout carries a result), and the run's ``run.log``."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+import threading
 from pathlib import Path
 
 from wsjax.distributed import process_index
@@ -56,11 +58,63 @@ def setup_logging(log_file: Path | None = None) -> logging.Handler | None:
         lib = logging.getLogger(name)
         lib.addHandler(fh)
         lib.propagate = False
+    logging.captureWarnings(True)  # a library's warnings (JAX's compile cache) too
+    if sys.unraisablehook is not _library_unraisable:  # for good: late callbacks meet it too
+        _unraisable_before[:] = [sys.unraisablehook]
+        sys.unraisablehook = _library_unraisable
+    _hooks_before[:] = [sys.excepthook, threading.excepthook]
+    sys.excepthook, threading.excepthook = _library_excepthook, _library_thread_excepthook
     return fh
 
 
-# the loggers of libraries a run writes through (orbax logs through absl)
-LIBRARY_LOGGERS = ("absl", "tensorboardX")
+# the loggers of libraries a run writes through (orbax logs through absl; warnings.warn
+# through py.warnings once captured; asyncio's own errors)
+LIBRARY_LOGGERS = ("absl", "tensorboardX", "py.warnings", "asyncio")
+_hooks_before: list = []  # sys.excepthook and threading.excepthook while run.log is open
+_unraisable_before: list = []  # sys.unraisablehook before the first run.log
+
+
+def _from_a_library_thread(exc: BaseException | None) -> bool:
+    """What a library's background thread raises when a write fails (a full disk: an OSError)
+    or when its callbacks outlive the event loop it was cancelled from (orbax's tensorstore
+    writes after a failed save: "Event loop is closed")."""
+    return threading.current_thread() is not threading.main_thread() and (
+        isinstance(exc, OSError) or _closed_loop(exc)
+    )
+
+
+def _closed_loop(exc: BaseException | None) -> bool:
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def _library_unraisable(unraisable) -> None:
+    """orbax's tensorstore callbacks that outlive their event loop after a failed save report
+    "Event loop is closed" as unraisable: into run.log while it is open, else dropped (the
+    failed save is reported in its own line); anything else as before."""
+    if not _closed_loop(unraisable.exc_value):
+        _unraisable_before[0](unraisable)
+        return
+    info = (unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback)
+    lib = logging.getLogger("asyncio")
+    if lib.handlers:
+        lib.error("a library callback after its event loop closed", exc_info=info)
+
+
+def _library_excepthook(exc_type, exc, tb) -> None:
+    """A traceback a library's C++ thread prints (through sys.excepthook): into run.log."""
+    if _from_a_library_thread(exc):
+        logging.getLogger("asyncio").error("in a library thread", exc_info=(exc_type, exc, tb))
+    else:
+        _hooks_before[0](exc_type, exc, tb)
+
+
+def _library_thread_excepthook(args) -> None:
+    """An exception ending a library's Python thread (tensorboardX's writer): into run.log."""
+    if _from_a_library_thread(args.exc_value):
+        info = (args.exc_type, args.exc_value, args.exc_traceback)
+        logging.getLogger("asyncio").error("in thread %s", args.thread, exc_info=info)
+    else:
+        _hooks_before[1](args)
 
 
 def close_log_file(handler: logging.Handler | None) -> None:
@@ -70,6 +124,10 @@ def close_log_file(handler: logging.Handler | None) -> None:
     for name in ("wsjax", *LIBRARY_LOGGERS):
         logging.getLogger(name).removeHandler(handler)
     handler.close()
+    if isinstance(handler, _RunLogFile) and _hooks_before:
+        logging.captureWarnings(False)
+        sys.excepthook, threading.excepthook = _hooks_before
+        _hooks_before.clear()
 
 
 class _RunLogFile(logging.FileHandler):
@@ -80,3 +138,11 @@ class _RunLogFile(logging.FileHandler):
         if isinstance(sys.exc_info()[1], OSError):
             return
         super().handleError(record)
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError):  # the buffered lines of a full disk: dropped
+            super().flush()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            super().close()

@@ -110,6 +110,7 @@ class Checkpoints:
         self.read_only = read_only
         self.allow_unverified = allow_unverified
         self._pending: int | None = None
+        self._save_failed = False  # a failed save was reported (orbax raises it again at close)
         # several processes save synchronously: their barriers and orbax's would interleave
         self.async_save = async_save and not read_only and not multi_process()
         opts = ocp.CheckpointManagerOptions(
@@ -194,6 +195,7 @@ class Checkpoints:
         try:
             yield
         except READ_ERRORS as e:
+            self._save_failed = True
             if is_main_process():
                 self._clear_after_failed_save()  # orbax's uncommitted temporary folder
             hint = "did another process stop? " if multi_process() else ""
@@ -344,8 +346,15 @@ class Checkpoints:
     def close(self) -> None:
         try:
             self.wait()
+        except BaseException:
+            self._save_failed = True
+            raise
         finally:
-            self._mngr.close()
+            if self._save_failed:  # orbax raises the failed save again: reported already
+                with contextlib.suppress(*READ_ERRORS):
+                    self._mngr.close()
+            else:
+                self._mngr.close()
 
 
 def _owned(tree: dict) -> dict:

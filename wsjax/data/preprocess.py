@@ -13,8 +13,7 @@ trained here (``--train_tokenizer VOCAB_SIZE``). Output folder::
 
 Every document is followed by the EOS id. Tokenisation is batched through HF tokenizers'
 ``encode_batch_fast`` (Rust, all cores) while a reader thread parses the next batch. Progress
-bars count input bytes (compressed bytes for .gz/.zst), so they end at the inputs' total size.
-"""
+bars count input bytes (compressed ones for .gz/.zst). Output is staged in a hidden sibling."""
 
 from __future__ import annotations
 
@@ -34,7 +33,7 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from wsjax.data.shards import ShardWriter, dtype_for_vocab, publish
+from wsjax.data.shards import ShardWriter, clear_partial, dtype_for_vocab, partial_prefix, publish
 from wsjax.data.textio import (
     DEFAULT_EOS,
     DocBatch,
@@ -48,6 +47,7 @@ from wsjax.data.textio import (
     vocab_size_of,
 )
 from wsjax.errors import DataError, WsjaxError
+from wsjax.fileio import write_error
 
 __all__ = ["dtype_for_vocab", "main", "preprocess"]
 
@@ -151,8 +151,8 @@ def preprocess(
     )  # fmt: skip
     # Everything is written into a hidden staging folder and moved into place at the end, so a
     # failure (bad input, full disk, Ctrl-C) leaves no partial output and an old one intact.
-    out = final.parent / f".{final.name}.partial-{os.getpid()}"
-    shutil.rmtree(out, ignore_errors=True)
+    out = final.parent / f"{partial_prefix(final)}{os.getpid()}"
+    clear_partial(final, log)
     out.mkdir(parents=True)
     try:
         meta = _write(out, job, tokenizer, train_tokenizer, eos_token)
@@ -382,8 +382,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             invalid_utf8=args.invalid_utf8,
             progress=not args.no_progress,
         )
-    except WsjaxError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (OSError, WsjaxError) as e:  # a full or read-only disk, --output under a file too
+        err = write_error(e, args.output) if isinstance(e, OSError) else e
+        if not isinstance(err, WsjaxError):
+            raise
+        print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
 

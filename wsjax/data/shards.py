@@ -8,10 +8,11 @@ overlap and may cross shard and document boundaries (documents are separated by 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -45,9 +46,17 @@ class ShardWriter:
         self._f = open(self.dir.parent / name, "wb")  # noqa: SIM115 (closed in close())
         self._n = 0
 
+    @contextlib.contextmanager
+    def _naming(self):
+        try:
+            yield
+        except OSError as e:  # a buffered write's error names no file: name the shard
+            raise OSError(e.errno, e.strerror, e.filename or self._f.name) from None
+
     def _close_current(self) -> None:
         if self._f is not None:
-            self._f.close()
+            with self._naming():
+                self._f.close()
             self.shards[-1]["tokens"] = self._n
             self._f = None
 
@@ -58,7 +67,8 @@ class ShardWriter:
             if self._f is None or self._n >= self.shard_tokens:
                 self._open_next()
             take = min(ids.size, self.shard_tokens - self._n)
-            ids[:take].tofile(self._f)
+            with self._naming():
+                self._f.write(ids[:take].data)  # a full disk: ENOSPC (numpy's tofile: no errno)
             self._n += take
             self.tokens += take
             ids = ids[take:]
@@ -123,6 +133,33 @@ def _check_meta_values(path: Path, meta: dict) -> None:
             if not isinstance(shard, dict) or not isinstance(shard.get("file"), str):
                 raise DataError(f"{path}: {where} lacks a 'file' name")
             count(shard.get("tokens"), f"{where}.tokens")
+
+
+def partial_prefix(final: Path) -> str:
+    return f".{final.name}.partial-"
+
+
+def clear_partial(final: Path, log: Callable[[str], None] = print) -> None:
+    """Remove the staging folders that killed writers to ``final`` left (``.<name>.partial-<pid>``
+    beside it, the pid no longer running), each named in one line."""
+    if not final.parent.is_dir():
+        return
+    for stale in final.parent.glob(f"{partial_prefix(final)}*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and _running(int(pid)):
+            continue  # another preprocess writing to the same output now
+        log(f"removing {stale}, left by an interrupted wsjax-preprocess")
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def publish(stage: Path, final: Path) -> None:

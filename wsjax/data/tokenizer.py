@@ -28,6 +28,7 @@ from tokenizers import Tokenizer
 from wsjax.data.textio import DEFAULT_EOS, load_tokenizer
 from wsjax.distributed import is_main_process
 from wsjax.errors import DataError
+from wsjax.fileio import rust_os_error
 
 log = logging.getLogger("wsjax.train")
 
@@ -81,7 +82,13 @@ def write_hf_tokenizer(tok: Tokenizer, eos_token: str, max_length: int, out: Pat
     if tok.token_to_id(eos_token) is None:
         raise DataError(f"tokenizer has no EOS token {eos_token!r}")
     out.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out / "tokenizer.json"))
+    try:
+        tok.save(str(out / "tokenizer.json"))
+    except Exception as e:  # tokenizers' (Rust) I/O error is a plain Exception: "(os error N)"
+        os_error = rust_os_error(e, out / "tokenizer.json")
+        if os_error is None:
+            raise
+        raise os_error from None
     # GPT-2's convention: one special token serves as bos, eos and unk
     special = {"bos_token": eos_token, "eos_token": eos_token, "unk_token": eos_token}
     config = {

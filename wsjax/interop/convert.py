@@ -15,7 +15,11 @@ Errors a user can cause print one line and exit with code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import orbax.checkpoint as ocp
@@ -23,7 +27,8 @@ import yaml
 from safetensors import SafetensorError
 
 from wsjax.config.schema import Config, OptimizerConfig, RunConfig, StreamingConfig
-from wsjax.errors import CheckpointError, WsjaxError
+from wsjax.errors import EXIT_PREEMPTED, CheckpointError, WsjaxError
+from wsjax.fileio import write_error
 from wsjax.interop.export import PLACEHOLDER_OPTIMIZER, export_run, load_model_config
 from wsjax.interop.hf import DEFAULT_MAX_SHARD_SIZE, export_hf, import_hf
 from wsjax.logs import setup_logging
@@ -80,6 +85,19 @@ def orbax_to_hf(
     return export_hf(model_cfg, tree["params"], out_dir, max_shard_size=max_shard_size)
 
 
+def _convert(ap: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
+    """The conversion the flags ask for; the folder written."""
+    if args.from_hf:
+        if not args.to_orbax:
+            ap.error("--from_hf needs --to_orbax DIR")
+        out = hf_to_orbax(args.from_hf, args.to_orbax, args.allow_pickle)
+    else:
+        if not args.to_hf:
+            ap.error("--from_orbax needs --to_hf OUT_DIR")
+        out = orbax_to_hf(args.from_orbax, args.params, args.to_hf, args.max_shard_size)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="wsjax-convert", description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
@@ -97,19 +115,41 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     setup_logging()  # the export's progress and warning lines
     try:
-        if args.from_hf:
-            if not args.to_orbax:
-                ap.error("--from_hf needs --to_orbax DIR")
-            out = hf_to_orbax(args.from_hf, args.to_orbax, args.allow_pickle)
-        else:
-            if not args.to_hf:
-                ap.error("--from_orbax needs --to_hf OUT_DIR")
-            out = orbax_to_hf(args.from_orbax, args.params, args.to_hf, args.max_shard_size)
+        with _stopping_on_signals():
+            out = _convert(ap, args)
+    except OSError as e:  # a full or read-only disk, a path under a file: one line
+        err = write_error(e, args.to_hf or args.to_orbax)
+        if not isinstance(err, WsjaxError):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
     except WsjaxError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, always
         return e.exit_code
     print(f"wrote {out}")
     return 0
+
+
+@contextlib.contextmanager
+def _stopping_on_signals():
+    """SIGTERM / SIGINT end the conversion at once with one line and exit 5: what it wrote is
+    staged beside the output (``.<name>.partial-<pid>``), which the next run removes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame) -> None:
+        name = signal.Signals(signum).name
+        line = f"error: {name}: the conversion stopped; rerun it (a partial export is staged "
+        os.write(2, (line + "beside the output and removed then)\n").encode())
+        os._exit(EXIT_PREEMPTED)
+
+    before = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
 
 def cli() -> None:

@@ -22,11 +22,12 @@ from typing import Any
 
 import jax
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from wsjax.config.schema import ModelConfig
 from wsjax.errors import CheckpointError
+from wsjax.fileio import rust_os_error
 from wsjax.interop.hf_config import CONFIG_FILE, config_from_hf, config_to_hf
 from wsjax.models import get_model
 
@@ -248,6 +249,18 @@ def import_hf(path: str | Path, *, allow_pickle: bool = False) -> tuple[ModelCon
 
 
 # ---- writing ------------------------------------------------------------------------------------
+def _save(tensors: dict, path: Path, meta: dict) -> None:
+    """safetensors' save_file; its I/O error (a full disk: "... (os error 28)", a
+    SafetensorError) as the OSError it is, naming the file."""
+    try:
+        save_file(tensors, str(path), metadata=meta)
+    except SafetensorError as e:
+        os_error = rust_os_error(e, path)
+        if os_error is None:
+            raise
+        raise os_error from None
+
+
 def export_hf(
     model_cfg,
     params: dict,
@@ -281,13 +294,13 @@ def export_hf(
     shards = _shard(tensors, limit)
     meta = {"format": "pt"}  # transformers checks this metadata key
     if len(shards) == 1:
-        save_file(shards[0], str(out / SAFETENSORS_FILE), metadata=meta)
+        _save(shards[0], out / SAFETENSORS_FILE, meta)
         _readable(out)
         return out
     weight_map = {}
     for n, shard in enumerate(shards, 1):
         fname = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / fname), metadata=meta)
+        _save(shard, out / fname, meta)
         weight_map.update(dict.fromkeys(shard, fname))
     total = sum(a.nbytes for a in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}

@@ -14,6 +14,7 @@ every query head (GQA shares keys, not queries), over at most the sliding window
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -109,12 +110,28 @@ class Summaries:
         for tag, value in values.items():
             if value is not None and math.isfinite(float(value)):
                 w.add_scalar(tag, float(value), step)
-        w.flush()
+        with _naming(w):
+            w.flush()
 
     def close(self) -> None:
-        for w in self._writers.values():
-            w.close()
+        writers = list(self._writers.values())
         self._writers.clear()
+        with contextlib.ExitStack() as stack:  # every writer closed, the first failure raised
+            for w in writers:
+                stack.enter_context(_naming(w))
+                stack.callback(w.close)
+
+
+@contextlib.contextmanager
+def _naming(writer):
+    """An OSError of an events write (a full disk: tensorboardX's own has no file name) names
+    the events folder, as every write error of a run does."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename:
+            raise
+        raise OSError(e.errno, e.strerror, writer.logdir) from None
 
 
 def train_scalars(m: dict, *, samples_per_sec: float, tokens_per_sec: float, mfu: float) -> dict:
