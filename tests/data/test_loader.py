@@ -117,6 +117,33 @@ def test_prefetch_settings_do_not_change_batches(stream):
     np.testing.assert_array_equal(outs[0], outs[1])
 
 
+def test_skip_steps_starts_a_fresh_loader_at_that_batch(stream):
+    """Cerebras' skip_steps: a fresh loader's first batch is batch k of the order it would
+    otherwise give (shuffled, here across an epoch's end), and its state counts from k; a
+    resume's state wins over it."""
+    root, _ = stream
+    c = cfg(root, shuffle=True, shuffle_seed=3)
+    with make_loader(c, split="train", model_vocab_size=V, seed=0) as ld:
+        full = take(ld, 12)
+    skipping = cfg(root, shuffle=True, shuffle_seed=3, skip_steps=5)
+    with make_loader(skipping, split="train", model_vocab_size=V, seed=0) as ld:
+        rest = take(ld, 7)
+        assert ld.state()["batch"] == 12 and ld.state()["epoch"] == 2
+    state = {"epoch": 0, "index": 2}
+    with make_loader(skipping, split="train", model_vocab_size=V, seed=0, start_state=state) as ld:
+        resumed = next(ld)
+    for want, got in [*zip(full[5:], rest, strict=True), (full[2], resumed)]:
+        for k in want:
+            np.testing.assert_array_equal(want[k], got[k])
+
+
+def test_num_workers_are_the_reader_threads(stream):
+    """num_workers (Cerebras TF: n_parallel_reads) is the size of the reading pool."""
+    root, _ = stream
+    with make_loader(cfg(root, num_workers=3), split="train", model_vocab_size=V, seed=0) as ld:
+        assert ld._pool._max_workers == 3
+
+
 class Clock:
     """The loader's clock in the test below (its ``time.perf_counter``): time moves only when a
     read says it took DELAY, so the loader's measured waits are exact, however loaded the

@@ -91,6 +91,37 @@ def test_max_steps_already_reached_does_nothing(runs):
     assert {p.name: p.stat().st_mtime_ns for p in a.model_dir.glob("model-ckpt-*")} == before
 
 
+def test_save_initial_checkpoint_holds_the_initial_weights(runs, tmp_path):
+    """runconfig.save_initial_checkpoint: model-ckpt-0, through the normal checkpoint path
+    (restored with its digest verified), holds the initialised weights at data position 0, and
+    training goes on with the same step-1 loss as without it; a run started from it repeats
+    that step 1 exactly."""
+    import jax
+    import numpy as np
+
+    from wsjax.checkpoint import Checkpoints
+    from wsjax.engine import StreamingEngine
+    from wsjax.models import get_model
+
+    _, plain, _, _ = runs
+    cfg = small_config("runconfig.save_initial_checkpoint=true")
+    a = run(cfg, "train", tmp_path / "a", max_steps=1, progress=False)
+    names = sorted(p.name for p in a.model_dir.glob("model-ckpt-*"))
+    assert names == ["model-ckpt-0", "model-ckpt-1"] and a.losses == plain.losses[:1]
+    model = get_model(cfg.model)
+    ckpts = Checkpoints(a.model_dir)
+    try:
+        params, _, meta = ckpts.restore(0, model.param_shapes(), None)
+    finally:
+        ckpts.close()
+    assert meta["step"] == 0 and meta["loader"]["batch"] == 0
+    initial = StreamingEngine(model, cfg).params_tree()  # the seed's weights, before any update
+    jax.tree.map(np.testing.assert_array_equal, params, initial)
+    b = run(cfg, "train", tmp_path / "b", max_steps=1, progress=False,
+            checkpoint_path=a.model_dir / "model-ckpt-0")  # fmt: skip
+    assert b.losses == a.losses  # bitwise: the same weights, optimizer state and batch
+
+
 def test_bad_inputs_fail_cleanly_and_leave_checkpoints(runs, tmp_path):
     cfg, a, _, _ = runs
     md = a.model_dir

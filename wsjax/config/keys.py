@@ -60,7 +60,6 @@ IGNORED_KEYS: dict[str, frozenset[str]] = {
             "load_checkpoint_states",
             "cs_config",
             "mode",
-            "save_initial_checkpoint",
             "validate_only",
             "compile_only",
             "execute_crd_memory_gi",
@@ -133,6 +132,10 @@ ALIASES: dict[str, dict[str, str]] = {
         "checkpoint_steps": "save_checkpoints_steps",
         "save_checkpoint_steps": "save_checkpoints_steps",  # spelling of R1.x PyTorch GPT-3 files
     },
+    # Cerebras TF input: files read in parallel (interleave's cycle length); here the loader's
+    # reader threads. The data and its order do not depend on it, as there.
+    "train_input": {"n_parallel_reads": "num_workers"},
+    "eval_input": {"n_parallel_reads": "num_workers"},
 }
 LR_PHASE_ALIASES = {"total_iters": "steps"}
 # Input data_processor spellings: Cerebras' map-style HDF5 reader (the Llama-3 files') reads the

@@ -63,7 +63,7 @@ def from_trainer_layout(d: Mapping[str, Any], source: str, ignored: list[str]) -
         else:
             _refuse(source, f"trainer.init.precision.{precision_key}", "not expressible")
     loop = dict(init.pop("loop", None) or {})
-    for key in ("max_steps", "eval_steps"):
+    for key in ("max_steps", "num_epochs", "eval_steps"):
         if key in loop:
             runconfig[key] = loop.pop(key)
     for key in loop:
@@ -71,6 +71,8 @@ def from_trainer_layout(d: Mapping[str, Any], source: str, ignored: list[str]) -
     checkpoint = dict(init.pop("checkpoint", None) or {})
     if "steps" in checkpoint:
         runconfig["save_checkpoints_steps"] = checkpoint.pop("steps")
+    if "save_initial_checkpoint" in checkpoint:
+        runconfig["save_initial_checkpoint"] = checkpoint.pop("save_initial_checkpoint")
     for key in checkpoint:
         ignored.append(f"trainer.init.checkpoint.{key}")
     logging_part = init.pop("logging", None) or {}

@@ -69,7 +69,8 @@ _EXTRA_KEYS = {
         "extra_attention_params",
     ),
     "optimizer": ("betas",),  # PyTorch spelling of beta1 / beta2
-    "runconfig": ("grad_accum_steps",),  # alias of optimizer.grad_accum_steps
+    # aliases of optimizer.grad_accum_steps and train_input.skip_steps
+    "runconfig": ("grad_accum_steps", "skip_steps"),
     "train_input": ("micro_batch_size",),  # alias of streaming.micro_batch_size
 }
 _NONE_WORDS = ("none", "null", "~")
@@ -136,6 +137,7 @@ def config_from_dict(
     _move_cross_section_aliases(raw, source, ignored)
     for override in overrides:
         _apply_override(raw, override, source)
+    _move_cross_section_aliases(raw, source, ignored, overriding=True)  # an override's aliases
     if ignored:  # ONE line for all of them, so a stock Cerebras file logs one warning
         logger.warning(
             "%s: accepted and ignored (no meaning in wsjax: hardware, runtime, logging): %s",
@@ -180,10 +182,15 @@ def _normalize_keys(section: str, body: dict, source: str, ignored: list[str]) -
     return out
 
 
-def _move_cross_section_aliases(raw: dict, source: str, ignored: list[str]) -> None:
+def _move_cross_section_aliases(
+    raw: dict, source: str, ignored: list[str], overriding: bool = False
+) -> None:
+    """Keys given in another section than their field's, moved there; a file giving both
+    spellings must agree, an override (``overriding``) replaces the file's value."""
     moves = [
         ("runconfig", "grad_accum_steps", "optimizer"),
         ("train_input", "micro_batch_size", "streaming"),
+        ("runconfig", "skip_steps", "train_input"),
     ]
     for src, key, dst in moves:
         if key not in raw.get(src, {}):
@@ -192,8 +199,11 @@ def _move_cross_section_aliases(raw: dict, source: str, ignored: list[str]) -> N
         if src == "train_input" and not isinstance(value, int | None):
             ignored.append(f"{src}.{key}")  # Cerebras "auto" / "explore"
             continue
+        if dst == "train_input" and dst not in raw:
+            ignored.append(f"{src}.{key} (no train_input to skip batches of)")
+            continue
         target = raw.setdefault(dst, {})
-        if key in target and target[key] != value:
+        if key in target and target[key] != value and not overriding:
             raise ConfigError(
                 f"{source}: {src}.{key}={value!r} disagrees with {dst}.{key}={target[key]!r}"
             )
@@ -234,7 +244,7 @@ def _apply_override(raw: dict, override: str, source: str) -> None:
     if is_init:
         raise ConfigError(f"{where}: set a field, e.g. {section}.{key}.std=0.02")
     tp = field_types(SECTION_CLASSES[section]).get(key, float | None)  # extras are rates/ints
-    if key in ("grad_accum_steps", "micro_batch_size"):
+    if key in ("grad_accum_steps", "micro_batch_size", "skip_steps"):
         tp = int | None
     body[key] = _parse_override_value(text.strip(), tp, where)
 

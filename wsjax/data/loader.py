@@ -4,8 +4,10 @@ Batch k of a run is a pure function of (config, seed, k): with ``bpe = num_examp
 batches per epoch, batch k is examples ``perm(epoch)[i*B : (i+1)*B]`` where
 ``epoch, i = divmod(k, bpe)`` and ``perm(epoch)`` is the identity, or, with ``shuffle``, the
 permutation drawn by ``np.random.default_rng([shuffle_seed, epoch])`` (PCG64: the same on every
-machine). Resuming is jumping to k: nothing is replayed. The last partial batch of an epoch is
-dropped. A thread pool fills batches k+1 .. k+depth while the trainer works on k.
+machine). Resuming is jumping to k: nothing is replayed; so is ``skip`` (Cerebras'
+``skip_steps``): a fresh loader starts at batch ``skip``. The last partial batch of an epoch is
+dropped. A thread pool (``num_workers`` readers) fills batches k+1 .. k+depth while the trainer
+works on k; the batches do not depend on the number of readers.
 
 A source is any object with ``name``, ``num_examples``, ``seq_len``, ``read(indices) -> batch``,
 ``too_small(batch_size) -> str`` and ``close()``; ``read`` must be thread-safe.
@@ -67,6 +69,7 @@ class Loader:
         prefetch_factor: int = 2,
         start_state: dict | None = None,
         rows: np.ndarray | None = None,
+        skip: int = 0,
     ):
         self.source = source
         # with several processes: the positions in each global batch this process reads (the
@@ -84,7 +87,9 @@ class Loader:
         self.wait_seconds_total = 0.0
         self._perms: dict[int, np.ndarray] = {}
         self._perm_lock = threading.Lock()
-        self._next_out = self._resume_batch(start_state) if start_state else 0
+        self._next_out = self._resume_batch(start_state) if start_state else skip
+        if skip and not start_state:
+            log.info("%s: skipping the first %d batches (skip_steps)", source.name, skip)
         self._next_submit = self._next_out
         self._depth = max(1, prefetch_factor) * max(1, num_workers)
         self._pool = ThreadPoolExecutor(max(1, num_workers), thread_name_prefix="wsjax-data")
@@ -236,8 +241,9 @@ def make_loader(
     start_state: dict | None = None,
     rows: np.ndarray | None = None,
 ) -> Loader:
-    """A Loader for ``train_input`` / ``eval_input``; ``start_state`` is a ``Loader.state()``;
-    ``rows``: read only these positions of each global batch (this process's share)."""
+    """A Loader for ``train_input`` / ``eval_input``; ``start_state`` is a ``Loader.state()``
+    (without one, the loader starts at batch ``skip_steps``); ``rows``: read only these
+    positions of each global batch (this process's share)."""
     source = make_source(input_cfg, split=split, model_vocab_size=model_vocab_size, seed=seed)
     synthetic = getattr(input_cfg, "data_processor", None) == "SyntheticDataProcessor"
     return Loader(
@@ -250,4 +256,5 @@ def make_loader(
         prefetch_factor=int(getattr(input_cfg, "prefetch_factor", 2) or 2),
         start_state=start_state,
         rows=rows,
+        skip=int(getattr(input_cfg, "skip_steps", 0) or 0),
     )

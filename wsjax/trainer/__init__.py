@@ -5,6 +5,7 @@ trainer       Trainer and run(): the loop, the modes, the session around them
 hooks         Callback and the built-in hooks (log, progress, TensorBoard, checkpoint,
               eval, profile, preemption, non-finite steps)
 setup         RunSpec, RunResult; the plan, compiling, the estimate, the engine's start
+steps         how far training goes: max_steps, or runconfig.num_epochs of the data
 evaluation    eval passes, eval / eval_all, --eval_text
 faults        the non-finite policy and the preemption guard
 metrics       MFU, performance.json, TensorBoard, log lines, the progress bar

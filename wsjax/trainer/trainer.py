@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import logging
 import sys
 import time
@@ -59,6 +60,7 @@ from wsjax.trainer.setup import (
     validate_only,
     write_effective_config,
 )
+from wsjax.trainer.steps import replace_max_steps, with_epochs
 from wsjax.trainer.trackers import tracker_hooks
 
 log = logging.getLogger("wsjax.train")
@@ -151,12 +153,13 @@ class Trainer:
             return self.result
 
     # ---- what the hooks call ------------------------------------------------------------------
-    def save_checkpoint(self, step: int) -> Path:
-        """A checkpoint of the engine's state at ``step``; the hooks' ``on_checkpoint`` after."""
+    def save_checkpoint(self, step: int, loader_state: dict | None = None) -> Path:
+        """A checkpoint of the engine's state at ``step`` (and the data position ``loader_state``,
+        else the loader's now); the hooks' ``on_checkpoint`` after."""
         log.info("Saving checkpoint at global step %d to %s", step, self._ckpts.path(step))
         meta = {
             "step": step,
-            "loader": self._loader.state(),
+            "loader": self._loader.state() if loader_state is None else loader_state,
             "seed": self.config.runconfig.seed,
             "rng": "dropout keys = fold_in(PRNGKey(seed), step); nothing else is random",
             "config": self.config.to_dict(),
@@ -210,7 +213,9 @@ class Trainer:
             log.error("%s", e)
 
     def _train(self) -> RunResult:
-        spec, rc = self.spec, self.config.runconfig
+        self.config = with_epochs(self.config)  # runconfig.num_epochs -> max_steps, from the data
+        self.spec = spec = dataclasses.replace(self.spec, config=self.config)
+        rc = self.config.runconfig
         self._ckpts = Checkpoints(
             spec.md.path,
             keep=rc.keep_checkpoint_max,
@@ -234,8 +239,11 @@ class Trainer:
                 self._loader.source, spec.md.path, spec.config.model.max_position_embeddings
             )
             corpus = corpus_record(self._loader.source)
+            at_start = self._loader.state()  # the data position of the start's checkpoint
             first = next(self._loader)  # read now: a corrupt record fails before any compile
             ready = self._prepare(start)
+            if rc.save_initial_checkpoint and start.step not in self._ckpts.steps():
+                self.save_checkpoint(start.step, at_start)  # the start's weights, then train
             stats = self._loop(first, target, ready.peaks.flops)
             self._ckpts.wait()  # the last save committed (and pruned) before the totals
         finally:
@@ -280,7 +288,7 @@ class Trainer:
         """Steps until ``target``, each followed by the hooks. Reads in one screen."""
         builtin, last = self._builtin_hooks(target)
         self._hooks = Hooks([*builtin, *self.callbacks, *last])
-        batches, clock = _chain(first, self._loader), Clock(self.engine.step)
+        batches, clock = itertools.chain([first], self._loader), Clock(self.engine.step)
         stats = _LoopStats()
         try:
             self._hooks.on_train_begin(self, self.engine.step)
@@ -364,16 +372,6 @@ class _LoopStats:
     def add(self, wait: float) -> None:
         self.steps += 1
         self.input_wait += wait
-
-
-def _chain(first: dict, loader):
-    yield first
-    yield from loader
-
-
-def replace_max_steps(config, max_steps: int):
-    rc = dataclasses.replace(config.runconfig, max_steps=max_steps)
-    return dataclasses.replace(config, runconfig=rc)
 
 
 def log_finish(result: RunResult, perf: Performance, wait_share: float) -> None:
