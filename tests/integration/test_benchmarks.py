@@ -90,12 +90,22 @@ EXPECTED = {
         **{f"analysis_{f}": ("output_bytes", "temp_bytes", "peak_bytes", "params") for f in INIT},
         **{f"measured_{f}": ("peak_bytes", "output_bytes", "peak_over_output") for f in INIT},
     },
+    "bench_disk_tier.py": {
+        "read": ("tier_bytes_per_sec", "raw_bytes_per_sec", "ratio"),
+        "write": ("tier_bytes_per_sec", "raw_bytes_per_sec", "ratio"),
+        "step": ("ram_step_seconds", "tier_step_seconds", "tier_bytes"),
+        "capacity_smoke": ("peak_rss_bytes", "plan_host_total_bytes", "disk_bytes_measured"),
+    },
     "bench_default_run.py": {
         "smoke": ("wall_seconds", "final_train_loss"),
     },
     "bench_after_training.py": {
         "smoke": ("export_seconds", "eval_seconds", "tokens", "bytes", "loss", "bits_per_byte"),
     },
+    # timings are [median, min, max] ms lists, checked below
+    "bench_probes.py": dict.fromkeys(
+        ("attention_fp32", "attention_xla_flags", "head_fp32_1:16:32:64", "bf16_pieces"), ()
+    ),
 }
 
 
@@ -153,6 +163,10 @@ def test_benchmark_smoke(script: str, tmp_path: Path) -> None:
             assert rec["logits_agreement"] == "skipped: torch is not installed", rec
         else:  # fp32 both sides: tests/interop/test_hf.py derives 1e-5 of the largest logit
             assert rec["logits_max_abs_diff_rel"] <= 1e-5, rec
+    if script == "bench_disk_tier.py":  # bitwise the RAM run; the disk plan covers the files
+        assert by_setting["step"]["same_losses"], by_setting["step"]
+        cap = by_setting["capacity_smoke"]
+        assert cap["disk_bytes_measured"] <= cap["plan_disk_bytes"], cap
     if script == "bench_generate.py":  # the two generate the same greedy tokens
         assert all(by_setting[s]["same_greedy_tokens"] for s in ("b1", "b8"))
     if script == "bench_peer.py":  # --parts: every executable timed alone, and the schedule
@@ -161,6 +175,11 @@ def test_benchmark_smoke(script: str, tmp_path: Path) -> None:
         assert parts["schedule_step_seconds"] > 0
     if script == "bench_scaleout.py":  # each of 2 processes holds half the live bytes
         assert abs(by_setting["P2_vs_P1"]["live_bytes_ratio"] - 0.5) < 0.01
+    if script == "bench_probes.py":  # every piece timed: 0 < min <= median <= max
+        timings = [v for r in lines for k, v in r.items() if k.endswith("_ms")]
+        timings += list(by_setting["attention_xla_flags"]["attention_fwd_ms_by_flag"].values())
+        assert len(timings) >= 19 and all(0 < lo <= mid <= hi for mid, lo, hi in timings), lines
+        assert "jax_attention_grad_ms" in by_setting["attention_fp32"]
     if script == "bench_compile.py":
         # the warm process finds every executable in the persistent cache
         assert by_setting["L3_warm"]["compile_seconds"] < by_setting["L3_cold"]["compile_seconds"]

@@ -26,6 +26,7 @@ def test_every_option_is_a_flag_and_parses_back():
         "keep_checkpoint_max": 0,
         "checkpoint_path": "ck",
         "eval_text": "t.txt",
+        "disk_path": "tier",
         "coordinator_address": "h:1",
         "num_processes": 2,
         "process_id": 1,

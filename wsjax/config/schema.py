@@ -240,7 +240,9 @@ class OptimizerConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    max_steps: int = 1000
+    max_steps: int | None = 1000  # None: runconfig.num_epochs alone sets it (wsjax.trainer.steps)
+    num_epochs: int | None = None  # max_steps = num_epochs x the train data's batches per epoch
+    save_initial_checkpoint: bool = False  # the start's weights as a checkpoint, before step 1
     save_summary_steps: int = 10
     save_checkpoints_steps: int = 500
     keep_checkpoint_max: int = 5  # 0 keeps every checkpoint (Cerebras)
@@ -278,6 +280,10 @@ class StreamingConfig:
     # Plan against this much memory instead of what is detected (plan a GPU run from a laptop).
     device_memory_gb: float | None = None
     host_memory_gb: float | None = None
+    # the disk tier: fp32 master weights and optimizer state in files under this folder
+    disk_path: str | None = None
+    # with disk_path: the fp32 gradients held until the global norm is known go there too
+    disk_gradients: bool = False
 
 
 @dataclass(frozen=True)
@@ -291,8 +297,9 @@ class InputConfig:
     shuffle: bool = False
     shuffle_seed: int = 0
     repeat: bool = True  # eval_input defaults to False, as on Cerebras
-    num_workers: int = 1
+    num_workers: int = 1  # reader threads (Cerebras TF files: n_parallel_reads)
     prefetch_factor: int = 2
+    skip_steps: int = 0  # train_input: a fresh run starts reading at this batch (Cerebras TF)
 
 
 @dataclass(frozen=True)

@@ -234,10 +234,14 @@ def _build_phase(value: Any, i: int, last: bool, source: str) -> LRPhase:
 def _build_runconfig(body: dict, source: str) -> RunConfig:
     profile = _profile_steps(body.get("profile_steps", ()), source)
     trackers = _report_to(body.get("report_to", RunConfig.report_to), source)
-    r = build_section(
-        RunConfig, body, "runconfig", source, profile_steps=profile, report_to=trackers
-    )
-    check_min(r, "runconfig", source, 1, "max_steps", "log_steps", "save_summary_steps")
+    given = {"profile_steps": profile, "report_to": trackers}
+    if body.get("num_epochs") is not None and "max_steps" not in body:
+        given["max_steps"] = None  # the epochs alone set it, from the train data's size
+    r = build_section(RunConfig, body, "runconfig", source, **given)
+    if r.max_steps is None and r.num_epochs is None:
+        bad(source, "runconfig.max_steps", None, "give the steps to train, or runconfig.num_epochs")
+    check_min(r, "runconfig", source, 1, "max_steps", "num_epochs", "log_steps")
+    check_min(r, "runconfig", source, 1, "save_summary_steps")
     check_min(r, "runconfig", source, 1, "max_consecutive_skips")
     # Cerebras: keep_checkpoint_max 0 keeps all; eval_steps <= 0 is a full pass (any int)
     check_min(r, "runconfig", source, 0, "keep_checkpoint_max")
@@ -292,6 +296,13 @@ def _build_streaming(body: dict, source: str) -> StreamingConfig:
     check_choice(s.host_memory_kind, HOST_MEMORY_KINDS, source, "streaming.host_memory_kind")
     policy = "streaming.recompute_policy"
     check_choice(s.recompute_policy, RECOMPUTE_POLICIES, source, policy)
+    if s.disk_gradients and not s.disk_path:
+        bad(
+            source,
+            "streaming.disk_gradients",
+            True,
+            "needs streaming.disk_path (the tier's folder)",
+        )
     return s
 
 
@@ -321,7 +332,10 @@ def _build_input(body: dict, section: str, model: ModelConfig, source: str) -> I
     check_choice(c.split, SPLITS, source, f"{section}.split")
     check_min(c, section, source, 1, "max_sequence_length", "batch_size", "vocab_size")
     check_min(c, section, source, 1, "prefetch_factor")
-    check_min(c, section, source, 0, "num_workers", "shuffle_seed")
+    check_min(c, section, source, 0, "num_workers", "shuffle_seed", "skip_steps")
+    if section == "eval_input" and c.skip_steps:
+        why = "only train_input skips batches (an evaluation pass always starts at the first)"
+        bad(source, "eval_input.skip_steps", c.skip_steps, why)
     return c
 
 

@@ -5,6 +5,7 @@
     metrics = engine.eval_step(batch)
     engine.params_tree(), engine.opt_state_tree()      # host state, for checkpoints
     StreamingEngine(model, config, train=False)        # eval only: no optimizer state
+    streaming.disk_path: master and optimizer state in files (wsjax.engine.disk_store)
 
 Reading order for one training step: this file builds the parts (where things live:
 :mod:`~wsjax.engine.placement`; the host store: :mod:`~wsjax.engine.store`; the compiled
@@ -22,6 +23,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from wsjax.engine.compile_cache import ExecutableCache, source_digest
+from wsjax.engine.disk_store import DiskStore, fresh_segments, param_segments
 from wsjax.engine.executables import StepExecutables
 from wsjax.engine.placement import Placement
 from wsjax.engine.segments import SegmentFunctions
@@ -68,6 +70,7 @@ class StreamingEngine:
         step: int = 0,
         allocate: bool = True,
         train: bool = True,
+        disk_owner: str | None = None,
     ):
         self.model = model
         self.config = config
@@ -98,7 +101,9 @@ class StreamingEngine:
         self._executables: dict[tuple, StepExecutables] = {}
         self._steps: dict[tuple, TrainStep | EvalStep] = {}
         self.store: HostStore | None = None
-        if allocate:
+        if allocate and train and config.streaming.disk_path:
+            self.store = self._disk_store(params, opt_state, disk_owner)
+        elif allocate:
             whole = None
             if params is None:
                 params, whole = self._init_params()
@@ -113,6 +118,42 @@ class StreamingEngine:
                 shards=self.placement.shards,
                 whole=whole,
             )
+
+    def _disk_store(self, params, opt_state: dict | None, owner: str | None) -> DiskStore:
+        """Master and optimizer state in the files of ``streaming.disk_path`` (wsjax.engine.disk),
+        claimed for ``owner`` (the run: its model_dir; by default the config's source); fresh
+        weights (``params`` None) are built one segment at a time, straight into the tier."""
+        c = self.config
+        if self.placement.shards is not None:
+            raise ConfigError(
+                f"{c.source}: streaming.disk_path is not supported with {jax.process_count()} "
+                "processes yet; run one process, or remove streaming.disk_path"
+            )
+        grads_to = None
+        if c.streaming.disk_gradients:
+            if not self.placement.optimizer_on_host:
+                raise ConfigError(
+                    f"{c.source}: streaming.disk_gradients needs streaming.optimizer_placement: "
+                    "host (a device update keeps the gradients on the device)"
+                )
+            grads_to = self.placement.update
+        if params is None:
+            key = jax.random.PRNGKey(self.seed)
+            segments = fresh_segments(self.model, key, self.placement.host)
+        else:
+            segments = param_segments(params, self.model.num_layers)
+        return DiskStore.create(
+            segments,
+            self.model.num_layers,
+            self.optimizer,
+            self.placement.host,
+            self.placement.stream,
+            self.model.compute_dtype,
+            folder=c.streaming.disk_path,
+            owner=owner or f"config {c.source}",
+            opt_state=opt_state,
+            grads_to=grads_to,
+        )
 
     def _init_params(self) -> tuple[dict, dict | None]:
         """One compiled :func:`layerwise_init`, straight into host memory: (params, None);

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from wsjax.distributed import is_main_process
+from wsjax.engine.disk_store import tier_terms
 from wsjax.engine.segments import SegmentFunctions
 from wsjax.engine.store import one_layer, tree_bytes
 from wsjax.errors import PlanError
@@ -72,6 +73,11 @@ class MemoryPlan:
     device_available: int | None
     shared_memory: bool  # device memory is host memory (CPU backend)
     notes: list[str] = field(default_factory=list)
+    # the disk tier (streaming.disk_path): master and optimizer state in files
+    disk: dict[str, int] = field(default_factory=dict)
+    disk_available: int | None = None  # free bytes of the tier folder's filesystem
+    host_without_tier: int | None = None  # host total with master and moments in RAM (training)
+    host_with_tier: int | None = None  # host total with them on disk (training)
 
     @property
     def host_total(self) -> int:
@@ -81,9 +87,14 @@ class MemoryPlan:
     def device_total(self) -> int:
         return sum(self.device.values())
 
+    @property
+    def disk_total(self) -> int:
+        return sum(self.disk.values())
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["host_total"], d["device_total"] = self.host_total, self.device_total
+        d["disk_total"] = self.disk_total
         return d
 
     def write(self, path: str | os.PathLike) -> None:
@@ -100,6 +111,15 @@ class MemoryPlan:
             have = f" of {avail / GiB:.2f} GiB available" if avail else " (not checked)"
             lines.append(f"  {title}: {total / GiB:.3f} GiB{have}")
             lines += [f"    {k:<22} {v / GiB:10.3f} GiB" for k, v in terms.items()]
+        if self.disk:
+            have = f" of {self.disk_available / GiB:.2f} GiB free" if self.disk_available else ""
+            lines.append(f"  disk (streaming.disk_path): {self.disk_total / GiB:.3f} GiB{have}")
+            lines += [f"    {k:<22} {v / GiB:10.3f} GiB" for k, v in self.disk.items()]
+        if self.host_with_tier is not None:
+            lines.append(
+                f"  host without the disk tier {self.host_without_tier / GiB:.3f} GiB, with it "
+                f"{self.host_with_tier / GiB:.3f} GiB (streaming.disk_path)"
+            )
         if self.shared_memory:
             lines.append("  (CPU backend: device memory is host memory; checked together)")
         lines += [f"  note: {n}" for n in self.notes]
@@ -111,20 +131,48 @@ class MemoryPlan:
         return "\n".join(lines)
 
     def check(self) -> None:
-        """Raise :class:`PlanError` naming the shortfall and the knob that helps."""
+        """Raise :class:`PlanError` naming the shortfall and the knob that helps (the disk tier
+        first, when it alone makes the run fit)."""
+        if self.disk and self.disk_available is not None and self.disk_total > self.disk_available:
+            raise PlanError(
+                _short("disk", self.disk_total, self.disk_available, "free space in "
+                       "streaming.disk_path's filesystem or give it a folder on a larger disk")
+            )  # fmt: skip
+        shared = self.device_total if self.shared_memory else 0
+        need, avail = self.host_total + shared, self.host_available
+        if avail is not None and need > avail:
+            what = "host+device" if self.shared_memory else "host"
+            terms = {**self.host, **self.device} if self.shared_memory else self.host
+            knobs = {**HOST_KNOBS, **DEVICE_KNOBS} if self.shared_memory else HOST_KNOBS
+            knob = _knobs(terms, knobs)
+            with_tier = None if self.host_with_tier is None else self.host_with_tier + shared
+            if not self.disk and with_tier is not None and with_tier <= avail:
+                knob = (
+                    "set streaming.disk_path: DIR (--disk_path; the disk tier keeps master and "
+                    f"optimizer state in files there: the {what} then needs "
+                    f"{with_tier / GiB:.2f} GiB, the disk {self.tier_disk_bytes / GiB:.2f} GiB); "
+                    f"or {knob}"
+                )
+            raise PlanError(_short(what, need, avail, knob))
         if self.shared_memory:
-            need, avail = self.host_total + self.device_total, self.host_available
-            if avail is not None and need > avail:
-                terms = {**self.host, **self.device}
-                knobs = _knobs(terms, {**HOST_KNOBS, **DEVICE_KNOBS})
-                raise PlanError(_short("host+device", need, avail, knobs))
             return
-        if self.host_available is not None and self.host_total > self.host_available:
-            knobs = _knobs(self.host, HOST_KNOBS)
-            raise PlanError(_short("host", self.host_total, self.host_available, knobs))
         if self.device_available is not None and self.device_total > self.device_available:
             knobs = _knobs(self.device, DEVICE_KNOBS)
             raise PlanError(_short("device", self.device_total, self.device_available, knobs))
+
+    @property
+    def tier_disk_bytes(self) -> int:
+        """Bytes the disk tier would hold: master and optimizer state (training plans)."""
+        if self.disk:
+            return self.disk_total
+        return self.host.get("master_fp32", 0) + self.host.get("optimizer_state", 0)
+
+    def fits_only_with_tier(self) -> bool:
+        """The plan uses the tier, fits, and would not fit without it."""
+        if not self.disk or self.host_available is None or self.host_without_tier is None:
+            return False
+        shared = self.device_total if self.shared_memory else 0
+        return self.host_without_tier + shared > self.host_available
 
 
 def _knobs(terms: dict[str, int], knobs: dict[str, str]) -> str:
@@ -139,7 +187,8 @@ def _knobs(terms: dict[str, int], knobs: dict[str, str]) -> str:
 
 def _short(what: str, need: int, avail: int, knob: str) -> str:
     return (
-        f"the run does not fit: it needs {need / GiB:.2f} GiB of {what} memory, "
+        f"the run does not fit: it needs {need / GiB:.2f} GiB of {what} "
+        f"{'space' if what == 'disk' else 'memory'}, "
         f"{avail / GiB:.2f} GiB available (short by {(need - avail) / GiB:.2f} GiB); "
         f"to fit: {knob}"
     )
@@ -204,6 +253,7 @@ def make_plan(
     train: bool = True,
     input_prefetch: int = 2,
     processes: int = 1,
+    disk_available: int | None = None,
 ) -> MemoryPlan:
     """The plan of a training (or, ``train=False``, evaluation) step on ``batch_size`` x ``seq``
     tokens, with ``input_prefetch`` batches queued by the loader; allocates nothing.
@@ -213,7 +263,10 @@ def make_plan(
     (wsjax.engine.shards) and reads 1/P of each batch.
 
     It is long because it lists every host and device term in one place, each with the line
-    that sizes it, so a reader checks the plan against the run in one screen.
+    that sizes it, so a reader checks the plan against the run in one screen. A training plan
+    also says what the host needs with and without the disk tier, whose folder's free bytes
+    are ``disk_available``; with ``streaming.disk_path`` master and optimizer state are disk
+    terms.
     """
     cfg, s = model.cfg, config.streaming
     shapes = model.param_shapes()
@@ -280,7 +333,10 @@ def make_plan(
         notes.append("evaluation: no optimizer state, no gradients, nothing kept for a backward")
     if processes > 1:
         notes.append(f"host bytes are per process, for {processes} processes")
-    return MemoryPlan(host, device, host_available, device_available, not gpu, notes)
+    plan = MemoryPlan(host, device, host_available, device_available, not gpu, notes)
+    if train:
+        tier_terms(plan, model, optimizer, processes, s, disk_available)
+    return plan
 
 
 def _residual_bytes(model, layer, batch: int, seq: int, policy: str = "none") -> int:

@@ -108,6 +108,7 @@ class _TrainState:
     g_wte: jax.Array | None = None  # tied: the head's share of the wte gradient
     grads_host: dict = field(default_factory=dict)
     sq_norms: dict = field(default_factory=dict)
+    store: HostStore | None = None  # holds the host gradients (a disk tier: in its files)
 
 
 class TrainStep:
@@ -149,13 +150,14 @@ class TrainStep:
             np.asarray(denom, self.executables.master_dtype), self.placement.replicated
         )
         kept: list = [None] * self.num_layers
-        state = _TrainState(ids, labels, mask, step_key, denom_device, kept, stats)
+        state = _TrainState(ids, labels, mask, step_key, denom_device, kept, stats, store=store)
         kept_back = (kept, self.train_set.kept) if self.offload else None
         fetches = []
         for item in self.order:
             back = kept_back if item.phase == "block_backward" else None
             fetches.append(weight_fetch(item, store, self.executables, self.placement, back))
         stream = WeightStream(fetches, self.prefetch_depth, stats, self.residency)
+        store.read_ahead()  # a disk tier's first reads overlap the forward and backward
         self.residency.add(
             "activations", 2 * self.executables.n_micro * tree_bytes(self.executables.activation)
         )
@@ -175,7 +177,8 @@ class TrainStep:
             scale = clip_factor(grad_norm, self.max_norm)
             for name in segment_names(self.num_layers):
                 with TraceAnnotation("update", segment=name):
-                    self._update(store, name, state.grads_host[name], scale, stats)
+                    grads = store.gradients(name, state.grads_host[name])
+                    self._update(store, name, grads, scale, stats)
         for name in state.grads_host:  # held on the device until here (a device update)
             self.residency.drop(f"grads_held:{name}")
         return {
@@ -268,7 +271,8 @@ class TrainStep:
             self.residency.add(f"grads_held:{name}", tree_bytes(g))
         else:
             state.stats.d2h_bytes += tree_bytes(g)
-            state.grads_host[name] = self.executables.reduce_to_host(segment_kind(name), g)
+            g_host = self.executables.reduce_to_host(segment_kind(name), g)
+            state.grads_host[name] = state.store.hold_gradients(name, g_host)
         self.residency.drop(f"grads:{name}")
 
     @property
@@ -282,7 +286,7 @@ class TrainStep:
         moves here; the device update's state crosses the link inside the executable."""
         placement, where = self.placement, self.placement.update
         exe = self.train_set.update[segment_kind(name)]
-        master, opt_state = store.master[name], store.opt_state[name]
+        master, opt_state = store.state(name)
         legacy_device = not (placement.optimizer_on_host or placement.pinned)
         state_bytes = tree_bytes(master) + tree_bytes(opt_state)
         if not placement.optimizer_on_host:
@@ -300,11 +304,7 @@ class TrainStep:
             self.residency.drop(f"update:{name}")
         if not placement.update_writes_stream:
             stream_copy = jax.device_put(stream_copy, placement.stream)
-        store.master[name], store.opt_state[name], store.stream[name] = (
-            master,
-            opt_state,
-            stream_copy,
-        )
+        store.set_state(name, master, opt_state, stream_copy)
 
 
 class EvalStep:

@@ -143,6 +143,27 @@ class HostStore:
         }
         return cls(num_layers, master, opt, stream, shards, full)
 
+    # ---- the update's access to the state (a disk-tier store reads and writes files here) ----
+    def read_ahead(self) -> None:
+        """Called as a step starts; the state is in memory, so nothing to fetch."""
+
+    def state(self, name: str) -> tuple:
+        """(master, optimizer state) of segment ``name``, for its update."""
+        return self.master[name], self.opt_state[name]
+
+    def hold_gradients(self, name: str, grads):
+        """Segment ``name``'s host gradients, held until its update: here, in memory."""
+        return grads
+
+    def gradients(self, name: str, held):
+        """What :meth:`hold_gradients` kept, for the update."""
+        return held
+
+    def set_state(self, name: str, master, opt_state, stream_copy) -> None:
+        """Segment ``name``'s updated state and its fresh stream copy."""
+        self.master[name], self.opt_state[name] = master, opt_state
+        self.stream[name] = stream_copy
+
     def params_tree(self) -> dict:
         """fp32 master weights as one tree with blocks stacked (numpy, host; with several
         processes, global arrays over them)."""

@@ -93,6 +93,16 @@ class Model:
             "head": take(build("head", keys["head"])),
         }
 
+    def init_segment(self, rng: jax.Array, seg: str, layer=0) -> dict:
+        """One segment's fp32 parameters, bitwise those :meth:`init` gives it: ``seg`` is
+        "embed", "head" or "blocks" (then layer ``layer``, which may be traced), so a disk-tier
+        engine builds the model one segment at a time."""
+        keys = dict(zip(SEGMENTS, jax.random.split(rng, 3), strict=True))
+        key = keys[seg]
+        if seg == "blocks":
+            key = jax.random.split(key, self.num_layers)[layer]
+        return _params(self._modules[seg](self.cfg, nnx.Rngs(key)))
+
     # ---- segments (what the engine streams) ----------------------------------------------
     def embed_apply(self, p: dict, tokens: jax.Array, rng=None) -> jax.Array:
         """tokens (B, T) int -> x (B, T, D) in the compute dtype."""

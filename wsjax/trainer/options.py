@@ -97,6 +97,12 @@ class RunOptions:
         "compile every executable into the compile dir, write plan and estimate; no weights",
         default=False,
     )
+    disk_path: Path | None = _opt(
+        "the disk tier (streaming.disk_path): keep the fp32 master weights and optimizer state "
+        "in files under this folder, read ahead of and written behind each update, when host "
+        "memory cannot hold them",
+        metavar="DIR",
+    )
     progress: bool | None = _opt("a progress bar (None: when the output is a terminal)", cli=False)
     coordinator_address: str | None = _opt(
         "process 0's host and a free port", group=MULTI, metavar="HOST:PORT"
@@ -110,7 +116,7 @@ class RunOptions:
     def __post_init__(self) -> None:
         if self.mode is not None and self.mode not in MODES:
             raise ConfigError(f"unknown mode {self.mode!r}; valid modes: {', '.join(MODES)}")
-        for name in ("model_dir", "checkpoint_path", "eval_text"):
+        for name in ("model_dir", "checkpoint_path", "eval_text", "disk_path"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
                 object.__setattr__(self, name, Path(value))
@@ -146,9 +152,14 @@ class RunOptions:
         return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
 
     def with_runconfig(self, config):
-        """``config`` with this run's runconfig flags applied."""
+        """``config`` with this run's runconfig flags applied (and --disk_path, which sets
+        streaming.disk_path)."""
         rc = dataclasses.replace(config.runconfig, **self.runconfig_overrides)
-        return dataclasses.replace(config, runconfig=rc)
+        config = dataclasses.replace(config, runconfig=rc)
+        if self.disk_path is not None:
+            streaming = dataclasses.replace(config.streaming, disk_path=str(self.disk_path))
+            config = dataclasses.replace(config, streaming=streaming)
+        return config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

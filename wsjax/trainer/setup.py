@@ -27,6 +27,7 @@ from wsjax.data.loader import BUILTIN_STDLIB, make_loader
 from wsjax.data.validate import check_data_vocab
 from wsjax.distributed import is_main_process
 from wsjax.engine import StreamingEngine, make_plan
+from wsjax.engine.disk import run_owner, tier_space
 from wsjax.engine.estimate import device_peaks, estimate_step_seconds, measure_step_times
 from wsjax.engine.plan import GiB, available_host_bytes, device_budget
 from wsjax.engine.shards import process_rows
@@ -180,6 +181,7 @@ def plan_run(r: RunSpec, records: list[dict] | None = None, *, strict: bool):
     # this run's processes, or (--validate_only --num_processes P) the P of a run to plan
     processes = r.options.planning_processes or jax.process_count()
     n_devices = max(1, n_devices // jax.process_count()) * processes
+    disk_free = tier_space(s.disk_path, run_owner(r.md.path)) if s.disk_path else None
     plan = make_plan(
         r.model,
         r.config,
@@ -195,9 +197,13 @@ def plan_run(r: RunSpec, records: list[dict] | None = None, *, strict: bool):
         train=r.training,
         input_prefetch=int(r.input.prefetch_factor) * int(r.input.num_workers),
         processes=processes,
+        disk_available=disk_free,
     )
     if target:
         plan.notes.append("planned against streaming.device_memory_gb / host_memory_gb")
+    if plan.fits_only_with_tier():
+        plan.notes.append(f"fits only with the disk tier (streaming.disk_path): without it the "
+                          f"host needs {plan.host_without_tier / GiB:.2f} GiB")  # fmt: skip
     if is_main_process():  # process 0 writes the run's files, atomically
         atomic_write_text(r.md.plan_json, json.dumps(plan.to_dict(), indent=2) + "\n")
     if records is None:
@@ -228,10 +234,12 @@ def validate_only(r: RunSpec) -> RunResult:
             log.warning("%s.data_dir %s is not here: its data is not checked", section, missing[0])
             continue
         check_data_vocab(inp, r.config.model.vocab_size, split=sections[section])
-    plan_run(r, strict=True)
+    plan = plan_run(r, strict=True)
     result = r.result(plan_path=r.md.plan_json)
     result.compile_dir = None
     result.message = "validate_only: config, shapes and data vocabulary valid, the plan fits"
+    if plan.fits_only_with_tier():
+        result.message += " only with the disk tier (streaming.disk_path)"
     log.info("%s", result.message)
     return result
 
@@ -301,6 +309,7 @@ def build_engine(r: RunSpec, start):
         opt_state=start.opt_state if r.training else None,
         step=start.step,
         train=r.training,  # eval modes: no optimizer state, no gradient buffers
+        disk_owner=run_owner(r.md.path),
     )
     init_s = time.perf_counter() - t0
     # the first weights in, as a step streams them

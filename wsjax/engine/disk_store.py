@@ -1,0 +1,188 @@
+"""The host store of a disk-tier run (``streaming.disk_path``): the compute-dtype stream copy in
+memory as in :class:`~wsjax.engine.store.HostStore`, the fp32 master weights and the optimizer
+state of every segment in the files of a :class:`~wsjax.engine.disk.DiskTier`.
+
+A step asks for the first segments' state as it starts (:meth:`DiskStore.read_ahead`), so those
+reads overlap its forward and backward; each update takes its segment's state (read ahead,
+placed where the update wants it on the I/O thread), starts the read of the segment
+``READ_AHEAD`` further on, and writes its new state behind. The bytes go to the file and come
+back unchanged, so a disk-tier run is bitwise the in-memory run. :func:`tier_terms` puts the
+tier into a memory plan.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import optax
+
+from wsjax.engine.disk import ALIGN, READ_AHEAD, WINDOW_SEGMENTS, DiskTier, Layout
+from wsjax.engine.store import (
+    HostStore,
+    _split_segments,
+    abstract_tree,
+    one_layer,
+    segment_kind,
+    segment_names,
+    segment_shapes,
+    tree_bytes,
+)
+
+GRADS = "grads/"  # the tier's name of a segment's gradients: grads/<segment>
+
+
+class DiskStore(HostStore):
+    """Per-segment host state with master and optimizer state on disk; build with
+    :meth:`create`."""
+
+    def __init__(self, num_layers: int, stream: dict, tier: DiskTier, host_sharding, grads_to=None):
+        super().__init__(num_layers, {}, {}, stream)
+        self.tier = tier
+        self._to_host = lambda tree: jax.device_put(tree, host_sharding)
+        # with streaming.disk_gradients: the update's gradients go there (else None: in RAM)
+        self._grads_to = None if grads_to is None else (lambda t: jax.device_put(t, grads_to))
+        self._next = {n: self.names[i + READ_AHEAD] for i, n in enumerate(self.names[:-READ_AHEAD])}
+
+    @classmethod
+    def create(
+        cls,
+        segments: tuple[dict, dict],
+        num_layers: int,
+        optimizer: optax.GradientTransformation,
+        host_sharding,
+        stream_sharding,
+        compute_dtype,
+        *,
+        folder,
+        owner: str,
+        opt_state: dict | None = None,
+        grads_to=None,
+    ) -> DiskStore:
+        """Write each segment's parameters (``segments``: name -> a function making them, name
+        -> their abstract tree; :func:`param_segments` or :func:`fresh_segments`) and optimizer
+        state (``opt_state`` in the :meth:`opt_state_tree` layout, else a fresh one) into the
+        tier at ``folder``, one segment at a time; keep only the stream copy in memory.
+        ``grads_to`` (streaming.disk_gradients): each step's gradients are held in the tier
+        too, and read back placed there for the update."""
+        make, abstract = segments
+        opt_segments = None if opt_state is None else _split_segments(opt_state, num_layers)
+        layouts = {}
+        for name, master in abstract.items():
+            layouts[name] = Layout.of((master, jax.eval_shape(optimizer.init, master)))
+            if grads_to is not None:
+                layouts[GRADS + name] = Layout.of(master)
+        tier = DiskTier.open(folder, owner, layouts)
+        init = jax.jit(optimizer.init, out_shardings=host_sharding)
+        cast = lambda p: jax.tree.map(lambda a: a.astype(compute_dtype), p)  # noqa: E731
+        stream = {}
+        for name in abstract:
+            p = make[name]()
+            opt = init(p) if opt_segments is None else opt_segments[name]
+            tier.write(name, (p, opt))
+            stream[name] = jax.device_put(cast(p), stream_sharding, may_alias=False)
+        tier.flush()
+        return cls(num_layers, stream, tier, host_sharding, grads_to)
+
+    # ---- the update's access to the state ----------------------------------------------------
+    def read_ahead(self) -> None:
+        for name in self.names[:READ_AHEAD]:
+            self.tier.read(name, self._to_host)
+
+    def state(self, name: str) -> tuple:
+        master, opt_state = self.tier.take(name, self._to_host)
+        if name in self._next:
+            self.tier.read(self._next[name], self._to_host)
+        return master, opt_state
+
+    def hold_gradients(self, name: str, grads):
+        if self._grads_to is None:
+            return grads
+        self.tier.write(GRADS + name, grads)  # behind: the backward goes on
+        return None
+
+    def gradients(self, name: str, held):
+        if self._grads_to is None:
+            return held
+        if name == self.names[0]:  # the step's first update: its gradients' read ahead starts
+            for n in self.names[:READ_AHEAD]:
+                self.tier.read(GRADS + n, self._grads_to)
+        grads = self.tier.take(GRADS + name, self._grads_to)
+        if name in self._next:
+            self.tier.read(GRADS + self._next[name], self._grads_to)
+        return grads
+
+    def set_state(self, name: str, master, opt_state, stream_copy) -> None:
+        self.tier.write(name, (master, opt_state))
+        self.stream[name] = stream_copy
+
+    # ---- whole trees (checkpoints): read segment by segment ----------------------------------
+    def params_tree(self) -> dict:
+        self.tier.flush()
+        return self._join({n: self.tier.load(n)[0] for n in self.names})
+
+    def opt_state_tree(self) -> dict:
+        self.tier.flush()
+        return self._join({n: self.tier.load(n)[1] for n in self.names})
+
+    def close(self) -> None:
+        """Finish the writes and release the tier's folder."""
+        self.tier.close()
+
+
+def param_segments(params: dict, num_layers: int) -> tuple[dict, dict]:
+    """(name -> its parameters, name -> their abstract tree) of a whole params tree."""
+    split = _split_segments(params, num_layers)
+    return {n: (lambda p=p: p) for n, p in split.items()}, {
+        n: abstract_tree(p) for n, p in split.items()
+    }
+
+
+def fresh_segments(model, key, host_sharding) -> tuple[dict, dict]:
+    """(name -> a function building its initial parameters, name -> their abstract tree): the
+    model's init from ``key`` one segment at a time (``model.init_segment``, bitwise the whole
+    init), so the whole model never exists in memory at once."""
+    build = jax.jit(model.init_segment, static_argnums=1, out_shardings=host_sharding)
+    shapes = segment_shapes(model)
+    make, abstract = {}, {}
+    for name in segment_names(model.num_layers):
+        kind = segment_kind(name)
+        seg, layer = ("blocks", int(name.split("/")[1])) if kind == "block" else (kind, 0)
+        make[name] = lambda seg=seg, layer=layer: build(key, seg, np.int32(layer))
+        abstract[name] = shapes[kind]
+    return make, abstract
+
+
+def tier_terms(plan, model, optimizer, processes: int, s, free) -> None:
+    """The plan's host total with and without the disk tier; with it (``s.disk_path``) the
+    master and optimizer state become disk terms (with each leaf's alignment padding, under
+    ALIGN bytes) and the host keeps the state of WINDOW_SEGMENTS segments at once, bounded by
+    the largest ones'; ``s.disk_gradients`` moves the held gradients there too (a window of
+    them stays). The stream copy stays in RAM."""
+    moved = {k: plan.host[k] for k in ("master_fp32", "optimizer_state")}
+    shapes = model.param_shapes()
+    kinds = {"embed": shapes["embed"], "block": one_layer(shapes["blocks"]), "head": shapes["head"]}
+    sizes = [tree_bytes(kinds["embed"]), tree_bytes(kinds["head"])]
+    sizes += [tree_bytes(kinds["block"])] * model.num_layers
+    window_master = sum(sorted(sizes, reverse=True)[:WINDOW_SEGMENTS])  # fp32 bytes
+    window = int(sum(moved.values()) * window_master / max(1, tree_bytes(shapes)))
+    plan.host_without_tier = plan.host_total
+    plan.host_with_tier = plan.host_total - sum(moved.values()) + window
+    if not s.disk_path:
+        return
+    grads = s.disk_gradients and "gradients" in plan.host
+    per_leaf = lambda t: len(jax.tree.leaves((t, jax.eval_shape(optimizer.init, t))))  # noqa: E731
+    leaves = {k: per_leaf(t) + (len(jax.tree.leaves(t)) if grads else 0) for k, t in kinds.items()}
+    for k in moved:
+        del plan.host[k]
+    if grads:
+        moved["gradients"] = plan.host.pop("gradients")
+        window += window_master // processes
+    plan.host["disk_window"] = window
+    count = leaves["embed"] + leaves["head"] + model.num_layers * leaves["block"]
+    plan.disk = {**moved, "alignment": ALIGN * count}
+    plan.disk_available = free
+    what = "master, optimizer state and gradients" if grads else "master and optimizer state"
+    plan.notes.append(
+        f"disk tier: {what} in streaming.disk_path, {WINDOW_SEGMENTS} segments' worth in RAM "
+        f"at once; the stream copy{'' if grads else ' and the gradients'} stay in RAM"
+    )
