@@ -1,9 +1,11 @@
 """The fault catalogue, SIGKILL during the two writers outside a training run: the HF export
 (``python -m wsjax.interop.convert``) and ``wsjax-preprocess --output``.
 
-Each moment is found by polling the filesystem while the writer runs (its staging folder
-appears, its weights or shards are being written, its output is published), never by sleeping
-for a guessed time. After the kill the output is absent or whole, never partial under its
+The export's moments are exact: the export runs under tests/integration/pause_probe.py, which
+stops it at a named call (before its weights are written, after, after publishing) until the
+test kills or signals it. Preprocess's are found by polling the filesystem while it runs (its
+staging folder appears, its shards are being written, its output is published), never by
+sleeping for a guessed time. After the kill the output is absent or whole, never partial under its
 final name; the same command run again succeeds (the leftover staging folder removed, and for
 preprocess named in one line) and its result loads.
 """
@@ -72,19 +74,32 @@ def kill_when(proc: subprocess.Popen, seen) -> bool:
     return hit
 
 
+# moment -> the call the export pauses at (tests/integration/pause_probe.py)
 EXPORT_MOMENTS = {
-    "staging created": lambda out: staged(out.parent, out.name),
-    "weights being written": lambda out: staged(out.parent, out.name, "model.safetensors"),
-    "published": published,
+    "staging created": ("wsjax.interop.hf:save_file", "before"),
+    "weights written, not published": ("wsjax.interop.hf:save_file", "after"),
+    "published": ("wsjax.interop.export:export_run", "after"),
 }
+
+
+def paused_export(trained: Path, out: Path, moment: str) -> subprocess.Popen:
+    """The export of ``trained`` to ``out``, paused at ``moment`` (once its marker exists)."""
+    marker = out.parent / "paused"
+    target, when = EXPORT_MOMENTS[moment]
+    export = ["wsjax.interop.convert", "--from_orbax", str(trained), "--to_hf", str(out)]
+    proc = writer("tests.integration.pause_probe", str(marker), target, when, "--", *export)
+    assert poll(proc, marker.exists, timeout=300), proc.communicate()
+    return proc
 
 
 @pytest.mark.parametrize("moment", list(EXPORT_MOMENTS))
 def test_sigkill_during_the_hf_export_then_again(trained, tmp_path, moment):
     out = tmp_path / "hf"
     cmd = ["wsjax.interop.convert", "--from_orbax", str(trained), "--to_hf", str(out)]
-    hit = kill_when(writer(*cmd), EXPORT_MOMENTS[moment](out))
-    assert hit, f"the export ended before the moment '{moment}' was seen"
+    proc = paused_export(trained, out, moment)
+    proc.kill()
+    proc.communicate()
+    assert out.exists() == (moment == "published")
     if out.exists():  # renamed into place whole, or not at all
         assert {"config.json", "model.safetensors", "generation_config.json"} <= {
             p.name for p in out.iterdir()
@@ -103,8 +118,8 @@ def test_sigkill_during_the_hf_export_then_again(trained, tmp_path, moment):
 def test_signal_during_the_hf_export_is_one_line_exit_5(trained, tmp_path, sig):
     out = tmp_path / "hf"
     cmd = ["wsjax.interop.convert", "--from_orbax", str(trained), "--to_hf", str(out)]
-    proc = writer(*cmd)
-    assert poll(proc, staged(tmp_path, "hf", "model.safetensors"), timeout=300)
+    proc = paused_export(trained, out, "weights written, not published")
+    assert staged(tmp_path, "hf", "model.safetensors")()
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == EXIT_PREEMPTED, err
