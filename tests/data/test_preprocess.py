@@ -15,11 +15,12 @@ import pytest
 import zstandard
 from tokenizers import Tokenizer
 
-from tests.helpers import input_config, preprocess_error
+from tests.helpers import BPE_VOCAB, input_config, make_shards, preprocess_error
 from wsjax.data import builtin, make_loader
 from wsjax.data.loader import BUILTIN_STDLIB
 from wsjax.data.preprocess import dtype_for_vocab, preprocess
-from wsjax.data.shards import read_meta, unigram_entropy
+from wsjax.data.shards import ShardSource, read_meta, unigram_entropy
+from wsjax.data.tokenizer import save_run_tokenizer
 from wsjax.errors import DataError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -334,3 +335,19 @@ def test_make_loader_builtin_stdlib(tmp_path, monkeypatch):
         assert ld.batches_per_epoch >= 1
     (d,) = tmp_path.iterdir()
     assert read_meta(d)["vocab_size"] == 1024
+
+
+def test_run_tokenizer_save_replaces_the_old_and_clears_a_killed_saves_leftovers(tmp_path):
+    """model_dir/tokenizer is replaced by renames (never removed first), and the staging
+    folders a killed save left are removed: afterwards only the new tokenizer is there."""
+    data = make_shards(tmp_path / "shards")
+    md = tmp_path / "run"
+    (md / ".tokenizer-killed").mkdir(parents=True)  # a save killed while writing
+    (md / ".tokenizer-killed" / "tokenizer.json").write_text("{half")
+    (md / "tokenizer").mkdir()
+    (md / "tokenizer" / "old.json").write_text("{}")
+    source = ShardSource([data], "train", 16, BPE_VOCAB)
+    saved = save_run_tokenizer(source, md, 64)
+    assert saved == md / "tokenizer" and sorted(p.name for p in md.iterdir()) == ["tokenizer"]
+    assert (saved / "tokenizer.json").read_bytes() == (data / "tokenizer.json").read_bytes()
+    assert not (saved / "old.json").exists()

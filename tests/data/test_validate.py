@@ -10,6 +10,7 @@ outside the vocabulary.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import pytest
 from tests.helpers import BPE_VOCAB, input_config, make_shards, tiny_config_dict
 from wsjax.config import config_from_dict
 from wsjax.data import check_data_vocab, make_loader
+from wsjax.data import shards as shards_io
 from wsjax.data import tfrecord as tfr
 from wsjax.errors import ConfigError, DataError
 
@@ -190,3 +192,36 @@ def test_tfrecord_float_feature_is_named(tmp_path):
     assert one_line(err).endswith(
         "x.tfrecord record 0: feature 'input_ids' is a float_list, not an int64_list"
     )
+
+
+def test_publish_over_an_older_output_never_mixes_old_and_new(tmp_path, monkeypatch):
+    """preprocess --overwrite: a kill while the new shards replace the old ones (here the
+    second move fails) leaves a folder without meta.json, which the reader refuses in one line;
+    the rerun's publish then completes, with the new metadata."""
+
+    def folder(root: Path, tag: str) -> Path:
+        for split in ("train", "eval"):
+            (root / split).mkdir(parents=True)
+            (root / split / "0.bin").write_text(tag)
+        (root / "meta.json").write_text(json.dumps({"tag": tag}))
+        return root
+
+    final, stage = folder(tmp_path / "out", "old"), folder(tmp_path / "stage", "new")
+    moves, real = [], os.replace
+
+    def dies_on_the_second(src, dst):
+        moves.append(src)
+        if len(moves) == 2:
+            raise KeyboardInterrupt  # the process dies between two moves
+        real(src, dst)
+
+    monkeypatch.setattr(shards_io.os, "replace", dies_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        shards_io.publish(stage, final)
+    assert (final / "train" / "0.bin").read_text() == "new"  # moved before the kill
+    with pytest.raises(DataError, match="no meta.json in"):
+        shards_io.read_meta(final)
+    monkeypatch.setattr(shards_io.os, "replace", real)
+    shards_io.publish(folder(tmp_path / "rerun", "new"), final)
+    assert json.loads((final / "meta.json").read_text()) == {"tag": "new"}
+    assert (final / "eval" / "0.bin").read_text() == "new"

@@ -163,11 +163,14 @@ def _running(pid: int) -> bool:
 
 
 def publish(stage: Path, final: Path) -> None:
-    """Move the shards staged in ``stage`` into ``final``; meta.json last, so a reader never
-    sees new metadata over missing shards. Other files a user keeps in ``final`` stay."""
+    """Move the shards staged in ``stage`` into ``final``. Over an older output, its meta.json
+    goes first and the new one comes last: a kill in between leaves a folder that readers
+    refuse ("no meta.json", one line; rerun with --overwrite), never new shards read with old
+    metadata or old shards with new. Other files a user keeps in ``final`` stay."""
     if not final.exists():
         os.replace(stage, final)
         return
+    (final / "meta.json").unlink(missing_ok=True)
     for name in ("train", "eval", "tokenizer.json"):
         old = final / name
         if old.is_dir():

@@ -61,17 +61,23 @@ def save_run_tokenizer(source, model_dir: Path, max_length: int) -> Path | None:
     target = Path(model_dir) / TOKENIZER_DIR
     if not is_main_process():  # process 0 writes the run's files
         return target
+    # what a killed earlier save left (this run holds the model_dir: no other writer is there)
+    for stale in Path(model_dir).glob(".tokenizer-*"):
+        log.info("removing %s, left by an interrupted save", stale)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=model_dir))
+    aside = tmp.with_name(tmp.name + "-old")
     try:
         write_hf_tokenizer(load_tokenizer(tokenizer_json), eos, max_length, tmp)
-        if target.exists():
-            shutil.rmtree(target)
+        if target.exists():  # two renames, not a removal: the old folder is gone in one step
+            os.replace(target, aside)
         os.replace(tmp, target)
     except DataError as e:  # training needs only the token ids: keep going, say what is lost
         log.warning("%s; the run keeps no tokenizer (no export tokenizer, no --eval_text)", e)
         return None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(aside, ignore_errors=True)
     log.info("Saved the run's tokenizer (%s) in %s", tokenizer_json, target)
     return target
 
