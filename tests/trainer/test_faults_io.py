@@ -168,7 +168,7 @@ def test_model_dir_on_a_read_only_filesystem(saved, disk, capfd):
     before = snapshot(md)
     read_only(disk)
     rc = train_cli(md, "--max_steps", 5)
-    clean_one_line(capfd, rc, rf"{md}: not a writable directory|EROFS")
+    clean_one_line(capfd, rc, rf"{md}: not a writable directory \(Read-only file system, EROFS\)")
     assert snapshot(md) == before
 
 

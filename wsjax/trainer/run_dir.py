@@ -19,6 +19,7 @@ executables in ``compile_<checksum>`` and skips XLA compilation.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -75,10 +76,18 @@ class ModelDir:
                 f"model_dir {self.path}: cannot create it ({e.strerror or e}); "
                 "give a writable --model_dir"
             ) from None
-        if not os.access(self.path, os.W_OK | os.X_OK) or not self.path.is_dir():
-            raise ConfigError(
-                f"model_dir {self.path}: not a writable directory; give a writable --model_dir"
-            )
+        if not self.path.is_dir():
+            why = errno.ENOTDIR
+        elif os.statvfs(self.path).f_flag & os.ST_RDONLY:
+            why = errno.EROFS
+        elif not os.access(self.path, os.W_OK | os.X_OK):
+            why = errno.EACCES
+        else:
+            return
+        raise ConfigError(
+            f"model_dir {self.path}: not a writable directory ({os.strerror(why)}, "
+            f"{errno.errorcode[why]}); give a writable --model_dir"
+        )
 
     def lock(self) -> None:
         """Hold ``.lock`` (fcntl) for this process; error naming the holder if it is taken."""
