@@ -1,6 +1,7 @@
 """Checkpoint save and restore at the GPT-3 XL config, synchronous vs asynchronous.
 
     python benchmarks/bench_checkpoint.py [--layers 24] [--repeats 3] [--results_dir DIR]
+    python benchmarks/bench_checkpoint.py --smoke   # a 2-layer, 64-wide model, one round
 
 The arrays are those a training run saves: fp32 master weights (blocks stacked) and the AdamW
 moments, with the shapes of configs/params_gpt3_xl.yaml (``--layers`` fewer blocks where the
@@ -28,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _common as C  # benchmarks/ is this script's folder, so it is on sys.path
 import jax
 import numpy as np
 
@@ -41,8 +43,11 @@ REPO = Path(__file__).resolve().parent.parent
 XL = REPO / "configs" / "params_gpt3_xl.yaml"
 
 
-def trees(layers: int):
-    cfg = load_config(XL, [f"model.num_hidden_layers={layers}"])
+SMOKE = ["model.hidden_size=64", "model.num_heads=4", "model.filter_size=256"]
+
+
+def trees(layers: int, smoke: bool = False):
+    cfg = load_config(XL, [f"model.num_hidden_layers={layers}"] + (SMOKE if smoke else []))
     model, opt = get_model(cfg.model), make_optimizer(cfg.optimizer)
     shapes = model.param_shapes()
     oshapes = opt_state_shapes(opt, shapes, model.num_layers)
@@ -95,8 +100,11 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=24)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--results_dir", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--smoke", action="store_true", help="a 2-layer, 64-wide model, one round")
     a = p.parse_args()
-    model, params, opt_state, shapes, oshapes = trees(a.layers)
+    if a.smoke:
+        a.layers, a.repeats = 2, 1
+    model, params, opt_state, shapes, oshapes = trees(a.layers, a.smoke)
     nbytes = sum(x.nbytes for x in jax.tree.leaves((params, opt_state)))
     rounds = []
     for _ in range(a.repeats):
@@ -108,7 +116,9 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
     line = {
         "bench": "checkpoint",
-        "config": "params_gpt3_xl.yaml",
+        "setting": "smoke" if a.smoke else f"xl_layers{a.layers}",
+        **C.machine(),
+        "config": "params_gpt3_xl.yaml" + (" (smoke: 64 wide)" if a.smoke else ""),
         "layers": a.layers,
         "num_params": int(sum(np.prod(s.shape) for s in jax.tree.leaves(shapes))),
         "checkpoint_bytes": int(nbytes),

@@ -90,6 +90,15 @@ EXPECTED = {
         **{f"analysis_{f}": ("output_bytes", "temp_bytes", "peak_bytes", "params") for f in INIT},
         **{f"measured_{f}": ("peak_bytes", "output_bytes", "peak_over_output") for f in INIT},
     },
+    "bench_checkpoint.py": {
+        "smoke": (
+            "checkpoint_bytes",
+            "sync_save_seconds",
+            "save_blocking_seconds",
+            "commit_seconds",
+            "restore_seconds",
+        ),
+    },
     "bench_disk_tier.py": {
         "read": ("tier_bytes_per_sec", "raw_bytes_per_sec", "ratio"),
         "write": ("tier_bytes_per_sec", "raw_bytes_per_sec", "ratio"),
