@@ -34,6 +34,7 @@ import time
 from typing import NoReturn
 
 from wsjax.errors import EXIT_PEER_FAILED, EXIT_PREEMPTED
+from wsjax.fileio import process_alive
 
 try:  # JAX's client of the coordination service: a private name, so guarded
     from jax._src.distributed import global_state
@@ -141,27 +142,11 @@ def _exit(client, me: int, count: int, code: int) -> NoReturn:
     with contextlib.suppress(Exception):
         for value in client.key_value_dir_get(EXITING_DIR):
             host, pid = json.loads(value[1])
-            while host == socket.gethostname() and _alive(pid) and time.monotonic() < deadline:
+            while (
+                host == socket.gethostname() and process_alive(pid) and time.monotonic() < deadline
+            ):
                 time.sleep(0.02)
     os._exit(code)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return not _zombie(pid)
-
-
-def _zombie(pid: int) -> bool:
-    """A process that has exited but not been reaped by its parent (Linux /proc)."""
-    try:
-        return ") Z " in open(f"/proc/{pid}/stat").read()
-    except OSError:
-        return False
 
 
 def _watch(client, me: int, count: int) -> None:

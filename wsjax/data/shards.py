@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from wsjax.errors import DataError
+from wsjax.fileio import process_alive
 
 _SCAN_CHUNK = 1 << 24  # tokens per np.max chunk when checking ids
 
@@ -146,20 +147,10 @@ def clear_partial(final: Path, log: Callable[[str], None] = print) -> None:
         return
     for stale in final.parent.glob(f"{partial_prefix(final)}*"):
         pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and _running(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and process_alive(int(pid)):
             continue  # another preprocess writing to the same output now
         log(f"removing {stale}, left by an interrupted wsjax-preprocess")
         shutil.rmtree(stale, ignore_errors=True)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def publish(stage: Path, final: Path) -> None:
