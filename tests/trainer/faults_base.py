@@ -6,8 +6,10 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
-from wsjax.train import main
+from tests.helpers import small_config
+from wsjax.train import main, run
 
 
 def cli(capsys, *argv) -> tuple[int, str]:
@@ -45,3 +47,10 @@ def unaside(snap: dict) -> dict:
 def copy_md(saved, dest: Path) -> Path:
     shutil.copytree(saved.md, dest)
     return dest
+
+
+def saved_run(root: Path) -> SimpleNamespace:
+    """``root``/md: checkpoints at steps 2 and 4 of the small config (``.cfg``, ``.md``)."""
+    cfg = small_config()
+    run(cfg, "train", root / "md", max_steps=4, save_checkpoints_steps=2, progress=False)
+    return SimpleNamespace(cfg=cfg, md=root / "md")

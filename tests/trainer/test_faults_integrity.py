@@ -14,8 +14,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.helpers import SMALL, small_config
-from tests.trainer.faults_base import cli, copy_md, one_line, snapshot, unaside
+from tests.helpers import SMALL
+from tests.trainer.faults_base import cli, copy_md, one_line, saved_run, snapshot, unaside
 from wsjax.checkpoint import Checkpoints
 from wsjax.checkpoint.checkpoints import CORRUPT, FORMAT_KEY
 from wsjax.checkpoint.digest import DIGEST_KEY
@@ -30,10 +30,7 @@ from wsjax.trainer.setup import disk_error
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """model_dir "md": checkpoints at steps 2 and 4 of the small config."""
-    root = tmp_path_factory.mktemp("integrity")
-    cfg = small_config()
-    run(cfg, "train", root / "md", max_steps=4, save_checkpoints_steps=2, progress=False)
-    return SimpleNamespace(cfg=cfg, md=root / "md")
+    return saved_run(tmp_path_factory.mktemp("integrity"))
 
 
 def _meta(ckpt, change) -> None:

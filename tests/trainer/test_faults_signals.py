@@ -13,12 +13,11 @@ from __future__ import annotations
 import os
 import re
 import signal
-from types import SimpleNamespace
 
 import pytest
 
-from tests.helpers import SMALL, small_config
-from tests.trainer.faults_base import cli, copy_md, one_line, snapshot
+from tests.helpers import SMALL
+from tests.trainer.faults_base import cli, copy_md, one_line, saved_run, snapshot
 from wsjax.checkpoint import Checkpoints
 from wsjax.engine import StreamingEngine
 from wsjax.errors import EXIT_OK, EXIT_PREEMPTED
@@ -32,10 +31,7 @@ LONG_EVAL = f"runconfig.eval_steps={EVAL_BATCHES}"
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """model_dir "md": checkpoints at steps 2 and 4 of the small config."""
-    root = tmp_path_factory.mktemp("signals")
-    cfg = small_config()
-    run(cfg, "train", root / "md", max_steps=4, save_checkpoints_steps=2, progress=False)
-    return SimpleNamespace(cfg=cfg, md=root / "md")
+    return saved_run(tmp_path_factory.mktemp("signals"))
 
 
 @pytest.fixture
