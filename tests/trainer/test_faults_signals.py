@@ -10,6 +10,7 @@ tests/integration/test_faults_kill.py.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -23,6 +24,7 @@ from wsjax.engine import StreamingEngine
 from wsjax.errors import EXIT_OK, EXIT_PREEMPTED
 from wsjax.interop.export import export_run
 from wsjax.train import run
+from wsjax.trainer.faults import PreemptionGuard
 
 EVAL_BATCHES = 20
 LONG_EVAL = f"runconfig.eval_steps={EVAL_BATCHES}"
@@ -122,3 +124,48 @@ def test_an_uninterrupted_train_and_eval_still_ends_0(saved, tmp_path, capsys):
     assert rc == EXIT_OK, err
     log = (md / "train" / "run.log").read_text()
     assert re.search(r"Eval at global step 6 \(3 batches\)", log)
+
+
+class _SignalOnFlush:
+    """A log stream that sends SIGTERM to this process inside its first flush, and fails if it is
+    entered again while writing or flushing (what a BufferedWriter refuses with 'reentrant
+    call')."""
+
+    def __init__(self):
+        self.text, self.busy, self.reentered, self.sent = "", False, False, False
+
+    def _enter(self) -> None:
+        self.reentered |= self.busy
+        self.busy = True
+
+    def write(self, s: str) -> None:
+        self._enter()
+        self.text += s
+        self.busy = False
+
+    def flush(self) -> None:
+        self._enter()
+        if not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the Python handler runs at a bytecode boundary in here
+                pass
+        self.busy = False
+
+
+def test_a_signal_inside_a_log_flush_is_noted_without_reentering_it():
+    """The guard's handler may run while the main thread is inside a log handler's flush; it must
+    not log from there (CI saw 'reentrant call inside BufferedWriter' on run.log). The signal is
+    recorded at once and its line is written once, outside the flush."""
+    stream = _SignalOnFlush()
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger("wsjax")
+    logger.addHandler(handler)
+    try:
+        with PreemptionGuard() as guard:
+            logging.getLogger("wsjax.train").warning("a line whose flush is interrupted")
+            assert guard.signal == signal.SIGTERM
+    finally:
+        logger.removeHandler(handler)
+    assert not stream.reentered
+    assert stream.text.count("received SIGTERM: finishing this step") == 1, stream.text

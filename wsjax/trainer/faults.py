@@ -18,6 +18,7 @@ import contextlib
 import logging
 import math
 import os
+import queue
 import signal
 import threading
 
@@ -110,26 +111,42 @@ def exit_on_signal():
 class PreemptionGuard:
     """While active: the first SIGTERM / SIGINT is recorded in ``signal`` for the loop to act on
     after its step; a second one then stops the process at once (one line, exit 5).
-    Outside the main thread (signals cannot be caught there) it does nothing."""
+    Outside the main thread (signals cannot be caught there) it does nothing.
+
+    The handler only records: it runs between two bytecodes of the main thread, which may be
+    inside a log handler's flush, and logging from there re-enters that stream (``reentrant
+    call inside BufferedWriter``). The line saying the signal was received is written by a
+    small thread the handler wakes through a ``queue.SimpleQueue`` (whose ``put`` is safe in a
+    signal handler)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.signal: int | None = None
         self._before: dict = {}
+        self._notes: queue.SimpleQueue = queue.SimpleQueue()
+        self._announcer: threading.Thread | None = None
 
     def _record(self, signum, frame) -> None:
         self.signal = signum
         for s in self.SIGNALS:
             signal.signal(s, _stop_now("a second signal: stopped at once without saving"))
-        log.warning(
-            "received %s: finishing this step, then saving a checkpoint (a second signal stops "
-            "at once)",
-            signal.Signals(signum).name,
-        )
+        self._notes.put(signum)
+
+    def _announce(self) -> None:
+        while (signum := self._notes.get()) is not None:
+            log.warning(
+                "received %s: finishing this step, then saving a checkpoint (a second signal "
+                "stops at once)",
+                signal.Signals(signum).name,
+            )
 
     def __enter__(self) -> PreemptionGuard:
         if threading.current_thread() is threading.main_thread():
+            self._announcer = threading.Thread(
+                target=self._announce, name="wsjax-signal-note", daemon=True
+            )
+            self._announcer.start()
             self._before = {s: signal.signal(s, self._record) for s in self.SIGNALS}
         _active.append(self)
         return self
@@ -138,6 +155,10 @@ class PreemptionGuard:
         for s, handler in self._before.items():
             signal.signal(s, handler)
         self._before = {}
+        if self._announcer is not None:
+            self._notes.put(None)  # after any signal's note: that line is written first
+            self._announcer.join()
+            self._announcer = None
         if self in _active:
             _active.remove(self)
 
