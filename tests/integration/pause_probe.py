@@ -5,12 +5,15 @@ point of a writer, on a fast machine as on a slow one.
     python -m tests.integration.pause_probe MARKER MODULE:NAME before|after -- MODULE [ARGS...]
 
 ``MODULE:NAME`` is patched on the imported module before ``MODULE`` runs as ``__main__``, so
-the code that runs sees the wrapper (through ``from MODULE import NAME`` as well).
+the code that runs sees the wrapper (through ``from MODULE import NAME`` as well). With
+``PAUSE_ONCE_EXISTS=PATH`` in the environment it pauses at the first call made once PATH exists
+(e.g. a tier write after a given checkpoint committed).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import runpy
 import sys
 import time
@@ -28,11 +31,14 @@ def main() -> None:
         Path(marker).write_text("paused\n")
         time.sleep(600)  # the test kills or signals the process here
 
+    once = os.environ.get("PAUSE_ONCE_EXISTS")
+
     def paused(*a, **kw):
-        if when == "before":
+        armed = once is None or Path(once).exists()
+        if when == "before" and armed:
             pause()
         out = original(*a, **kw)
-        if when == "after":
+        if when == "after" and armed:
             pause()
         return out
 

@@ -7,9 +7,9 @@ several, and where a run starts (a checkpoint, a model_dir or a HuggingFace fold
     start         StartState: a run's start from an orbax checkpoint or model_dir
 """
 
-from wsjax.checkpoint.checkpoints import PREFIX, Checkpoints, check_shapes, restore_newest_good
+from wsjax.checkpoint.checkpoints import PREFIX, Checkpoints, check_shapes
 from wsjax.checkpoint.digest import CorruptCheckpoint
-from wsjax.checkpoint.start import StartState, run_model_dir
+from wsjax.checkpoint.start import StartState, restore_newest_good, run_model_dir
 
 __all__ = [
     "PREFIX",

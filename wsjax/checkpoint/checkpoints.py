@@ -29,6 +29,7 @@ from etils import epath
 
 from wsjax.checkpoint.digest import (
     DIGEST_KEY,
+    READ_ERRORS,
     CorruptCheckpoint,
     UnverifiedCheckpoint,
     array_digest,
@@ -37,6 +38,14 @@ from wsjax.checkpoint.digest import (
     process_digest,
     verify_digest,
     verify_process_digest,
+)
+from wsjax.checkpoint.segments import (
+    ITEM,
+    STAGE,
+    SegmentsHandler,
+    SegmentsRestore,
+    SegmentsSave,
+    stage,
 )
 from wsjax.checkpoint.shards import barrier, multi_process, restore_targets
 from wsjax.distributed import is_main_process
@@ -76,12 +85,6 @@ class DashNameFormat(ocp.step.NameFormat):
         if found is None:
             raise ValueError(f"no committed checkpoint for step {step} in {base_path}")
         return found
-
-
-# What orbax / tensorstore raise on bytes they cannot parse: JSONDecodeError and tensorstore's
-# "OUT_OF_RANGE ... byte range" are ValueErrors, a missing file is an OSError, a truncated zstd
-# stream a RuntimeError; a torn tree structure shows up as KeyError or TypeError.
-READ_ERRORS = (ValueError, KeyError, TypeError, OSError, RuntimeError)
 
 
 class Checkpoints:
@@ -125,6 +128,7 @@ class Checkpoints:
             "params": ocp.StandardCheckpointHandler(),
             "opt_state": ocp.StandardCheckpointHandler(),
             "meta": ocp.JsonCheckpointHandler(),
+            ITEM: SegmentsHandler(),
         }
         if not read_only and is_main_process():
             self._clear_leftovers()
@@ -160,23 +164,33 @@ class Checkpoints:
         else:  # own copies: the engine may reuse its buffers while orbax writes
             params, opt_state = _owned(params), _owned(opt_state)
             digest = array_digest({"params": params, "opt_state": opt_state}, name)
+        save = ocp.args.StandardSave
+        items = {"params": save(params), "opt_state": save(opt_state)}
+        return self._commit(step, items, meta, digest)
+
+    def save_segments(self, step: int, store, meta: dict) -> Path:
+        """:meth:`save` for a disk-tier run (``store``: its DiskStore): the tier's segment files,
+        linked or copied one at a time, never the whole state in memory (see
+        wsjax.checkpoint.segments). Synchronous: the files are those of this step."""
+        self.wait()
+        store.tier.flush()
+        staged = self.directory / f"{STAGE}{step}.partial-{os.getpid()}"
+        with self._write_errors(step):
+            layout, digest = stage(store.tier, store.names, staged, f"{PREFIX}-{step}")
+        return self._commit(step, {ITEM: SegmentsSave(staged, layout)}, meta, digest)
+
+    def _commit(self, step: int, items: dict, meta: dict, digest: dict) -> Path:
+        """Orbax's save of ``items`` and ``meta`` (with ``digest``) as ``model-ckpt-<step>``."""
         if self.path(step).exists() and is_main_process():  # an unreadable leftover: set aside
             self.set_aside(step, "unreadable")
         barrier(f"checkpoint-{step}-clear")
         self._mngr.reload()
         record = {**meta, DIGEST_KEY: digest, FORMAT_KEY: FORMAT}
         with self._write_errors(step):
-            self._mngr.save(
-                step,
-                args=ocp.args.Composite(
-                    params=ocp.args.StandardSave(params),
-                    opt_state=ocp.args.StandardSave(opt_state),
-                    meta=ocp.args.JsonSave(record),
-                ),
-                force=True,
-            )
+            args = ocp.args.Composite(**items, meta=ocp.args.JsonSave(record))
+            self._mngr.save(step, args=args, force=True)
         self._pending = step
-        if not self.async_save:
+        if not self.async_save or ITEM in items:
             self.wait()
         return self.path(step)
 
@@ -239,7 +253,8 @@ class Checkpoints:
         shutil.rmtree(hidden)
 
     def _leftovers(self) -> list[Path]:
-        """Half-pruned ``.trash-`` folders and orbax's uncommitted temporary folders."""
+        """Half-pruned ``.trash-`` folders, orbax's uncommitted temporary folders and staged
+        segment files."""
         if not self.directory.is_dir():
             return []
         return [
@@ -247,6 +262,7 @@ class Checkpoints:
             for p in self.directory.iterdir()
             if p.name.startswith(TRASH + PREFIX)
             or (p.name.startswith(PREFIX + "-") and _TMP_MARK in p.name)
+            or p.name.startswith(STAGE)
         ]
 
     def _clear_leftovers(self) -> None:
@@ -285,11 +301,15 @@ class Checkpoints:
             ) from None
 
     def restore(
-        self, step: int, params_shapes: dict, opt_shapes: dict | None
+        self, step: int, params_shapes: dict, opt_shapes: dict | None, *, lazy: bool = False
     ) -> tuple[dict, dict | None, dict]:
         """(params, opt_state or None, meta) of checkpoint ``step``: shapes and optimizer
-        layout checked first, the digest after reading."""
+        layout checked first, the digest after reading. ``lazy`` (a disk-tier engine's start):
+        a disk-tier checkpoint comes back as (SegmentStates, None, meta), its digest checked,
+        each segment read when the engine asks for it."""
         where = self.path(step)
+        if (where / ITEM).is_dir():
+            return self._restore_segments(step, params_shapes, opt_shapes, lazy)
         check_shapes(params_shapes, self.param_shapes(step), where)
         if opt_shapes is not None:
             self._check_optimizer(step, opt_shapes)
@@ -317,6 +337,17 @@ class Checkpoints:
         else:
             verify_digest(digest, params, opt, where)
         return params, opt, meta
+
+    def _restore_segments(self, step: int, params_shapes, opt_shapes, lazy: bool) -> tuple:
+        where = self.path(step)
+        args = ocp.args.Composite(**{ITEM: SegmentsRestore(), "meta": ocp.args.JsonRestore()})
+        try:
+            r = self._mngr.restore(step, args=args)
+        except READ_ERRORS as e:
+            raise CorruptCheckpoint(f"{where}: unreadable ({first_line(e)})") from None
+        meta = dict(r["meta"] or {})
+        digest, _ = meta.pop(DIGEST_KEY, None), meta.pop(FORMAT_KEY, None)
+        return (*r[ITEM].restore(params_shapes, opt_shapes, digest, where, lazy), meta)
 
     def _no_digest(self, where: Path, fmt) -> None:
         """A checkpoint without its digest: corrupt when this layout wrote it (it always writes
@@ -361,28 +392,6 @@ def _owned(tree: dict) -> dict:
     """``tree`` with every leaf an array that owns its bytes (a view is copied)."""
     return jax.tree.map(
         lambda a: a if isinstance(a, np.ndarray) and a.flags.owndata else np.array(a), tree
-    )
-
-
-def restore_newest_good(
-    ckpts: Checkpoints, params_shapes: dict, opt_shapes: dict | None, steps: list[int]
-) -> tuple[int, tuple[dict, dict | None, dict]]:
-    """Restore the newest of ``steps`` that reads back intact; a corrupt one is skipped with a
-    warning naming it. Raises CheckpointError when none is readable."""
-    if len(steps) == 1:  # a named checkpoint: its own error, no fallback
-        return steps[0], ckpts.restore(steps[0], params_shapes, opt_shapes)
-    bad = []
-    for step in sorted(steps, reverse=True):
-        try:
-            return step, ckpts.restore(step, params_shapes, opt_shapes)
-        except CorruptCheckpoint as e:
-            log.warning("%s; falling back to the previous checkpoint", e)
-            bad.append(ckpts.path(step).name)
-            if not isinstance(e, UnverifiedCheckpoint):  # set aside so the step can be saved
-                ckpts.set_aside(step, "corrupt")
-    raise CheckpointError(
-        f"{ckpts.directory}: no readable checkpoint ({', '.join(bad)} are corrupt); move them "
-        "away to start afresh"
     )
 
 

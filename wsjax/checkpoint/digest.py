@@ -24,6 +24,10 @@ from wsjax.errors import CheckpointError, NonFiniteError
 
 log = logging.getLogger("wsjax.checkpoint")
 
+# What orbax / tensorstore raise on bytes they cannot parse: JSONDecodeError and tensorstore's
+# "OUT_OF_RANGE ... byte range" are ValueErrors, a missing file is an OSError, a truncated zstd
+# stream a RuntimeError; a torn tree structure shows up as KeyError or TypeError.
+READ_ERRORS = (ValueError, KeyError, TypeError, OSError, RuntimeError)
 DIGEST_KEY = "digest_crc32c"  # in meta: {"params.<name>" | "opt_state.<name>": crc32c of bytes}
 
 

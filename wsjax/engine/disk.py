@@ -341,8 +341,9 @@ def free_bytes(folder) -> int:
 
 
 def tier_bytes_present(folder, owner: str | None = None) -> int:
-    """Bytes of the tier files in ``folder`` (``owner``'s: they are rewritten in place, so
-    their space counts as free for the same run)."""
+    """Bytes of the tier files in ``folder`` (``owner``'s: the same run replaces them, so their
+    space counts as free for it), but not of those a checkpoint links too (wsjax.checkpoint.
+    segments): replacing one of those frees nothing."""
     folder = Path(folder).expanduser().absolute()
     try:
         meta = json.loads((folder / MANIFEST).read_text())
@@ -351,7 +352,8 @@ def tier_bytes_present(folder, owner: str | None = None) -> int:
     if owner is not None and meta.get("owner") != owner:
         return 0
     files = [folder / s.get("file", "") for s in meta.get("segments", {}).values()]
-    return sum(p.stat().st_size for p in files if p.is_file())
+    stats = [p.stat() for p in files if p.is_file()]
+    return sum(st.st_size for st in stats if st.st_nlink == 1)
 
 
 def check_disk_space(folder, need: int, owner: str | None = None) -> None:

@@ -31,6 +31,12 @@ from wsjax.engine.store import (
 GRADS = "grads/"  # the tier's name of a segment's gradients: grads/<segment>
 
 
+class SegmentStates(dict):
+    """name -> a function reading that segment's (master, opt_state or None) from a disk-tier
+    checkpoint: what a disk-tier engine starts from, one segment at a time
+    (``Checkpoints.restore(..., lazy=True)``, wsjax.checkpoint.segments)."""
+
+
 class DiskStore(HostStore):
     """Per-segment host state with master and optimizer state on disk; build with
     :meth:`create`."""
@@ -55,17 +61,15 @@ class DiskStore(HostStore):
         *,
         folder,
         owner: str,
-        opt_state: dict | None = None,
         grads_to=None,
     ) -> DiskStore:
-        """Write each segment's parameters (``segments``: name -> a function making them, name
-        -> their abstract tree; :func:`param_segments` or :func:`fresh_segments`) and optimizer
-        state (``opt_state`` in the :meth:`opt_state_tree` layout, else a fresh one) into the
+        """Write each segment's parameters and optimizer state (``segments``: name -> a function
+        making its (master, opt_state or None: a fresh one), name -> the master's abstract tree;
+        :func:`param_segments`, :func:`fresh_segments` or :func:`checkpoint_segments`) into the
         tier at ``folder``, one segment at a time; keep only the stream copy in memory.
         ``grads_to`` (streaming.disk_gradients): each step's gradients are held in the tier
         too, and read back placed there for the update."""
         make, abstract = segments
-        opt_segments = None if opt_state is None else _split_segments(opt_state, num_layers)
         layouts = {}
         for name, master in abstract.items():
             layouts[name] = Layout.of((master, jax.eval_shape(optimizer.init, master)))
@@ -76,9 +80,8 @@ class DiskStore(HostStore):
         cast = lambda p: jax.tree.map(lambda a: a.astype(compute_dtype), p)  # noqa: E731
         stream = {}
         for name in abstract:
-            p = make[name]()
-            opt = init(p) if opt_segments is None else opt_segments[name]
-            tier.write(name, (p, opt))
+            p, opt = make[name]()
+            tier.write(name, (p, init(p) if opt is None else opt))
             stream[name] = jax.device_put(cast(p), stream_sharding, may_alias=False)
         tier.flush()
         return cls(num_layers, stream, tier, host_sharding, grads_to)
@@ -129,12 +132,20 @@ class DiskStore(HostStore):
         self.tier.close()
 
 
-def param_segments(params: dict, num_layers: int) -> tuple[dict, dict]:
-    """(name -> its parameters, name -> their abstract tree) of a whole params tree."""
+def param_segments(params: dict, num_layers: int, opt_state: dict | None) -> tuple[dict, dict]:
+    """(name -> its (parameters, optimizer state or None), name -> the parameters' abstract
+    tree) of whole trees (``opt_state`` in the :meth:`opt_state_tree` layout, or None)."""
     split = _split_segments(params, num_layers)
-    return {n: (lambda p=p: p) for n, p in split.items()}, {
-        n: abstract_tree(p) for n, p in split.items()
-    }
+    opts = _split_segments(opt_state, num_layers) if opt_state is not None else {}
+    make = {n: (lambda p=p, n=n: (p, opts.get(n))) for n, p in split.items()}
+    return make, {n: abstract_tree(p) for n, p in split.items()}
+
+
+def checkpoint_segments(states: dict, model) -> tuple[dict, dict]:
+    """(the same, abstract trees) for a disk-tier checkpoint's SegmentStates (name -> a function
+    reading that segment's (master, opt_state or None) from the checkpoint)."""
+    shapes = segment_shapes(model)
+    return dict(states), {n: shapes[segment_kind(n)] for n in states}
 
 
 def fresh_segments(model, key, host_sharding) -> tuple[dict, dict]:
@@ -147,7 +158,7 @@ def fresh_segments(model, key, host_sharding) -> tuple[dict, dict]:
     for name in segment_names(model.num_layers):
         kind = segment_kind(name)
         seg, layer = ("blocks", int(name.split("/")[1])) if kind == "block" else (kind, 0)
-        make[name] = lambda seg=seg, layer=layer: build(key, seg, np.int32(layer))
+        make[name] = lambda seg=seg, layer=layer: (build(key, seg, np.int32(layer)), None)
         abstract[name] = shapes[kind]
     return make, abstract
 

@@ -23,7 +23,13 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from wsjax.engine.compile_cache import ExecutableCache, source_digest
-from wsjax.engine.disk_store import DiskStore, fresh_segments, param_segments
+from wsjax.engine.disk_store import (
+    DiskStore,
+    SegmentStates,
+    checkpoint_segments,
+    fresh_segments,
+    param_segments,
+)
 from wsjax.engine.executables import StepExecutables
 from wsjax.engine.placement import Placement
 from wsjax.engine.segments import SegmentFunctions
@@ -122,7 +128,8 @@ class StreamingEngine:
     def _disk_store(self, params, opt_state: dict | None, owner: str | None) -> DiskStore:
         """Master and optimizer state in the files of ``streaming.disk_path`` (wsjax.engine.disk),
         claimed for ``owner`` (the run: its model_dir; by default the config's source); fresh
-        weights (``params`` None) are built one segment at a time, straight into the tier."""
+        weights (``params`` None), and a disk-tier checkpoint's (``params`` a SegmentStates),
+        go into the tier one segment at a time."""
         c = self.config
         if self.placement.shards is not None:
             raise ConfigError(
@@ -140,8 +147,10 @@ class StreamingEngine:
         if params is None:
             key = jax.random.PRNGKey(self.seed)
             segments = fresh_segments(self.model, key, self.placement.host)
+        elif isinstance(params, SegmentStates):  # a disk-tier checkpoint, read as written
+            segments = checkpoint_segments(params, self.model)
         else:
-            segments = param_segments(params, self.model.num_layers)
+            segments = param_segments(params, self.model.num_layers, opt_state)
         return DiskStore.create(
             segments,
             self.model.num_layers,
@@ -151,7 +160,6 @@ class StreamingEngine:
             self.model.compute_dtype,
             folder=c.streaming.disk_path,
             owner=owner or f"config {c.source}",
-            opt_state=opt_state,
             grads_to=grads_to,
         )
 
@@ -224,6 +232,13 @@ class StreamingEngine:
         evaluate = self._step(self.global_shape(batch), train=False)
         key = self._step_key(0)
         return evaluate.run(self.store, batch, key)
+
+    def save_checkpoint(self, ckpts, step: int, meta: dict):
+        """Write this engine's state as checkpoint ``step`` of ``ckpts`` (wsjax.checkpoint's
+        Checkpoints): a disk-tier store segment by segment, never whole in memory."""
+        if isinstance(self.store, DiskStore):
+            return ckpts.save_segments(step, self.store, meta)
+        return ckpts.save(step, self.params_tree(), self.opt_state_tree(), meta)
 
     def params_tree(self) -> dict:
         return self.store.params_tree()

@@ -24,13 +24,15 @@ def load_start(
     weights_only: bool,
     allow_pickle: bool = False,
     allow_unverified: bool = False,
+    lazy: bool = False,
 ) -> StartState:
     """The state in ``path`` (orbax checkpoint, model_dir, or HF folder) for ``model``.
 
     ``weights_only`` (``--is_pretrained_checkpoint``, and always for HF): step 0, fresh
     optimizer, loader from the start. ``allow_pickle``: an HF folder may hold a pickled
     ``pytorch_model.bin`` (only for a source the user trusts). ``allow_unverified``: an orbax
-    checkpoint without a digest (the older layout) is loaded unverified.
+    checkpoint without a digest (the older layout) is loaded unverified. ``lazy``: a disk-tier
+    checkpoint is read one segment at a time by the engine (wsjax.checkpoint.segments).
     """
     path = Path(path)
     if not path.exists():
@@ -39,7 +41,12 @@ def load_start(
             "model_dir with checkpoints, or a HuggingFace folder)"
         )
     start = orbax_start(
-        path, model, optimizer, weights_only=weights_only, allow_unverified=allow_unverified
+        path,
+        model,
+        optimizer,
+        weights_only=weights_only,
+        allow_unverified=allow_unverified,
+        lazy=lazy,
     )
     if start is not None:
         return start

@@ -363,15 +363,13 @@ def resolve_start(r: RunSpec, ckpts):
 
 def _find_start(r: RunSpec, ckpts):
     opts = r.options
+    lazy = bool(r.training and r.config.streaming.disk_path)  # a disk-tier checkpoint: by segment
     steps = ckpts.steps()
     if opts.checkpoint_path is not None:
         if steps:
-            log.warning(
-                "model_dir has checkpoints up to step %d; starting from --checkpoint_path %s "
-                "as asked",
-                steps[-1],
-                opts.checkpoint_path,
-            )
+            last, path = steps[-1], opts.checkpoint_path
+            log.warning("model_dir has checkpoints up to step %d; starting from "
+                        "--checkpoint_path %s as asked", last, path)  # fmt: skip
         return load_start(
             opts.checkpoint_path,
             r.model,
@@ -379,15 +377,15 @@ def _find_start(r: RunSpec, ckpts):
             weights_only=opts.is_pretrained_checkpoint,
             allow_pickle=opts.allow_pickle,
             allow_unverified=opts.allow_unverified_checkpoint,
+            lazy=lazy,
         )
     if not steps:
         return StartState()
     if opts.steps is None and steps[-1] >= r.config.runconfig.max_steps:
         return StartState(step=steps[-1], source=str(ckpts.path(steps[-1])))
-    opt_shapes = opt_state_shapes(r.optimizer, r.model.param_shapes(), r.model.num_layers)
-    step, (params, opt, meta) = restore_newest_good(
-        ckpts, r.model.param_shapes(), opt_shapes, steps
-    )
+    shapes = r.model.param_shapes()
+    opt_shapes = opt_state_shapes(r.optimizer, shapes, r.model.num_layers)
+    step, (params, opt, meta) = restore_newest_good(ckpts, shapes, opt_shapes, steps, lazy)
     log.info("Found checkpoint %s: resuming from it", ckpts.path(step))
     source = str(ckpts.path(step))
     loader = meta.get("loader")

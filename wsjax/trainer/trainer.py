@@ -164,7 +164,7 @@ class Trainer:
             "rng": "dropout keys = fold_in(PRNGKey(seed), step); nothing else is random",
             "config": self.config.to_dict(),
         }
-        path = self._ckpts.save(step, self.engine.params_tree(), self.engine.opt_state_tree(), meta)
+        path = self.engine.save_checkpoint(self._ckpts, step, meta)
         self.result.checkpoints.append(path)
         self._hooks.on_checkpoint(self, step, path)
         return path
