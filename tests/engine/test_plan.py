@@ -9,6 +9,7 @@ import dataclasses
 import math
 
 import jax
+import numpy as np
 import pytest
 
 from tests.helpers import REPO
@@ -64,6 +65,23 @@ def test_disk_gradients_move_the_held_gradients_too(tiny_config):
     sizes = sorted(segment_params(model), reverse=True)[:WINDOW_SEGMENTS]
     assert both.host["disk_window"] - tier.host["disk_window"] == 4 * sum(sizes)
     assert tier.host_total - both.host_total == 4 * n - 4 * sum(sizes)
+
+
+def test_disk_stream_moves_the_stream_copy_too(tiny_config):
+    """streaming.disk_stream: the stream copy (2 B a parameter in bf16) leaves the host for the
+    disk; the window grows by the largest segments' stream copies; the note says what moved."""
+    cfg = tiny_config("gptj", layers=10)
+    model, tier = plan_of(cfg, "/d")
+    on = dataclasses.replace(cfg, streaming=dataclasses.replace(cfg.streaming, disk_stream=True))
+    _, both = plan_of(on, "/d")
+    n, dt = model.num_params(), np.dtype(model.compute_dtype).itemsize
+    assert both.disk["stream_copy"] == tier.host["stream_copy"] == dt * n
+    assert "stream_copy" not in both.host
+    sizes = sorted(segment_params(model), reverse=True)[:WINDOW_SEGMENTS]
+    assert both.host["disk_window"] - tier.host["disk_window"] == dt * sum(sizes)
+    assert both.disk["alignment"] > tier.disk["alignment"]  # one more file's leaves
+    assert "master, optimizer state, the stream copy in streaming.disk_path" in str(both.notes)
+    assert "; gradients stay in RAM" in str(both.notes)
 
 
 def segment_params(model) -> list[int]:

@@ -284,6 +284,8 @@ class StreamingConfig:
     disk_path: str | None = None
     # with disk_path: the fp32 gradients held until the global norm is known go there too
     disk_gradients: bool = False
+    # with disk_path: the compute-dtype stream copy goes there too (read ahead of each fetch)
+    disk_stream: bool = False
 
 
 @dataclass(frozen=True)

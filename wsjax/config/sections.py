@@ -296,13 +296,9 @@ def _build_streaming(body: dict, source: str) -> StreamingConfig:
     check_choice(s.host_memory_kind, HOST_MEMORY_KINDS, source, "streaming.host_memory_kind")
     policy = "streaming.recompute_policy"
     check_choice(s.recompute_policy, RECOMPUTE_POLICIES, source, policy)
-    if s.disk_gradients and not s.disk_path:
-        bad(
-            source,
-            "streaming.disk_gradients",
-            True,
-            "needs streaming.disk_path (the tier's folder)",
-        )
+    for key in ("disk_gradients", "disk_stream"):
+        if getattr(s, key) and not s.disk_path:
+            bad(source, f"streaming.{key}", True, "needs streaming.disk_path (the tier's folder)")
     return s
 
 

@@ -183,6 +183,10 @@ class DiskTier:
             self._reads[name] = self._pool.submit(self._read, name, self._writes.get(name), convert)
         return self._reads[name]
 
+    def discard(self, name: str) -> None:
+        """Forget ``name``'s read ahead (its result, once done, is freed)."""
+        self._reads.pop(name, None)
+
     def take(self, name: str, convert=None):
         """``name``'s state, from its read ahead (started now if it was not)."""
         future = self.read(name, convert)

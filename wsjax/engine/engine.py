@@ -16,6 +16,7 @@ executables of a batch shape: :mod:`~wsjax.engine.executables`) and hands them t
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -25,10 +26,7 @@ from jax.sharding import Mesh
 from wsjax.engine.compile_cache import ExecutableCache, source_digest
 from wsjax.engine.disk_store import (
     DiskStore,
-    SegmentStates,
-    checkpoint_segments,
-    fresh_segments,
-    param_segments,
+    store_segments,
 )
 from wsjax.engine.executables import StepExecutables
 from wsjax.engine.placement import Placement
@@ -129,13 +127,9 @@ class StreamingEngine:
         """Master and optimizer state in the files of ``streaming.disk_path`` (wsjax.engine.disk),
         claimed for ``owner`` (the run: its model_dir; by default the config's source); fresh
         weights (``params`` None), and a disk-tier checkpoint's (``params`` a SegmentStates),
-        go into the tier one segment at a time."""
-        c = self.config
-        if self.placement.shards is not None:
-            raise ConfigError(
-                f"{c.source}: streaming.disk_path is not supported with {jax.process_count()} "
-                "processes yet; run one process, or remove streaming.disk_path"
-            )
+        go into the tier one segment at a time. With several processes each keeps its slices in
+        its own folder, ``<disk_path>/process-<index>``."""
+        c, shards = self.config, self.placement.shards
         grads_to = None
         if c.streaming.disk_gradients:
             if not self.placement.optimizer_on_host:
@@ -144,13 +138,14 @@ class StreamingEngine:
                     "host (a device update keeps the gradients on the device)"
                 )
             grads_to = self.placement.update
-        if params is None:
-            key = jax.random.PRNGKey(self.seed)
-            segments = fresh_segments(self.model, key, self.placement.host)
-        elif isinstance(params, SegmentStates):  # a disk-tier checkpoint, read as written
-            segments = checkpoint_segments(params, self.model)
-        else:
-            segments = param_segments(params, self.model.num_layers, opt_state)
+        key = jax.random.PRNGKey(self.seed)
+        segments, full = store_segments(
+            self.model, self.optimizer, params, opt_state, key, self.placement.host, shards
+        )
+        folder = Path(c.streaming.disk_path)
+        if shards is not None:  # each process its own folder, its own slices
+            folder = folder / f"process-{shards.index}"
+            owner = f"{owner or f'config {c.source}'}, process {shards.index}"
         return DiskStore.create(
             segments,
             self.model.num_layers,
@@ -158,9 +153,12 @@ class StreamingEngine:
             self.placement.host,
             self.placement.stream,
             self.model.compute_dtype,
-            folder=c.streaming.disk_path,
+            folder=folder,
             owner=owner or f"config {c.source}",
             grads_to=grads_to,
+            shards=shards,
+            full=full,
+            disk_stream=c.streaming.disk_stream,
         )
 
     def _init_params(self) -> tuple[dict, dict | None]:
@@ -235,8 +233,9 @@ class StreamingEngine:
 
     def save_checkpoint(self, ckpts, step: int, meta: dict):
         """Write this engine's state as checkpoint ``step`` of ``ckpts`` (wsjax.checkpoint's
-        Checkpoints): a disk-tier store segment by segment, never whole in memory."""
-        if isinstance(self.store, DiskStore):
+        Checkpoints): a one-process disk-tier store segment by segment, never whole in memory;
+        with several processes each writes its slices of the usual whole-shaped trees."""
+        if isinstance(self.store, DiskStore) and self.placement.shards is None:
             return ckpts.save_segments(step, self.store, meta)
         return ckpts.save(step, self.params_tree(), self.opt_state_tree(), meta)
 
