@@ -139,3 +139,18 @@ def test_llama3_8b_fits_80_gb_and_128_gib_with_the_tier():
     assert fits.host_total < 128 * GiB < fits.host_without_tier
     assert 87.6 * GiB < fits.host_total < 87.7 * GiB and fits.device_total < 80 * GiB
     assert 89 * GiB < fits.disk_total < 90 * GiB
+
+
+def test_short_with_the_tier_names_the_keys_that_move_the_rest(tiny_config):
+    """The tier on and the host still short: the refusal names streaming.disk_gradients and
+    streaming.disk_stream for the two terms they move (without the tier it names neither)."""
+    cfg = tiny_config("gptj", layers=10)
+    for disk_path, named in (("/d", True), (None, False)):
+        _, plan = plan_of(cfg, disk_path)
+        plan.shared_memory = False  # the host alone
+        plan.host_available = plan.host_total - 1
+        with pytest.raises(PlanError) as e:
+            plan.check()
+        msg = str(e.value)
+        assert ("set streaming.disk_gradients: true" in msg) is named, msg
+        assert ("set streaming.disk_stream: true" in msg) is named, msg

@@ -63,6 +63,12 @@ HOST_KNOBS = {
     "master_fp32": _MORE_HOSTS,
     "stream_copy": _MORE_HOSTS,
 }
+# with the disk tier on, the rest of the host state can follow it there
+TIER_KNOBS = {
+    "gradients": "set streaming.disk_gradients: true (with a host update: the held gradients "
+    "in the disk tier too)",
+    "stream_copy": "set streaming.disk_stream: true (the stream copy in the disk tier too)",
+}
 
 
 @dataclass
@@ -144,7 +150,7 @@ class MemoryPlan:
             what = "host+device" if self.shared_memory else "host"
             terms = {**self.host, **self.device} if self.shared_memory else self.host
             knobs = {**HOST_KNOBS, **DEVICE_KNOBS} if self.shared_memory else HOST_KNOBS
-            knob = _knobs(terms, knobs)
+            knob = _knobs(terms, {**knobs, **TIER_KNOBS} if self.disk else knobs)
             with_tier = None if self.host_with_tier is None else self.host_with_tier + shared
             if not self.disk and with_tier is not None and with_tier <= avail:
                 knob = (
