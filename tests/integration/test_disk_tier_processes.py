@@ -1,9 +1,11 @@
 """The disk tier with two processes (``wsjax.launch --nproc 2``, 1 CPU device each): each process
 keeps its slices of the master weights and optimizer state in its own folder,
 ``<disk_path>/process-<index>``, and the run is bitwise the two-process run without the tier
-(the same sums in the same order: the tier only moves bytes). Its checkpoints are the usual
-whole-shaped trees, each process writing its slices, so a resumed run equals the uninterrupted
-one, and a one-process disk-tier checkpoint (segment files) continues on two processes.
+(the same sums in the same order: the tier only moves bytes). Its checkpoints are segment
+files too, each process linking its own under ``segments/process-<index>``: read back whole
+(slices joined) they equal the shared run's checkpoint, a two-process rerun resumes from its own
+slices to the uninterrupted run, and a one-process disk-tier checkpoint continues on two
+processes.
 
 Yardstick: the session's shared uninterrupted two-process run (tests/integration/test_scaleout.py),
 bitwise for two processes against two, to fp32 float noise across process counts."""
@@ -35,7 +37,10 @@ def test_two_processes_each_keep_their_slices_in_their_own_folder(tmp_path, two_
     md, tier = tmp_path / "md", tmp_path / "tier"
     every2 = ("runconfig.save_checkpoints_steps=2", "--disk_path")
     _ok(launch(2, 1, *_train(md, 4, *every2, str(tier))))
-    _assert_same(_restored(md, 4), _restored(shared, 4), exact=True)
+    _assert_same(_restored(md, 4), _restored(shared, 4), exact=True)  # slices joined
+    for index in (0, 1):  # each process's own segment files, linked from its own folder
+        part = md / "model-ckpt-4" / "segments" / f"process-{index}"
+        assert all(f.stat().st_nlink == 2 for f in part.glob("*.bin")), sorted(part.iterdir())
     sizes = []
     for index in (0, 1):
         manifest = json.loads((tier / f"process-{index}" / MANIFEST).read_text())

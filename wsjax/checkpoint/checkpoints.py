@@ -45,6 +45,7 @@ from wsjax.checkpoint.segments import (
     SegmentsHandler,
     SegmentsRestore,
     SegmentsSave,
+    gathered,
     stage,
 )
 from wsjax.checkpoint.shards import barrier, multi_process, restore_targets
@@ -169,15 +170,15 @@ class Checkpoints:
         return self._commit(step, items, meta, digest)
 
     def save_segments(self, step: int, store, meta: dict) -> Path:
-        """:meth:`save` for a disk-tier run (``store``: its DiskStore): the tier's segment files,
-        linked or copied one at a time, never the whole state in memory (see
-        wsjax.checkpoint.segments). Synchronous: the files are those of this step."""
+        """:meth:`save` for a disk-tier run (``store``: its DiskStore): its segment files, linked
+        or copied one at a time (wsjax.checkpoint.segments). Synchronous: this step's files."""
         self.wait()
         store.tier.flush()
         staged = self.directory / f"{STAGE}{step}.partial-{os.getpid()}"
         with self._write_errors(step):
-            layout, digest = stage(store.tier, store.names, staged, f"{PREFIX}-{step}")
-        return self._commit(step, {ITEM: SegmentsSave(staged, layout)}, meta, digest)
+            layout, digest = stage(store.tier, store.names, staged, f"{PREFIX}-{step}", store.full)
+        item = SegmentsSave(staged, layout, jax.process_index() if multi_process() else None)
+        return self._commit(step, {ITEM: item}, meta, gathered(digest))
 
     def _commit(self, step: int, items: dict, meta: dict, digest: dict) -> Path:
         """Orbax's save of ``items`` and ``meta`` (with ``digest``) as ``model-ckpt-<step>``."""
@@ -237,8 +238,8 @@ class Checkpoints:
     def _prune(self, newest_good: int) -> None:
         if self.keep is None:
             return
-        others = [s for s in self.steps() if s != newest_good]
-        if is_main_process():
+        if is_main_process():  # the others list the folder only after it is pruned (a listing
+            others = [s for s in self.steps() if s != newest_good]  # mid-prune fails in orbax)
             for step in others[: max(0, len(others) - (self.keep - 1))]:
                 self._trash(self.path(step))
         barrier(f"checkpoint-{newest_good}-prune")

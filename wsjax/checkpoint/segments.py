@@ -19,6 +19,11 @@ Restoring is lazy for a disk-tier run: every file's digest is checked first (one
 at a time), then the engine reads each segment as it writes it into its tier. Anything else
 (a run without the tier, an export, an evaluation) gets the whole trees, joined from the
 segments.
+
+With several processes each process stages and links its own slices' files into
+``segments/process-<index>/``, with each leaf's whole shape in its layout; ``meta`` holds every
+process's digests (gathered). A run with as many processes resumes from its own slices; any
+other reader joins each leaf's slices along the axis they are cut on (wsjax.engine.shards).
 """
 
 from __future__ import annotations
@@ -33,21 +38,25 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from wsjax.checkpoint.digest import CorruptCheckpoint, crc32c, fmt_path
 from wsjax.engine.disk import file_name
 from wsjax.engine.disk_store import SegmentStates
+from wsjax.engine.shards import cut_axis
 from wsjax.engine.store import one_layer, segment_names, stack_trees
 from wsjax.errors import CheckpointError, NonFiniteError
 
 ITEM, LAYOUT, STAGE = "segments", "layout.json", ".segments-"
-DIGEST_PREFIX = ITEM + "/"  # meta's digest keys: "segments/<file>"
+PART = "process-"  # written by several processes: one folder each, process-<index>
+DIGEST_PREFIX = ITEM + "/"  # meta's digest keys: "segments/[process-<index>/]<file>"
 
 
 @dataclasses.dataclass
 class SegmentsSave(ocp.args.CheckpointArgs):
     staged: Path  # the staged segment files
     layout: dict  # name -> its layout entry (file, bytes, shapes, dtypes, offsets, params)
+    process: int | None = None  # several processes: this one's files go to process-<index>/
 
 
 @dataclasses.dataclass
@@ -61,6 +70,8 @@ class SegmentsHandler(ocp.CheckpointHandler):
 
     def save(self, directory, args: SegmentsSave) -> None:
         folder = Path(str(directory))
+        if args.process is not None:
+            folder = folder / f"{PART}{args.process}"
         folder.mkdir(parents=True, exist_ok=True)
         for entry in args.layout.values():
             os.replace(args.staged / entry["file"], folder / entry["file"])
@@ -69,7 +80,14 @@ class SegmentsHandler(ocp.CheckpointHandler):
 
     def restore(self, directory, args: SegmentsRestore | None = None) -> SegmentFiles:
         folder = Path(str(directory))
-        return SegmentFiles(folder, json.loads((folder / LAYOUT).read_text()))
+        found = sorted((int(p.name[len(PART) :]), p) for p in folder.glob(PART + "*"))
+        if not found:  # one process wrote it
+            return SegmentFiles([(folder, json.loads((folder / LAYOUT).read_text()), "")])
+        if [i for i, _ in found] != list(range(len(found))):
+            raise ValueError(f"{folder}: process folders {[p.name for _, p in found]}")
+        return SegmentFiles(
+            [(p, json.loads((p / LAYOUT).read_text()), f"{p.name}/") for _, p in found]
+        )
 
     def metadata(self, directory) -> dict | None:
         path = Path(str(directory)) / LAYOUT
@@ -99,17 +117,23 @@ def _read(path: Path, nbytes: int) -> np.ndarray:
     return buf
 
 
-def stage(tier, names: list[str], staged: Path, where: str) -> tuple[dict, dict]:
+def stage(tier, names: list[str], staged: Path, where: str, full=None) -> tuple[dict, dict]:
     """Link (else copy) the files of segments ``names`` of ``tier`` (a DiskTier whose writes
     have finished) into ``staged``: (layout, digest). NonFiniteError, naming the parameter, when
-    a segment holds a NaN or an infinity (nothing is kept then)."""
+    a segment holds a NaN or an infinity (nothing is kept then). ``full`` (several processes:
+    the whole trees' shapes, {"params", "opt_state"}): the tier holds this process's slices;
+    the layout records each leaf's whole shape too, the digest keys name this process."""
     staged.mkdir(parents=True)
     layout, digest = {}, {}
+    whole = None if full is None else segment_abstract(full["params"], full["opt_state"])
+    prefix = "" if full is None else f"{PART}{jax.process_index()}/"
     try:
         for name in names:
             lay = tier.layouts[name]
             master = jax.tree.unflatten(lay.treedef, list(range(len(lay.shapes))))[0]
             entry = {**lay.to_json(file_name(name)), "params": param_labels(master)}
+            if whole is not None:
+                entry["whole_shapes"] = [list(a.shape) for a in jax.tree.leaves(whole[name])]
             src, dst = tier.folder / entry["file"], staged / entry["file"]
             buf = _read(src, entry["bytes"])
             for label, leaf in zip(entry["params"], _leaves(buf, entry), strict=False):
@@ -118,7 +142,7 @@ def stage(tier, names: list[str], staged: Path, where: str) -> tuple[dict, dict]
                         f"not writing {where}: {name} {label} holds non-finite values (the run "
                         "diverged; lower the learning rate or set runconfig.on_nonfinite: skip)"
                     )
-            digest[DIGEST_PREFIX + entry["file"]] = crc32c(buf)
+            digest[DIGEST_PREFIX + prefix + entry["file"]] = crc32c(buf)
             _link_or_copy(src, dst, buf)
             layout[name] = entry
     except BaseException:
@@ -138,21 +162,33 @@ def _link_or_copy(src: Path, dst: Path, buf: np.ndarray) -> None:
 
 
 class SegmentFiles:
-    """The segment files of one committed checkpoint (what restoring the item gives)."""
+    """The segment files of one committed checkpoint (what restoring the item gives): ``parts``,
+    one (folder, layout, digest key prefix) per process that wrote it, in process order."""
 
-    def __init__(self, folder: Path, layout: dict):
-        self.folder, self.layout = folder, layout
+    def __init__(self, parts: list[tuple[Path, dict, str]]):
+        self.parts = parts
+        self.layout = parts[0][1]
 
     def restore(self, params_shapes, opt_shapes, digest: dict | None, where: Path, lazy: bool):
         """(params, opt_state or None) as whole trees; ``lazy``: (SegmentStates, None), every
-        digest checked first. Shapes are checked before anything is read."""
+        digest it will read checked first: this process's slices when as many processes wrote
+        it as run now (SegmentStates.local), else whole segments. Shapes are checked before
+        anything is read."""
         abstract, with_opt = segment_abstract(params_shapes, opt_shapes), opt_shapes is not None
         self.check(abstract, with_opt, where)
         if not digest:
             raise CorruptCheckpoint(f"{where}: its crc32c digest is missing (corrupt metadata)")
         if not lazy:
             return self.whole(abstract, digest, where, with_opt)
-        self.verify(digest, where)
+        if len(self.parts) > 1 and len(self.parts) == jax.process_count():
+            own = jax.process_index()
+            for name in self.layout:
+                self.load(name, digest, where, own)
+            read = lambda name: self._read(name, abstract, digest, where, with_opt, own)  # noqa: E731
+            return SegmentStates({n: (lambda n=n: read(n)) for n in abstract}, local=True), None
+        for part in range(len(self.parts)):
+            for name in self.layout:
+                self.load(name, digest, where, part)
         return SegmentStates(self.states(abstract, digest, where, with_opt)), None
 
     def check(self, abstract: dict, with_opt: bool, where: Path) -> None:
@@ -164,7 +200,8 @@ class SegmentFiles:
         for name, (master, opt) in abstract.items():
             entry = self.layout[name]
             want = [tuple(a.shape) for a in jax.tree.leaves((master, opt) if with_opt else master)]
-            got = [tuple(s) for s in entry["shapes"]][: len(want)]
+            stored = entry.get("whole_shapes", entry["shapes"])
+            got = [tuple(s) for s in stored][: len(want)]
             for i, (g, w) in enumerate(zip(got, want, strict=False)):
                 if g != w:
                     label = entry["params"][i] if i < len(entry["params"]) else f"optimizer {i}"
@@ -172,42 +209,58 @@ class SegmentFiles:
                         f"{where}: {name} {label} has shape {g}, the model expects {w} (check "
                         "model.* and optimizer.* in the params file against the checkpoint)"
                     )
-            if len(got) < len(want) or (with_opt and len(entry["shapes"]) != len(want)):
+            if len(got) < len(want) or (with_opt and len(stored) != len(want)):
                 raise CheckpointError(
-                    f"{where}: {name}'s optimizer state ({len(entry['shapes'])} arrays with the "
+                    f"{where}: {name}'s optimizer state ({len(stored)} arrays with the "
                     "weights) does not match the config's optimizer: start from it with "
                     "--is_pretrained_checkpoint to take only the weights"
                 )
 
-    def verify(self, digest: dict, where: Path) -> None:
-        """Every file against its crc32c (one segment in memory at a time)."""
-        for name in self.layout:
-            self.load(name, digest, where)
-
-    def load(self, name: str, digest: dict, where: Path) -> list[np.ndarray]:
-        """Segment ``name``'s leaves (master, then optimizer state), its digest checked."""
-        entry = self.layout[name]
+    def load(self, name: str, digest: dict, where: Path, part: int = 0) -> list[np.ndarray]:
+        """Segment ``name``'s leaves (master, then optimizer state) as process ``part`` wrote
+        them, its digest checked."""
+        folder, layout, prefix = self.parts[part]
+        entry = layout[name]
         try:
-            buf = _read(self.folder / entry["file"], entry["bytes"])
+            buf = _read(folder / entry["file"], entry["bytes"])
         except OSError as e:
             raise CorruptCheckpoint(f"{where}: {entry['file']} unreadable ({e.strerror})") from None
-        want = digest.get(DIGEST_PREFIX + entry["file"])
+        want = digest.get(DIGEST_PREFIX + prefix + entry["file"])
         if want is None or crc32c(buf) != want:
             raise CorruptCheckpoint(
-                f"{where}: {entry['file']} fails its crc32c digest (corrupt on disk)"
+                f"{where}: {prefix}{entry['file']} fails its crc32c digest (corrupt on disk)"
             )
         return _leaves(buf, entry)
 
+    def _whole_leaves(self, name: str, digest: dict, where: Path) -> list[np.ndarray]:
+        """Segment ``name``'s whole leaves: with several parts, each leaf's slices joined along
+        the axis where they are cut (a leaf no axis of which is cut is whole in every part)."""
+        pieces = [self.load(name, digest, where, part) for part in range(len(self.parts))]
+        if len(pieces) == 1:
+            return pieces[0]
+        whole = self.layout[name]["whole_shapes"]
+        out = []
+        for j, full in enumerate(whole):
+            axis = cut_axis(tuple(full), tuple(pieces[0][j].shape))
+            out.append(
+                pieces[0][j] if axis is None else np.concatenate([p[j] for p in pieces], axis)
+            )
+        return out
+
+    def _read(self, name, abstract, digest, where, with_opt: bool, part: int | None = None):
+        """Segment ``name``'s (master, opt_state or None): whole, or process ``part``'s slices."""
+        master, opt = abstract[name]
+        if part is None:
+            leaves = self._whole_leaves(name, digest, where)
+        else:
+            leaves = self.load(name, digest, where, part)
+        n = len(jax.tree.leaves(master))
+        unflatten = lambda t, xs: jax.tree.unflatten(jax.tree.structure(t), xs)  # noqa: E731
+        return unflatten(master, leaves[:n]), (unflatten(opt, leaves[n:]) if with_opt else None)
+
     def states(self, abstract: dict, digest: dict, where: Path, with_opt: bool) -> dict:
-        """name -> a function reading that segment's (master, opt_state or None)."""
-
-        def read(name: str):
-            master, opt = abstract[name]
-            leaves = self.load(name, digest, where)
-            n = len(jax.tree.leaves(master))
-            unflatten = lambda t, xs: jax.tree.unflatten(jax.tree.structure(t), xs)  # noqa: E731
-            return unflatten(master, leaves[:n]), (unflatten(opt, leaves[n:]) if with_opt else None)
-
+        """name -> a function reading that whole segment's (master, opt_state or None)."""
+        read = lambda name: self._read(name, abstract, digest, where, with_opt)  # noqa: E731
         return {name: (lambda name=name: read(name)) for name in abstract}
 
     def whole(self, abstract: dict, digest: dict, where: Path, with_opt: bool) -> tuple:
@@ -220,6 +273,22 @@ class SegmentFiles:
             "head": per["head"][i],
         }
         return join(0), (join(1) if with_opt else None)
+
+
+def gathered(digest: dict) -> dict:
+    """Every process's file digests (each staged its own files; keys ``segments/process-<i>/
+    <file>``), the same dict on every process; one process: ``digest`` itself."""
+    if jax.process_count() == 1:
+        return digest
+    keys, own = sorted(digest), f"{PART}{jax.process_index()}/"
+    # as two 16-bit halves: JAX's 32-bit default would cut an int64 (as digest.process_digest)
+    halves = np.asarray([[digest[k] >> 16, digest[k] & 0xFFFF] for k in keys], np.int32)
+    every = np.asarray(multihost_utils.process_allgather(halves)).astype(np.int64)
+    return {
+        k.replace(own, f"{PART}{p}/", 1): int(hi << 16 | lo)
+        for p in range(every.shape[0])
+        for k, (hi, lo) in zip(keys, every[p], strict=True)
+    }
 
 
 def segment_abstract(params_shapes: dict, opt_shapes: dict | None) -> dict:

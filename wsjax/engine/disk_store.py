@@ -37,7 +37,12 @@ STREAM = "stream/"  # and of its stream copy (streaming.disk_stream): stream/<se
 class SegmentStates(dict):
     """name -> a function reading that segment's (master, opt_state or None) from a disk-tier
     checkpoint: what a disk-tier engine starts from, one segment at a time
-    (``Checkpoints.restore(..., lazy=True)``, wsjax.checkpoint.segments)."""
+    (``Checkpoints.restore(..., lazy=True)``, wsjax.checkpoint.segments). ``local``: this
+    process's slices (the checkpoint was written by as many processes), else whole segments."""
+
+    def __init__(self, states: dict, local: bool = False):
+        super().__init__(states)
+        self.local = local
 
 
 class TierStream:
@@ -232,6 +237,11 @@ def store_segments(model, optimizer, params, opt_state, key, host_sharding, shar
         segments = fresh_segments(model, key, host_sharding)
     elif isinstance(params, SegmentStates):  # read as the tier fills
         segments = checkpoint_segments(params, model)
+        if params.local:  # this process's slices already
+            return (
+                segments[0],
+                {n: shards.local_abstract(a) for n, a in segments[1].items()},
+            ), full
     elif shards is not None:  # this process's slices of the trees first, then split
         params = slice_stacked(shards, params, full["params"])
         if opt_state is not None:

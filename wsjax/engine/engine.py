@@ -233,9 +233,9 @@ class StreamingEngine:
 
     def save_checkpoint(self, ckpts, step: int, meta: dict):
         """Write this engine's state as checkpoint ``step`` of ``ckpts`` (wsjax.checkpoint's
-        Checkpoints): a one-process disk-tier store segment by segment, never whole in memory;
-        with several processes each writes its slices of the usual whole-shaped trees."""
-        if isinstance(self.store, DiskStore) and self.placement.shards is None:
+        Checkpoints): a disk-tier store segment by segment, never whole in memory (with several
+        processes, each its own slices' files)."""
+        if isinstance(self.store, DiskStore):
             return ckpts.save_segments(step, self.store, meta)
         return ckpts.save(step, self.params_tree(), self.opt_state_tree(), meta)
 
