@@ -13,9 +13,11 @@ in alternating rounds, the page cache dropped before every read (``echo 1 >
 /proc/sys/vm/drop_caches`` as root, else ``posix_fadvise(DONTNEED)`` on each file). Target:
 tier / raw >= 0.8, medians.
 
-``step``: seconds of a training step of a GPT-J-shaped model with the tier and without it,
-alternating (``take_turns``), median and spread. The tier's files here fit the page cache, as
-the state of a model that fits the RAM engine does. Target: tier / RAM <= 1.15.
+``step``: seconds of a training step of a GPT-J-shaped model with the tier, with the tier and
+``streaming.disk_stream``, and without it, alternating (``take_turns``), median and spread; and
+seconds of a checkpoint save of the RAM engine (orbax) and of the tier (segment files). The
+tier's files here fit the page cache, as the state of a model that fits the RAM engine does.
+Target: tier / RAM <= 1.15.
 
 ``capacity_2p7b`` (part ``capacity``, not a default part: tens of minutes): Cerebras-GPT 2.7B
 from the stock params file (tests/fixtures/cerebras/r1_pt_cerebras_gpt_2p7b.yaml), batch 1 x 128
@@ -152,37 +154,59 @@ def throughput_lines(args, folder: Path, out: Path) -> None:
 # ---- (b) step time ------------------------------------------------------------------------------
 def step_line(args, folder: Path, out: Path) -> None:
     layers, hidden, batch, seq = (2, 64, 2, 32) if args.smoke else (8, 512, 4, 256)
-    ram_cfg = config_from_dict(C.gptj_dict(layers, hidden, batch, seq, vocab=4096))
-    disk = {"disk_path": str(folder / "step_tier")}
-    tier_cfg = config_from_dict(C.gptj_dict(layers, hidden, batch, seq, vocab=4096,
-                                            streaming=disk))  # fmt: skip
-    model = get_model(ram_cfg.model)
+    model = get_model(config_from_dict(C.gptj_dict(layers, hidden, batch, seq, vocab=4096)).model)
     params = jax.tree.map(np.asarray, model.init(jax.random.PRNGKey(0)))
-    ram = StreamingEngine(model, ram_cfg, params=jax.tree.map(np.array, params))
-    tier = StreamingEngine(model, tier_cfg, params=jax.tree.map(np.array, params))
+    engines = {}
+    for name, disk in (("ram", None), ("tier", {}), ("tier_stream", {"disk_stream": True})):
+        streaming = None if disk is None else {**disk, "disk_path": str(folder / name)}
+        cfg = config_from_dict(C.gptj_dict(layers, hidden, batch, seq, vocab=4096,
+                                           streaming=streaming))  # fmt: skip
+        engines[name] = StreamingEngine(model, cfg, params=jax.tree.map(np.array, params))
     batch_ = C.random_batch(batch, seq, 4096)
-    losses = {"ram": [], "tier": []}
+    losses = {name: [] for name in engines}
 
-    def step(engine, name):
+    def step(name):
         def run():
-            losses[name].append(engine.train_step(batch_)["train/loss"])
+            losses[name].append(engines[name].train_step(batch_)["train/loss"])
 
         return run
 
     rounds = 3 if args.smoke else max(5, 2 * args.rounds)
-    t = C.take_turns({"ram": step(ram, "ram"), "tier": step(tier, "tier")}, rounds)
+    t = C.take_turns({name: step(name) for name in engines}, rounds)
     med = {k: statistics.median(v) for k, v in t.items()}
+    saves = checkpoint_seconds(engines, folder, 2 if args.smoke else 3)
     rec = {"setting": "step", **C.machine(), "layers": layers, "hidden": hidden, "batch": batch,
            "seq": seq, "params": model.num_params(), "rounds": rounds,
            "ram_step_seconds": med["ram"], "tier_step_seconds": med["tier"],
+           "tier_stream_step_seconds": med["tier_stream"],
            "ram_spread": [min(t["ram"]), max(t["ram"])],
            "tier_spread": [min(t["tier"]), max(t["tier"])],
-           "same_losses": losses["ram"] == losses["tier"],
-           "tier_bytes": tier.store.tier.nbytes,
+           "tier_stream_spread": [min(t["tier_stream"]), max(t["tier_stream"])],
+           "same_losses": losses["ram"] == losses["tier"] == losses["tier_stream"],
+           "tier_bytes": engines["tier"].store.tier.nbytes,
+           "tier_stream_bytes": engines["tier_stream"].store.tier.nbytes,
+           **saves,
            "target": C.target("tier_step_vs_ram", med["tier"] / med["ram"], 1.15,
                               higher_is_better=False)}  # fmt: skip
-    tier.store.close()
+    for name in ("tier", "tier_stream"):
+        engines[name].store.close()
     C.emit(rec, out)
+
+
+def checkpoint_seconds(engines: dict, folder: Path, rounds: int) -> dict:
+    """Seconds of a synchronous checkpoint save, alternating: the RAM engine's orbax arrays and
+    the disk tier's segment files (linked, after one read for the digest); medians and spreads."""
+    from wsjax.checkpoint import Checkpoints
+
+    ckpts = {n: Checkpoints(folder / f"ckpt_{n}", keep=1) for n in ("ram", "tier")}
+    count = iter(range(1, 1000))
+    saves = {n: (lambda n=n: engines[n].save_checkpoint(ckpts[n], next(count), {"step": 0}))
+             for n in ckpts}  # fmt: skip
+    t = C.take_turns(saves, rounds)
+    for c in ckpts.values():
+        c.close()
+    out = {f"{n}_save_seconds": statistics.median(v) for n, v in t.items()}
+    return out | {f"{n}_save_spread": [min(v), max(v)] for n, v in t.items()}
 
 
 # ---- (c) capacity -------------------------------------------------------------------------------
