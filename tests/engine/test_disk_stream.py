@@ -22,10 +22,10 @@ from wsjax.errors import ConfigError
 from wsjax.models import get_model
 
 
-def pair(tiny_config, tmp_path, family="gptj", layers=4, **streaming):
-    ram_cfg = tiny_config(family, layers=layers, streaming=streaming)
+def pair(tiny_config, tmp_path, family="gptj", layers=4, model=None, **streaming):
+    ram_cfg = tiny_config(family, layers=layers, model=model, streaming=streaming)
     disk = {**streaming, "disk_path": str(tmp_path / "tier"), "disk_stream": True}
-    disk_cfg = tiny_config(family, layers=layers, streaming=disk)
+    disk_cfg = tiny_config(family, layers=layers, model=model, streaming=disk)
     model = get_model(ram_cfg.model)
     params = init_params(model)
     ram = StreamingEngine(model, ram_cfg, params=jax.tree.map(np.array, params))
@@ -34,19 +34,26 @@ def pair(tiny_config, tmp_path, family="gptj", layers=4, **streaming):
 
 
 @pytest.mark.parametrize(
-    "family,placement", [("gptj", "host"), ("gptj", "device"), ("gpt2", "host")],
-    ids=["host", "device", "tied_head"],
+    "family,placement,bf16",
+    [("gptj", "host", False), ("gptj", "device", False), ("gpt2", "host", True)],
+    ids=["host", "device", "tied_head_bf16"],
 )  # fmt: skip
-def test_bitwise_the_ram_engine(tiny_config, make_batches, tmp_path, family, placement):
-    ram, tier, _ = pair(tiny_config, tmp_path, family, optimizer_placement=placement,
-                        micro_batch_size=4)  # fmt: skip
+def test_bitwise_the_ram_engine(tiny_config, make_batches, tmp_path, family, placement, bf16):
+    """Losses, norms and weights bitwise the RAM engine's; the bf16 stream copies go through
+    the files as they are (mixed precision)."""
+    ram, tier, model = pair(tiny_config, tmp_path, family, model={"mixed_precision": bf16},
+                        optimizer_placement=placement, micro_batch_size=4)  # fmt: skip
     assert isinstance(tier.store.stream, TierStream)
     for batch in make_batches(3, seed=5):
         a, b = ram.train_step(batch), tier.train_step(batch)
         assert (a["train/loss"], a["train/grad_norm"]) == (b["train/loss"], b["train/grad_norm"])
     jax.tree.map(np.testing.assert_array_equal, tier.params_tree(), ram.params_tree())
-    files = {p.name for p in (tmp_path / "tier").glob("stream-*.bin")}
+    files = list((tmp_path / "tier").glob("stream-*.bin"))
     assert len(files) == len(segment_names(4))
+    on_disk, n = sum(f.stat().st_size for f in files), model.num_params()
+    width = 2 if bf16 else 4  # bytes a parameter of the stream copy, each leaf 64-B aligned
+    leaves = len(files) * len(jax.tree.leaves(model.param_shapes()))  # more than the files hold
+    assert width * n <= on_disk < width * n + 64 * leaves
 
 
 def test_reads_are_started_before_the_fetch_needs_them(tiny_config, make_batches, tmp_path,
