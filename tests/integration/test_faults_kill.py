@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,11 +31,18 @@ STEPS = 12
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    r = run(small_config(), "train", tmp_path_factory.mktemp("ref") / "md", max_steps=STEPS)
-    return dict(r.losses)
+    md = tmp_path_factory.mktemp("ref") / "md"
+    r = run(small_config(), "train", md, max_steps=STEPS)
+    return {"losses": dict(r.losses), "compiled": sorted(md.glob("compile_*"))}
 
 
-def start(md: Path, *extra: str) -> subprocess.Popen:
+def start(md: Path, *extra: str, compiled: list[Path] = ()) -> subprocess.Popen:
+    """The run as a child process. ``compiled``: the reference's ``compile_<checksum>/`` folders
+    (the checksum covers model, optimizer and streaming, never runconfig), copied into ``md``
+    first so the child loads the executables instead of compiling them again (seconds a run);
+    what it computes is the same executables' output, and the faults come after the compile."""
+    for d in compiled:
+        shutil.copytree(d, md / d.name)
     argv = ["-o", str(md), "--max_steps", str(STEPS), *SMALL, *extra]
     return subprocess.Popen(
         [sys.executable, "-m", "wsjax.train", *argv],
@@ -45,14 +53,22 @@ def start(md: Path, *extra: str) -> subprocess.Popen:
     )
 
 
-def poll(proc: subprocess.Popen, seen, timeout: float = 300) -> bool:
-    """True as soon as ``seen()`` holds; False if the run ended first."""
+def poll(proc: subprocess.Popen, seen, timeout: float = 300, interval: float = 0.0) -> bool:
+    """True as soon as ``seen()`` holds; False if the run ended first. Between looks: a yield
+    (``interval`` 0: the moments that last milliseconds), or a sleep of ``interval`` seconds,
+    which leaves the CPU to the run (on 2 cores a spinning poll takes one from it)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         if seen():
             return True
-        os.sched_yield()
+        if interval:
+            time.sleep(interval)
+        else:
+            os.sched_yield()
     return False
+
+
+LOG_POLL = 0.002  # s: a logged line stays; the run goes on for far longer after each one
 
 
 def logged(md: Path, text: str):
@@ -73,14 +89,16 @@ def resumes_exactly(md: Path, reference: dict) -> None:
         assert load_start(md / f"model-ckpt-{step}", model, None, weights_only=True).params
     done = max(committed(md), default=0)
     r = run(cfg, "train", md, max_steps=STEPS, progress=False)
-    assert r.losses == [(s, reference[s]) for s in range(done + 1, STEPS + 1)]
+    losses = reference["losses"]
+    assert r.losses == [(s, losses[s]) for s in range(done + 1, STEPS + 1)]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_preemption_saves_the_step_and_exits_5(tmp_path, reference, sig):
     md = tmp_path / "md"
-    proc = start(md, "--save_checkpoints_steps", "100")  # no periodic checkpoint before 12
-    assert poll(proc, logged(md, "global_step = 3,")), proc.communicate()[1]
+    # no periodic checkpoint before 12
+    proc = start(md, "--save_checkpoints_steps", "100", compiled=reference["compiled"])
+    assert poll(proc, logged(md, "global_step = 3,"), interval=LOG_POLL), proc.communicate()[1]
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == EXIT_PREEMPTED, err
@@ -93,10 +111,10 @@ def test_preemption_saves_the_step_and_exits_5(tmp_path, reference, sig):
 
 def test_second_signal_stops_at_once(tmp_path, reference):
     md = tmp_path / "md"
-    proc = start(md, "--save_checkpoints_steps", "2")
-    assert poll(proc, logged(md, "global_step = 3,"))
+    proc = start(md, "--save_checkpoints_steps", "2", compiled=reference["compiled"])
+    assert poll(proc, logged(md, "global_step = 3,"), interval=LOG_POLL)
     proc.send_signal(signal.SIGTERM)
-    assert poll(proc, logged(md, "received SIGTERM"))
+    assert poll(proc, logged(md, "received SIGTERM"), interval=LOG_POLL)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == EXIT_PREEMPTED, err  # at once: no save, no cleanup; one line
@@ -124,7 +142,8 @@ MOMENTS = {"checkpoint write": _writing, "just committed": _after_commit, "pruni
 def test_sigkill_at_a_checkpoint_moment_loses_nothing(tmp_path, reference, moment):
     md = tmp_path / "md"
     # a checkpoint and a prune at every step: many chances to meet the moment
-    proc = start(md, "--save_checkpoints_steps", "1", "--keep_checkpoint_max", "1")
+    argv = ["--save_checkpoints_steps", "1", "--keep_checkpoint_max", "1"]
+    proc = start(md, *argv, compiled=reference["compiled"])
     hit = poll(proc, MOMENTS[moment](md))
     proc.kill()
     proc.communicate()
@@ -138,7 +157,8 @@ def test_signal_during_init_or_compile_is_one_line_exit_5(tmp_path, reference, s
     exit 5, never a segfault or a bare 143; the run then starts afresh exactly."""
     md = tmp_path / "md"
     proc = start(md)
-    assert poll(proc, lambda: (md / "train" / "run.log").is_file()), proc.communicate()[1]
+    ran = lambda: (md / "train" / "run.log").is_file()  # noqa: E731
+    assert poll(proc, ran, interval=LOG_POLL), proc.communicate()[1]
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == EXIT_PREEMPTED, err
@@ -155,8 +175,9 @@ def test_signal_during_the_final_eval_stops_it_at_the_next_batch(tmp_path, refer
     held until the whole pass is done; model-ckpt-12 is kept and restores."""
     md = tmp_path / "md"
     argv = ["-m", "train_and_eval", "--save_checkpoints_steps", "100", "runconfig.eval_steps=400"]
-    proc = start(md, *argv)
-    assert poll(proc, logged(md, "Evaluating global step 12: 400 batches")), proc.communicate()
+    proc = start(md, *argv, compiled=reference["compiled"])
+    evaluating = logged(md, "Evaluating global step 12: 400 batches")
+    assert poll(proc, evaluating, interval=LOG_POLL), proc.communicate()
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == EXIT_PREEMPTED, err

@@ -151,6 +151,15 @@ def two_process_run(tmp_path_factory) -> tuple[Path, str]:
     return md, log.read_text()
 
 
+def _seed_compiled(run_dir: Path, md: Path) -> None:
+    """``md`` starts with the executables ``run_dir`` compiled (its ``compile_<checksum>/``
+    folders; the checksum covers model, optimizer, streaming, shapes and backend, never
+    runconfig): the same 2-process model then loads them instead of compiling again, seconds
+    a process. The faults these tests inject all come after the first step."""
+    for d in run_dir.glob("compile_*"):
+        shutil.copytree(d, md / d.name)
+
+
 def _step_of(ckpt: Path) -> int | None:
     suffix = ckpt.name.split("-")[-1]
     return int(suffix) if suffix.isdigit() else None
@@ -209,6 +218,7 @@ def test_a_killed_process_stops_the_run_and_the_rerun_resumes_exactly(tmp_path, 
     resumes from the newest checkpoint, and its next checkpoint equals (bitwise) the one of an
     uninterrupted 2-process run."""
     md = tmp_path / "md"
+    _seed_compiled(two_process_run[0], md)
     args = _train(md, 400, "runconfig.save_checkpoints_steps=2", "runconfig.log_steps=50")
     proc = launch(2, 1, *args, popen=True)
     deadline = time.monotonic() + 240
@@ -257,11 +267,12 @@ def test_validate_only_plans_a_two_process_run_from_one(tmp_path):
         assert plans[2][term] == -(-plans[1][term] // 2), term
 
 
-def test_sigterm_saves_on_every_process_at_the_same_step(tmp_path):
+def test_sigterm_saves_on_every_process_at_the_same_step(tmp_path, two_process_run):
     """SIGTERM to one of the two processes mid-run: the two agree on the step to save at (the
     other never got a signal), save one checkpoint together and exit 5, and so does the
     launcher; the checkpoint restores."""
     md = tmp_path / "md"
+    _seed_compiled(two_process_run[0], md)
     args = _train(md, 400, "runconfig.save_checkpoints_steps=1000", "runconfig.log_steps=1")
     proc = launch(2, 1, *args, popen=True)
     deadline = time.monotonic() + 240
