@@ -6,8 +6,12 @@ with the reason, where torch is not installed (CI's leg 2); every other test run
 
 The compile cache: tests build many engines whose executables are identical (the same tiny model
 with a different knob); a JAX persistent compilation cache in a temporary folder, made for this
-session and removed after it, lets the second engine load what the first compiled. It changes
-no result, only the time. Subprocesses that tests start inherit it through the environment.
+session and removed after it, lets the second engine load what the first compiled. Runs get one
+too: ``WSJAX_COMPILE_DIR`` (the default of ``--compile_dir``) points every run's
+``compile_<checksum>/`` at a session folder instead of its fresh model_dir, so a run loads what
+an earlier run of the same config compiled. It changes no result, only the time. Subprocesses
+that tests start inherit both through the environment. A test of the model_dir's own compile
+folder uses the ``own_compile_dir`` fixture (or ``tests.helpers.own_compile_dir()``).
 """
 
 from __future__ import annotations
@@ -20,20 +24,22 @@ import tempfile
 import pytest
 
 from tests.helpers import normwise_rel_err, tiny_config_dict, token_batches
+from tests.helpers import own_compile_dir as _own_compile_dir
 
 _CACHE_ENV = {
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
 }
-_own_cache_dir: str | None = None
+_own_dirs: list[str] = []
 
 
 def pytest_configure(config) -> None:
-    """Point JAX at a fresh compile cache before anything compiles (unless the user set one)."""
-    global _own_cache_dir
-    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        _own_cache_dir = tempfile.mkdtemp(prefix="wsjax-test-jaxcache-")
-        os.environ["JAX_COMPILATION_CACHE_DIR"] = _own_cache_dir
+    """Point JAX and the runs at fresh compile caches before anything compiles (unless the user
+    set them); xdist's workers inherit the controller's."""
+    for env, prefix in (("JAX_COMPILATION_CACHE_DIR", "jaxcache"), ("WSJAX_COMPILE_DIR", "runs")):
+        if not os.environ.get(env):
+            _own_dirs.append(tempfile.mkdtemp(prefix=f"wsjax-test-{prefix}-"))
+            os.environ[env] = _own_dirs[-1]
     for k, v in _CACHE_ENV.items():
         os.environ.setdefault(k, v)
     import jax
@@ -56,8 +62,15 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 
 def pytest_unconfigure(config) -> None:
-    if _own_cache_dir is not None:
-        shutil.rmtree(_own_cache_dir, ignore_errors=True)
+    for path in _own_dirs:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def own_compile_dir():
+    """Runs in this test compile into their own model_dir (no shared ``WSJAX_COMPILE_DIR``)."""
+    with _own_compile_dir():
+        yield
 
 
 @pytest.fixture(scope="session")

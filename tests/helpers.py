@@ -185,11 +185,21 @@ def shards_input(root: Path) -> dict:
     return {"data_processor": "GptTokenShardsProcessor", "data_dir": str(root)}
 
 
+# WSJAX_* variables a child keeps: caches, which change no result (tests/conftest.py)
+CACHE_ENV = ("WSJAX_COMPILE_DIR", "WSJAX_CACHE_DIR")
+
+
+def child_env() -> dict[str, str]:
+    """This process's environment without its WSJAX_* run settings (process id, coordinator,
+    devices), so a child of a multi-process test is set up by its test alone; the caches stay."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("WSJAX_") or k in CACHE_ENV}
+
+
 def probe_env() -> dict[str, str]:
     """The environment of a child process of a multi-process test: CPU, one device a process
-    unless the launcher says otherwise, no WSJAX_* settings of this process, the repo on
-    PYTHONPATH (the children import tests.*)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WSJAX_")}
+    unless the launcher says otherwise, :func:`child_env`, the repo on PYTHONPATH (the children
+    import tests.*)."""
+    env = child_env()
     env.pop("XLA_FLAGS", None)  # 1 CPU device per process unless --devices_per_process
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = str(REPO)
@@ -197,6 +207,18 @@ def probe_env() -> dict[str, str]:
 
 
 # ---- transformers in float64: the yardstick of the golden data and the Llama parity tests ----
+@contextlib.contextmanager
+def own_compile_dir():
+    """Runs inside the block compile into their own model_dir: the suite's shared
+    ``WSJAX_COMPILE_DIR`` (tests/conftest.py) is unset, then restored."""
+    saved = os.environ.pop("WSJAX_COMPILE_DIR", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["WSJAX_COMPILE_DIR"] = saved
+
+
 @contextlib.contextmanager
 def float64_torch():
     """torch's float32 made float64 (dtype names, ``Tensor.float``, the default dtype), so the

@@ -79,7 +79,7 @@ def test_bad_command_lines_exit_2_with_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_kill_and_rerun_resumes_to_the_uninterrupted_loss(tmp_path):
+def test_kill_and_rerun_resumes_to_the_uninterrupted_loss(tmp_path, own_compile_dir):
     steps = 12
     ref = run(small_config(), "train", tmp_path / "ref", max_steps=steps, progress=False)
     md = tmp_path / "md"

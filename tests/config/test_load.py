@@ -97,7 +97,7 @@ def test_hardware_keys_one_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="wsjax"):
         build(
             model={"precision_opt_level": 1},
-            runconfig={"num_csx": 2, "use_cs_grad_accum": True, "compile_dir": "/tmp"},
+            runconfig={"num_csx": 2, "use_cs_grad_accum": True, "num_wgt_servers": 4},
             train_input={"persistent_workers": True},
         )
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -107,7 +107,7 @@ def test_hardware_keys_one_warning(caplog):
         "model.precision_opt_level",
         "runconfig.num_csx",
         "runconfig.use_cs_grad_accum",
-        "runconfig.compile_dir",
+        "runconfig.num_wgt_servers",
         "train_input.persistent_workers",
     ):
         assert key in msg

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -33,16 +32,13 @@ STEPS = 12
 def reference(tmp_path_factory):
     md = tmp_path_factory.mktemp("ref") / "md"
     r = run(small_config(), "train", md, max_steps=STEPS)
-    return {"losses": dict(r.losses), "compiled": sorted(md.glob("compile_*"))}
+    return {"losses": dict(r.losses)}
 
 
-def start(md: Path, *extra: str, compiled: list[Path] = ()) -> subprocess.Popen:
-    """The run as a child process. ``compiled``: the reference's ``compile_<checksum>/`` folders
-    (the checksum covers model, optimizer and streaming, never runconfig), copied into ``md``
-    first so the child loads the executables instead of compiling them again (seconds a run);
-    what it computes is the same executables' output, and the faults come after the compile."""
-    for d in compiled:
-        shutil.copytree(d, md / d.name)
+def start(md: Path, *extra: str) -> subprocess.Popen:
+    """The run as a child process. It loads the reference's executables from the suite's
+    compile dir (tests/conftest.py) instead of compiling them again, seconds a run; what it
+    computes is the same executables' output, and the faults come after the compile."""
     argv = ["-o", str(md), "--max_steps", str(STEPS), *SMALL, *extra]
     return subprocess.Popen(
         [sys.executable, "-m", "wsjax.train", *argv],
@@ -97,7 +93,7 @@ def resumes_exactly(md: Path, reference: dict) -> None:
 def test_preemption_saves_the_step_and_exits_5(tmp_path, reference, sig):
     md = tmp_path / "md"
     # no periodic checkpoint before 12
-    proc = start(md, "--save_checkpoints_steps", "100", compiled=reference["compiled"])
+    proc = start(md, "--save_checkpoints_steps", "100")
     assert poll(proc, logged(md, "global_step = 3,"), interval=LOG_POLL), proc.communicate()[1]
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=300)
@@ -111,7 +107,7 @@ def test_preemption_saves_the_step_and_exits_5(tmp_path, reference, sig):
 
 def test_second_signal_stops_at_once(tmp_path, reference):
     md = tmp_path / "md"
-    proc = start(md, "--save_checkpoints_steps", "2", compiled=reference["compiled"])
+    proc = start(md, "--save_checkpoints_steps", "2")
     assert poll(proc, logged(md, "global_step = 3,"), interval=LOG_POLL)
     proc.send_signal(signal.SIGTERM)
     assert poll(proc, logged(md, "received SIGTERM"), interval=LOG_POLL)
@@ -143,7 +139,7 @@ def test_sigkill_at_a_checkpoint_moment_loses_nothing(tmp_path, reference, momen
     md = tmp_path / "md"
     # a checkpoint and a prune at every step: many chances to meet the moment
     argv = ["--save_checkpoints_steps", "1", "--keep_checkpoint_max", "1"]
-    proc = start(md, *argv, compiled=reference["compiled"])
+    proc = start(md, *argv)
     hit = poll(proc, MOMENTS[moment](md))
     proc.kill()
     proc.communicate()
@@ -175,7 +171,7 @@ def test_signal_during_the_final_eval_stops_it_at_the_next_batch(tmp_path, refer
     held until the whole pass is done; model-ckpt-12 is kept and restores."""
     md = tmp_path / "md"
     argv = ["-m", "train_and_eval", "--save_checkpoints_steps", "100", "runconfig.eval_steps=400"]
-    proc = start(md, *argv, compiled=reference["compiled"])
+    proc = start(md, *argv)
     evaluating = logged(md, "Evaluating global step 12: 400 batches")
     assert poll(proc, evaluating, interval=LOG_POLL), proc.communicate()
     proc.send_signal(sig)

@@ -29,14 +29,14 @@ import numpy as np
 import pytest
 from filelock import FileLock
 
-from tests.helpers import REPO, SMALL
+from tests.helpers import REPO, SMALL, child_env
 
 PY = sys.executable
 PROBE = REPO / "tests" / "integration" / "scaleout_probe.py"
 
 
 def _env(devices: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WSJAX_")}
+    env = child_env()
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     return env
 
@@ -45,7 +45,7 @@ def launch(nproc: int, per_process: int, *args: str, module: str = "wsjax.train"
     """``python -m wsjax.launch`` (a running Popen with ``popen=True``)."""
     cmd = [PY, "-m", "wsjax.launch", "--nproc", str(nproc)]
     cmd += ["--devices_per_process", str(per_process), "--module", module, "--", *args]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WSJAX_")}
+    env = child_env()
     env.pop("XLA_FLAGS", None)  # the launcher sets the device count
     if kw.pop("popen", False):
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
@@ -151,15 +151,6 @@ def two_process_run(tmp_path_factory) -> tuple[Path, str]:
     return md, log.read_text()
 
 
-def _seed_compiled(run_dir: Path, md: Path) -> None:
-    """``md`` starts with the executables ``run_dir`` compiled (its ``compile_<checksum>/``
-    folders; the checksum covers model, optimizer, streaming, shapes and backend, never
-    runconfig): the same 2-process model then loads them instead of compiling again, seconds
-    a process. The faults these tests inject all come after the first step."""
-    for d in run_dir.glob("compile_*"):
-        shutil.copytree(d, md / d.name)
-
-
 def _step_of(ckpt: Path) -> int | None:
     suffix = ckpt.name.split("-")[-1]
     return int(suffix) if suffix.isdigit() else None
@@ -218,7 +209,6 @@ def test_a_killed_process_stops_the_run_and_the_rerun_resumes_exactly(tmp_path, 
     resumes from the newest checkpoint, and its next checkpoint equals (bitwise) the one of an
     uninterrupted 2-process run."""
     md = tmp_path / "md"
-    _seed_compiled(two_process_run[0], md)
     args = _train(md, 400, "runconfig.save_checkpoints_steps=2", "runconfig.log_steps=50")
     proc = launch(2, 1, *args, popen=True)
     deadline = time.monotonic() + 240
@@ -272,7 +262,6 @@ def test_sigterm_saves_on_every_process_at_the_same_step(tmp_path, two_process_r
     other never got a signal), save one checkpoint together and exit 5, and so does the
     launcher; the checkpoint restores."""
     md = tmp_path / "md"
-    _seed_compiled(two_process_run[0], md)
     args = _train(md, 400, "runconfig.save_checkpoints_steps=1000", "runconfig.log_steps=1")
     proc = launch(2, 1, *args, popen=True)
     deadline = time.monotonic() + 240

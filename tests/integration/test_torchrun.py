@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, SMALL, TINY, probe_env
+from tests.helpers import CACHE_ENV, REPO, SMALL, TINY, probe_env
 from wsjax import distributed, launch
 from wsjax.errors import ConfigError
 from wsjax.trainer.run_dir import ModelDir
@@ -35,7 +35,7 @@ START_S = 300.0  # two JAX imports, a compile and 2 steps on a loaded 2-core mac
 @pytest.fixture
 def torch_env(monkeypatch):
     for k in list(os.environ):
-        if k.startswith("WSJAX_") or k in TORCH_ENV:
+        if (k.startswith("WSJAX_") and k not in CACHE_ENV) or k in TORCH_ENV:
             monkeypatch.delenv(k)
     for k, v in TORCH_ENV.items():
         monkeypatch.setenv(k, v)

@@ -40,7 +40,7 @@ CONFIG_FAULTS = [
 
 
 @pytest.mark.parametrize("argv,pattern", CONFIG_FAULTS, ids=[" ".join(a) for a, _ in CONFIG_FAULTS])
-def test_config_fault(capsys, tmp_path, argv, pattern):
+def test_config_fault(capsys, tmp_path, argv, pattern, own_compile_dir):
     md = tmp_path / "md"
     rc, err = cli(capsys, "-o", md, *SMALL, *argv)
     one_line(rc, err, EXIT_USER, pattern)

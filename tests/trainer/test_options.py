@@ -19,6 +19,7 @@ def test_every_option_is_a_flag_and_parses_back():
     values = {
         "mode": "eval",
         "model_dir": "runs/x",
+        "compile_dir": "cache",
         "max_steps": 7,
         "eval_steps": 0,
         "save_checkpoints_steps": 3,
@@ -86,7 +87,7 @@ def test_pretrained_without_checkpoint_path_exits_2(tmp_path, capsys):
     assert not (tmp_path / "m").exists()  # refused before anything is written
 
 
-def test_validate_only_and_compile_only_together_do_both(tmp_path):
+def test_validate_only_and_compile_only_together_do_both(tmp_path, own_compile_dir):
     """The verdict of the plan (validate) and the executables in the cache (compile)."""
     md = tmp_path / "both"
     options = RunOptions(validate_only=True, compile_only=True)

@@ -35,7 +35,7 @@ def test_resumed_run_equals_uninterrupted(runs):
 def test_model_dir_has_every_artifact(runs):
     _, a, _, _ = runs
     md = a.model_dir
-    assert a.compile_dir.parent == md and a.compile_dir.name.startswith("compile_")
+    assert a.compile_dir.name.startswith("compile_")  # where it goes: test_compile_dir_...
     log = json.loads((a.compile_dir / "compile_log.json").read_text())
     names = {r["name"] for r in log["executables"]}
     # the tiny config keeps VJP residuals (recompute: false): its block executables are these
@@ -165,7 +165,7 @@ def test_lock_names_the_holder(runs):
     holder.unlock()
 
 
-def test_validate_only_and_compile_only(tmp_path):
+def test_validate_only_and_compile_only(tmp_path, own_compile_dir):
     cfg = small_config()
     v = run(cfg, "train", tmp_path / "v", validate_only=True)
     assert (tmp_path / "v" / "plan.json").is_file()
@@ -175,6 +175,43 @@ def test_validate_only_and_compile_only(tmp_path):
     perf = json.loads((tmp_path / "c" / "performance" / "performance.json").read_text())
     assert perf["est_samples_per_sec"] > 0 and perf["compile_time"] > 0
     assert not list((tmp_path / "c").glob("model-ckpt-*"))
+
+
+def _sources(result) -> set[str]:
+    """Where each executable of the run's compile log came from: compiled or loaded (disk)."""
+    log = json.loads((result.compile_dir / "compile_log.json").read_text())
+    return {e["extra"]["source"] for e in log["executables"]}
+
+
+def test_compile_dir_is_shared_by_runs_in_other_model_dirs(tmp_path, own_compile_dir):
+    """The default is the model_dir; --compile_dir (or runconfig.compile_dir) moves the
+    compile_<checksum>/ folder out of it, and a run of the same config in another fresh
+    model_dir loads every executable from there, to the same losses bit for bit."""
+    cfg, shared = small_config(), tmp_path / "shared"
+    alone = run(cfg, "train", tmp_path / "alone", max_steps=2, progress=False)
+    assert alone.compile_dir.parent == tmp_path / "alone" and _sources(alone) == {"compiled"}
+    first = run(cfg, "train", tmp_path / "a", max_steps=2, compile_dir=shared, progress=False)
+    assert first.compile_dir.parent == shared and _sources(first) == {"compiled"}
+    keyed = small_config(f"runconfig.compile_dir={shared}")
+    second = run(keyed, "train", tmp_path / "b", max_steps=2, progress=False)
+    assert second.compile_dir == first.compile_dir and _sources(second) == {"disk"}
+    assert not list(tmp_path.glob("[ab]/compile_*"))
+    assert second.losses == first.losses == alone.losses
+
+
+def test_compile_dir_flag_then_key_then_environment(tmp_path, monkeypatch):
+    from wsjax.trainer.run_dir import COMPILE_DIR_ENV, compile_root
+
+    monkeypatch.delenv(COMPILE_DIR_ENV, raising=False)
+    assert compile_root(None, None) is None  # the model_dir
+    monkeypatch.setenv(COMPILE_DIR_ENV, "/env")
+    assert compile_root(None, None) == "/env"
+    assert compile_root(None, "/key") == "/key"
+    assert compile_root(tmp_path, "/key") == str(tmp_path)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="compile dir .*file/compile_.*--compile_dir"):
+        run(small_config(), "train", tmp_path / "md", max_steps=1, compile_dir=tmp_path / "file")
+    assert not list((tmp_path / "md").glob("model-ckpt-*"))
 
 
 def test_starts_from_a_huggingface_checkpoint(tmp_path):

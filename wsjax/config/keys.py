@@ -50,7 +50,6 @@ IGNORED_KEYS: dict[str, frozenset[str]] = {
             "num_csx",
             "num_wgt_servers",
             "num_act_servers",
-            "compile_dir",
             "log_summaries",
             "save_losses",
             "enable_distributed",

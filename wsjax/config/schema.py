@@ -250,6 +250,7 @@ class RunConfig:
     eval_steps: int = 10
     seed: int = 1
     model_dir: str | None = None
+    compile_dir: str | None = None  # root of compile_<checksum>/ (wsjax.trainer.run_dir)
     on_nonfinite: str = "stop"  # "stop" | "skip": a non-finite loss or gradient norm
     max_consecutive_skips: int = 10  # with "skip": this many in a row stop the run
     # global steps (1-based, as logged) whose jax.profiler trace goes to model_dir/profile;

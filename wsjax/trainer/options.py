@@ -60,6 +60,12 @@ class RunOptions:
     save_checkpoints_steps: int | None = _opt("checkpoint every N steps (0: only at the end)")
     save_summary_steps: int | None = _opt("TensorBoard scalars every N steps")
     keep_checkpoint_max: int | None = _opt("newest checkpoints kept (0: keep all)")
+    compile_dir: Path | None = _opt(
+        "root of the compile cache, shared by runs in other model_dirs: each config's "
+        "executables in DIR/compile_<checksum> (default: runconfig.compile_dir, else "
+        "$WSJAX_COMPILE_DIR, else the model_dir)",
+        metavar="DIR",
+    )
     checkpoint_path: Path | None = _opt(
         "start from this orbax checkpoint (model-ckpt-<step>), model_dir or HuggingFace folder "
         "instead of the latest checkpoint in model_dir"
@@ -116,7 +122,7 @@ class RunOptions:
     def __post_init__(self) -> None:
         if self.mode is not None and self.mode not in MODES:
             raise ConfigError(f"unknown mode {self.mode!r}; valid modes: {', '.join(MODES)}")
-        for name in ("model_dir", "checkpoint_path", "eval_text", "disk_path"):
+        for name in ("model_dir", "compile_dir", "checkpoint_path", "eval_text", "disk_path"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
                 object.__setattr__(self, name, Path(value))

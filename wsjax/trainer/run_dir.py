@@ -33,6 +33,7 @@ from jax._src import compilation_cache
 
 from wsjax.distributed import is_main_process, launcher, process_count
 from wsjax.errors import ConfigError
+from wsjax.fileio import atomic_write_text
 
 log = logging.getLogger("wsjax.train")
 
@@ -63,8 +64,9 @@ class ModelDir:
     def plan_json(self) -> Path:
         return self.path / "plan.json"
 
-    def compile_dir(self, checksum: str) -> Path:
-        return self.path / f"compile_{checksum}"
+    def compile_dir(self, checksum: str, root: str | os.PathLike | None = None) -> Path:
+        """``compile_<checksum>`` under ``root`` (see :func:`compile_root`), else here."""
+        return Path(root or self.path) / f"compile_{checksum}"
 
     # -- lifecycle -----------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -182,11 +184,28 @@ def compile_checksum(config, shapes: dict[str, tuple[int, int]]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+COMPILE_DIR_ENV = "WSJAX_COMPILE_DIR"
+
+
+def compile_root(flag: Path | None, key: str | None) -> str | None:
+    """Where the ``compile_<checksum>`` folders go: ``--compile_dir``, else
+    ``runconfig.compile_dir``, else ``$WSJAX_COMPILE_DIR``; None: the model_dir. A root shared by
+    several runs lets a run in a fresh model_dir load what another run of the same config
+    compiled (the cache's entries are whole files, written by a rename)."""
+    return str(flag) if flag else key or os.environ.get(COMPILE_DIR_ENV) or None
+
+
 @contextlib.contextmanager
 def use_compile_dir(path: Path):
     """Point JAX's persistent compilation cache at ``path`` (every executable is cached) for
     the duration of the block; the previous settings come back afterwards."""
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(
+            f"compile dir {path}: cannot create it ({e.strerror or e}); give a writable "
+            f"--compile_dir (or runconfig.compile_dir, ${COMPILE_DIR_ENV})"
+        ) from None
     names = (
         "jax_compilation_cache_dir",
         "jax_persistent_cache_min_compile_time_secs",
@@ -217,4 +236,4 @@ def write_compile_log(path: Path, records: list[dict], extra: dict) -> None:
         return
     path.mkdir(parents=True, exist_ok=True)
     body = {**extra, "executables": records}
-    (path / "compile_log.json").write_text(json.dumps(body, indent=2) + "\n")
+    atomic_write_text(path / "compile_log.json", json.dumps(body, indent=2) + "\n")

@@ -44,6 +44,7 @@ from wsjax.trainer.run_dir import (
     ModelDir,
     backend_signature,
     compile_checksum,
+    compile_root,
     write_compile_log,
 )
 
@@ -120,6 +121,7 @@ def make_spec(config, mode: str, md, options: RunOptions) -> RunSpec:
     inp = getattr(config, sections[0])
     shape = (int(inp.batch_size), int(inp.max_sequence_length))
     checksum = compile_checksum(config, {"train" if training else "eval": shape})
+    root = compile_root(options.compile_dir, config.runconfig.compile_dir)
     return RunSpec(
         config=config,
         mode=mode,
@@ -130,7 +132,7 @@ def make_spec(config, mode: str, md, options: RunOptions) -> RunSpec:
         training=training,
         input=inp,
         shape=shape,
-        compile_dir=md.compile_dir(checksum),
+        compile_dir=md.compile_dir(checksum, root),
     )
 
 
