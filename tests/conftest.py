@@ -11,7 +11,7 @@ too: ``WSJAX_COMPILE_DIR`` (the default of ``--compile_dir``) points every run's
 ``compile_<checksum>/`` at a session folder instead of its fresh model_dir, so a run loads what
 an earlier run of the same config compiled. It changes no result, only the time. Subprocesses
 that tests start inherit both through the environment. A test of the model_dir's own compile
-folder uses the ``own_compile_dir`` fixture (or ``tests.helpers.own_compile_dir()``).
+folder uses the ``own_compile_dir`` fixture.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import tempfile
 import pytest
 
 from tests.helpers import normwise_rel_err, tiny_config_dict, token_batches
-from tests.helpers import own_compile_dir as _own_compile_dir
 
 _CACHE_ENV = {
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
@@ -67,10 +66,9 @@ def pytest_unconfigure(config) -> None:
 
 
 @pytest.fixture
-def own_compile_dir():
+def own_compile_dir(monkeypatch):
     """Runs in this test compile into their own model_dir (no shared ``WSJAX_COMPILE_DIR``)."""
-    with _own_compile_dir():
-        yield
+    monkeypatch.delenv("WSJAX_COMPILE_DIR", raising=False)
 
 
 @pytest.fixture(scope="session")

@@ -208,18 +208,6 @@ def probe_env() -> dict[str, str]:
 
 # ---- transformers in float64: the yardstick of the golden data and the Llama parity tests ----
 @contextlib.contextmanager
-def own_compile_dir():
-    """Runs inside the block compile into their own model_dir: the suite's shared
-    ``WSJAX_COMPILE_DIR`` (tests/conftest.py) is unset, then restored."""
-    saved = os.environ.pop("WSJAX_COMPILE_DIR", None)
-    try:
-        yield
-    finally:
-        if saved is not None:
-            os.environ["WSJAX_COMPILE_DIR"] = saved
-
-
-@contextlib.contextmanager
 def float64_torch():
     """torch's float32 made float64 (dtype names, ``Tensor.float``, the default dtype), so the
     casts transformers inserts to protect half precision (RMSNorm, rotary tables, the eager

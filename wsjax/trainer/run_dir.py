@@ -191,7 +191,8 @@ def compile_root(flag: Path | None, key: str | None) -> str | None:
     """Where the ``compile_<checksum>`` folders go: ``--compile_dir``, else
     ``runconfig.compile_dir``, else ``$WSJAX_COMPILE_DIR``; None: the model_dir. A root shared by
     several runs lets a run in a fresh model_dir load what another run of the same config
-    compiled (the cache's entries are whole files, written by a rename)."""
+    compiled. wsjax's serialized executables and the compile log are written by a rename; JAX's
+    own cache entries are not, and a run that reads one half written warns and compiles it."""
     return str(flag) if flag else key or os.environ.get(COMPILE_DIR_ENV) or None
 
 
